@@ -1,0 +1,281 @@
+"""Strict job configs: frozen dataclasses loaded from YAML.
+
+Unknown keys and wrong types are rejected at load time with a message that
+names the key (as a dotted path) and lists the valid keys, so a typo in a
+scheduled backfill's config fails before any table is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from bclib.errors import ConfigError
+
+VERSION_PLACEHOLDER = "{version}"
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """Session settings; `bclib.spark` is the only reader."""
+
+    master: Optional[str] = "local[*]"
+    app_name: str = "bcemb"
+    warehouse_dir: str = "./warehouse"
+    shuffle_partitions: int = 8
+    # auto: nothing under spark-submit, cached jars if present, else Ivy.
+    delta_jars: Literal["auto", "ivy", "cache", "provided"] = "auto"
+    jar_cache_dir: str = "~/.cache/bcemb/jars"
+    log_level: str = "WARN"
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """Where the embedding team's versions live and how to read them.
+
+    `location` is a Delta path (anything with '/' or a URI scheme) or a
+    catalog table name. With `version_column` unset it must contain
+    '{version}' (one table per version); with it set, one table holds all
+    versions and `location` has no placeholder.
+    """
+
+    location: str = "./warehouse/embeddings/v{version}"
+    version_column: Optional[str] = None
+    id_column: str = "id"
+    vector_column: str = "vector"
+    versions: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+
+
+@dataclass(frozen=True)
+class TransformSettings:
+    """Which transform family and objective `fit` uses."""
+
+    kind: Literal["linear", "orthogonal", "lowrank", "mlp"] = "linear"
+    objective: Literal["single_step", "multi_step", "anchored"] = "single_step"
+    ridge: float = 0.0
+    bias: bool = False
+    rank: Optional[int] = None
+    scale: bool = True
+    hidden: int = 256
+    epochs: int = 200
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+    patience: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The deterministic hash sample the driver fits on."""
+
+    sample_size: int = 100_000
+    holdout_fraction: float = 0.1
+    min_pairs: int = 100
+    salt: str = "bcemb-fit"
+
+
+@dataclass(frozen=True)
+class BackfillSettings:
+    """Which version is rewritten into which spaces, and executor sizing."""
+
+    source_version: Optional[int] = None  # None: the newest configured version
+    target_spaces: Optional[list[int]] = None  # None: every earlier version
+    arrow_batch_rows: Optional[int] = None  # None: sized from the row width
+    target_batch_mb: int = 16
+    output_partitions: Optional[int] = None  # None: keep the input's partitioning
+    quarantine_location: Optional[str] = None  # None: bad vectors fail the run
+    force: bool = False  # rewrite even when the output is already up to date
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The held-out evaluation sample (disjoint from the fit sample)."""
+
+    sample_size: int = 20_000
+    neighbours_k: int = 10
+    neighbours_sample: int = 2_000
+    label_location: Optional[str] = None
+    label_column: str = "label"
+    report_dir: str = "./reports"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The synthetic embedding versions `bcemb demo` generates."""
+
+    n_entities: int = 200_000
+    dims: list[int] = field(default_factory=lambda: [64, 80, 96, 112, 128])
+    n_clusters: int = 32
+    latent_dim: int = 48
+    churn_fraction: float = 0.03
+    nonlinear_strength: float = 0.15
+    noise: float = 0.02
+    block_rows: int = 8192
+    seed: int = 7
+    overwrite: bool = True
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One config file: every section a job may read."""
+
+    spark: SparkSettings = field(default_factory=SparkSettings)
+    embeddings: EmbeddingSource = field(default_factory=EmbeddingSource)
+    registry_location: str = "./warehouse/bc_registry"
+    output_location: str = "./warehouse/bc_embeddings"
+    metrics_location: str = "./warehouse/bc_metrics"
+    transform: TransformSettings = field(default_factory=TransformSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    backfill: BackfillSettings = field(default_factory=BackfillSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+
+    def version_location(self, version: int) -> str:
+        """The table holding one embedding version."""
+        return self.embeddings.location.replace(VERSION_PLACEHOLDER, str(version))
+
+    @property
+    def source_version(self) -> int:
+        if self.backfill.source_version is not None:
+            return self.backfill.source_version
+        return max(self.embeddings.versions)
+
+    @property
+    def target_spaces(self) -> list[int]:
+        if self.backfill.target_spaces is not None:
+            return sorted(self.backfill.target_spaces)
+        return sorted(v for v in self.embeddings.versions if v < self.source_version)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, found {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, found {type(value).__name__} {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected int, found bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(
+            f"config key '{key}': expected {_type_name(tp)}, found {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys."""
+    where = prefix or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{where}': expected a mapping, found {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(map(str, data)) - set(valid))
+    if unknown:
+        dotted = ", ".join(f"'{prefix + '.' if prefix else ''}{u}'" for u in unknown)
+        raise ConfigError(f"unknown config key {dotted} in {where}; valid keys: {', '.join(valid)}")
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix + '.' if prefix else ''}{name}")
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _validate(cfg: JobConfig) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    emb = cfg.embeddings
+    has_placeholder = VERSION_PLACEHOLDER in emb.location
+    if emb.version_column is None and not has_placeholder:
+        raise ConfigError(
+            "config key 'embeddings.location' must contain '{version}' when "
+            "'embeddings.version_column' is not set (one table per version)"
+        )
+    if emb.version_column is not None and has_placeholder:
+        raise ConfigError(
+            "config key 'embeddings.location' must not contain '{version}' when "
+            "'embeddings.version_column' is set (one table holds every version)"
+        )
+    if len(emb.versions) < 2 or len(set(emb.versions)) != len(emb.versions):
+        raise ConfigError(f"config key 'embeddings.versions' needs at least two distinct versions, found {emb.versions}")
+    if cfg.source_version not in emb.versions:
+        raise ConfigError(
+            f"config key 'backfill.source_version' = {cfg.source_version} is not among embeddings.versions {emb.versions}"
+        )
+    bad = [s for s in cfg.target_spaces if s not in emb.versions or s >= cfg.source_version]
+    if bad:
+        raise ConfigError(
+            f"config key 'backfill.target_spaces': {bad} must be configured versions older than "
+            f"source version {cfg.source_version}"
+        )
+    if not 0 < cfg.fit.holdout_fraction < 0.5:
+        raise ConfigError(f"config key 'fit.holdout_fraction' must be in (0, 0.5), found {cfg.fit.holdout_fraction}")
+    if cfg.fit.sample_size < cfg.fit.min_pairs:
+        raise ConfigError(f"config key 'fit.sample_size' ({cfg.fit.sample_size}) is below fit.min_pairs ({cfg.fit.min_pairs})")
+    if cfg.transform.kind == "lowrank" and cfg.transform.rank is None:
+        raise ConfigError("config key 'transform.rank' is required when transform.kind is 'lowrank'")
+    for name in ("sample_size", "neighbours_k"):
+        if getattr(cfg.evaluate, name) <= 0:
+            raise ConfigError(f"config key 'evaluate.{name}' must be positive")
+
+
+def config_from_dict(data: dict[str, Any]) -> JobConfig:
+    """Build and validate a JobConfig from an already-parsed mapping."""
+    cfg = _build(JobConfig, data)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], overrides: Optional[dict[str, Any]] = None) -> JobConfig:
+    """Load a YAML config file strictly; `overrides` are dotted keys (tests, CLI)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
