@@ -1,0 +1,116 @@
+"""Bad input gets a named error and leaves every table as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bclib.backfill import run_backfill
+from bclib.cli import main
+from bclib.errors import DimensionMismatchError, MissingColumnError, MissingTableError
+from bclib.fitting import run_fit
+from bclib.io import current_delta_version, table_exists
+
+from conftest import small_config
+
+DIMS = [6, 8]
+
+
+def _write_versions(spark, cfg, n=400, bad_rows=None, seed=0):
+    """Two versions with an exactly linear relation; `bad_rows` maps id -> vector for version 1."""
+    rng = np.random.default_rng(seed)
+    z1 = rng.normal(size=(n, DIMS[1])).astype(np.float32)
+    z0 = (z1 @ rng.normal(size=(DIMS[1], DIMS[0]))).astype(np.float32)
+    for version, z in ((0, z0), (1, z1)):
+        rows = [(i, z[i].tolist()) for i in range(n)]
+        if version == 1 and bad_rows:
+            rows = [(i, bad_rows.get(i, v)) for i, v in rows]
+        spark.createDataFrame(rows, "id long, vector array<float>").coalesce(1).write.format("delta") \
+            .mode("overwrite").save(cfg.version_location(version))
+
+
+def _cfg(tmp_path, embeddings=None, **kw):
+    emb = {"location": str(tmp_path / "emb" / "v{version}"), "versions": [0, 1], **(embeddings or {})}
+    return small_config(tmp_path, embeddings=emb, demo={"dims": DIMS}, **kw)
+
+
+def test_missing_table_is_named_and_nothing_is_written(spark, tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(MissingTableError, match=r"embedding version 0 table not found: '.*emb/v0'"):
+        run_fit(spark, cfg)
+    assert not table_exists(spark, cfg.registry_location)
+
+
+def test_missing_column_lists_the_available_ones(spark, tmp_path):
+    cfg = _cfg(tmp_path, embeddings={"vector_column": "embedding"})
+    _write_versions(spark, cfg)
+    with pytest.raises(MissingColumnError, match=r"lacks column\(s\) \['embedding'\]; available columns: \['id', 'vector'\]"):
+        run_fit(spark, cfg)
+
+
+def test_wrong_length_vector_fails_the_backfill_naming_the_id_and_keeps_the_output(spark, tmp_path):
+    cfg = _cfg(tmp_path)
+    _write_versions(spark, cfg)
+    run_fit(spark, cfg)
+    run_backfill(spark, cfg)
+    before = current_delta_version(spark, cfg.output_location)
+    rows_before = spark.read.format("delta").load(cfg.output_location).count()
+    _write_versions(spark, cfg, bad_rows={123: [1.0, 2.0, 3.0]}, seed=0)  # new Delta version of the source
+    with pytest.raises(Exception, match=r"id=123 has 3 elements, expected dimension 8"):
+        run_backfill(spark, cfg)
+    assert current_delta_version(spark, cfg.output_location) == before
+    assert spark.read.format("delta").load(cfg.output_location).count() == rows_before
+
+
+def test_nan_vector_names_the_id(spark, tmp_path):
+    cfg = _cfg(tmp_path)
+    _write_versions(spark, cfg)
+    run_fit(spark, cfg)
+    _write_versions(spark, cfg, bad_rows={77: [float("nan")] * DIMS[1]})
+    with pytest.raises(Exception, match=r"id=77 holds NaN or Inf"):
+        run_backfill(spark, cfg)
+    assert not table_exists(spark, cfg.output_location)
+
+
+def test_dimension_change_without_refit_is_caught_before_writing(spark, tmp_path):
+    cfg = _cfg(tmp_path)
+    _write_versions(spark, cfg)
+    run_fit(spark, cfg)
+    rows = [(i, [0.5] * 10) for i in range(50)]
+    spark.createDataFrame(rows, "id long, vector array<float>").write.format("delta").mode("overwrite") \
+        .save(cfg.version_location(1))
+    with pytest.raises(DimensionMismatchError, match=r"id=\d+ has 10 elements but the active transform 1 -> 0 expects dimension 8"):
+        run_backfill(spark, cfg)
+    assert not table_exists(spark, cfg.output_location)
+
+
+def test_quarantine_takes_the_bad_rows_and_writes_the_rest(spark, tmp_path):
+    cfg = _cfg(tmp_path, backfill={"quarantine_location": str(tmp_path / "quarantine")})
+    _write_versions(spark, cfg)
+    run_fit(spark, cfg)
+    _write_versions(spark, cfg, bad_rows={5: [1.0], 6: None, 7: [float("inf")] * DIMS[1]})
+    result = run_backfill(spark, cfg)
+    assert result["rows"] == 400 - 3
+    q = spark.read.format("delta").load(str(tmp_path / "quarantine"))
+    reasons = {r.id: r.reason for r in q.collect()}
+    assert reasons == {5: "expected dimension 8, found 1", 6: "null vector", 7: "null, NaN or Inf element"}
+    # rerun replaces this source's quarantine rows instead of appending duplicates
+    run_backfill(spark, _cfg(tmp_path, backfill={"quarantine_location": str(tmp_path / "quarantine"), "force": True}))
+    assert spark.read.format("delta").load(str(tmp_path / "quarantine")).count() == 3
+
+
+def test_cli_missing_table_is_one_line_nonzero_and_writes_nothing(spark, tmp_path, capsys):
+    conf = tmp_path / "job.yaml"
+    conf.write_text(
+        f"spark: {{master: 'local[2]'}}\n"
+        f"embeddings: {{location: '{tmp_path}/nothing/v{{version}}', versions: [0, 1]}}\n"
+        f"registry_location: '{tmp_path}/registry'\n"
+        f"output_location: '{tmp_path}/out'\n"
+    )
+    assert main(["backfill", "--config", str(conf)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bcemb")]
+    assert err == [f"bcemb backfill: RegistryError: no active transform for edge 1 -> 0 in the registry; run `bcemb fit` first"]
+    assert main(["fit", "--config", str(conf)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bcemb")]
+    assert len(err) == 1 and "MissingTableError: embedding version 0 table not found" in err[0]
+    assert not (tmp_path / "registry").exists() and not (tmp_path / "out").exists()
