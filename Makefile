@@ -27,7 +27,7 @@ jars: ## fetch the Delta jars matching delta-spark into $(JAR_CACHE) with mvn (e
 	done; echo "Delta jars cached in $(JAR_CACHE)"
 
 dist: ## zip the library for spark-submit --py-files (dist/bclib.zip)
-	mkdir -p dist && rm -f dist/bclib.zip && zip -qr dist/bclib.zip bclib -x '*__pycache__*'
+	$(PYTHON) -c "import shutil; shutil.make_archive('dist/bclib', 'zip', root_dir='.', base_dir='bclib')"
 
 demo: install ## set up, then run the whole demo (generate, fit, backfill, evaluate) on the embedded default
 	bcemb demo --config $(CONFIG)

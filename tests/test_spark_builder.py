@@ -1,0 +1,61 @@
+"""The session builder adds Delta's jars exactly once, and never under spark-submit."""
+
+from pathlib import Path
+
+import pytest
+
+from bclib.config import SparkSettings
+from bclib.errors import ConfigError
+from bclib.spark import delta_jar_names, session_builder
+
+
+def _options(builder):
+    return dict(builder._options)
+
+
+@pytest.fixture(autouse=True)
+def _clean_builder_state():
+    # SparkSession.builder is a shared object; keep this module's options from leaking into others
+    from pyspark.sql import SparkSession
+
+    saved = dict(SparkSession.builder._options)
+    yield
+    SparkSession.builder._options.clear()
+    SparkSession.builder._options.update(saved)
+
+
+def test_under_spark_submit_no_jars_and_no_master(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYSPARK_GATEWAY_PORT", "12345")
+    opts = _options(session_builder(SparkSettings(master="local[4]", jar_cache_dir=str(tmp_path))))
+    assert "spark.jars" not in opts and "spark.jars.packages" not in opts
+    assert opts.get("spark.master") != "local[4]"
+    assert opts["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+
+
+def test_cached_jars_are_used_without_ivy(monkeypatch, tmp_path):
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    for name in delta_jar_names():
+        (tmp_path / name).write_bytes(b"jar")
+    opts = _options(session_builder(SparkSettings(master="local[1]", jar_cache_dir=str(tmp_path))))
+    assert opts["spark.jars"].split(",") == [str(tmp_path / n) for n in delta_jar_names()]
+    assert "spark.jars.packages" not in opts or "io.delta" not in opts.get("spark.jars.packages", "")
+
+
+def test_without_cache_ivy_resolves_the_matching_version(monkeypatch, tmp_path):
+    from bclib.spark import delta_version
+
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    opts = _options(session_builder(SparkSettings(master="local[1]", jar_cache_dir=str(tmp_path / "empty"))))
+    assert f"io.delta:delta-spark_2.13:{delta_version()}" in opts["spark.jars.packages"]
+
+
+def test_cache_mode_without_jars_is_a_named_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    with pytest.raises(ConfigError, match="run `make jars`"):
+        session_builder(SparkSettings(delta_jars="cache", jar_cache_dir=str(tmp_path)))
+
+
+def test_warehouse_dir_is_made_absolute(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    opts = _options(session_builder(SparkSettings(master="local[1]", warehouse_dir="./wh", jar_cache_dir=str(tmp_path))))
+    assert Path(opts["spark.sql.warehouse.dir"]) == tmp_path / "wh"
