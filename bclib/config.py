@@ -102,7 +102,7 @@ class EvaluateSettings:
     sample_size: int = 20_000
     neighbours_k: int = 10
     neighbours_sample: int = 2_000
-    label_location: Optional[str] = None
+    label_location: Optional[str] = "./warehouse/labels"  # None: no probe metrics
     label_column: str = "label"
     report_dir: str = "./reports"
 

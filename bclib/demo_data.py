@@ -79,8 +79,8 @@ def _lifecycle(model: DriftModel, ids: np.ndarray, rng: np.random.Generator) -> 
     return birth, birth + lifetime
 
 
-def generate_block(model: DriftModel, block: int, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, vectors float32, cluster) of the entities of `block` alive at `version`."""
+def _block_entities(model: DriftModel, block: int):
+    """ids, birth, death, cluster and latent factors of every pool entity in `block`."""
     s = model.settings
     lo = block * s.block_rows
     ids = np.arange(lo, min(lo + s.block_rows, model.pool_size), dtype=np.int64)
@@ -88,6 +88,13 @@ def generate_block(model: DriftModel, block: int, version: int) -> tuple[np.ndar
     birth, death = _lifecycle(model, ids, rng)
     cluster = rng.integers(0, s.n_clusters, len(ids))
     latent = model.centers[cluster] + rng.normal(0.0, 0.6, (len(ids), s.latent_dim))
+    return ids, birth, death, cluster, latent, rng
+
+
+def generate_block(model: DriftModel, block: int, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, vectors float32, cluster) of the entities of `block` alive at `version`."""
+    s = model.settings
+    ids, birth, death, cluster, latent, rng = _block_entities(model, block)
     z = latent @ model.readout
     z += rng.normal(0.0, s.noise, z.shape)
     for v in range(1, version + 1):
@@ -97,6 +104,15 @@ def generate_block(model: DriftModel, block: int, version: int) -> tuple[np.ndar
         z += step_rng.normal(0.0, s.noise, z.shape)
     alive = (birth <= version) & (version < death)
     return ids[alive], z[alive].astype(np.float32), cluster[alive]
+
+
+def block_labels(model: DriftModel, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, label) for a consumer task nobody planned: a noisy linear property of the latent factors."""
+    ids, _, _, cluster, latent, _ = _block_entities(model, block)
+    rng = np.random.default_rng([model.settings.seed, block, 99])
+    direction = np.random.default_rng([model.settings.seed, 99]).normal(size=latent.shape[1])
+    score = (latent - model.centers.mean(axis=0)) @ direction / np.linalg.norm(direction)
+    return ids, (score + rng.normal(0.0, 0.5, len(ids)) > 0).astype(np.int32)
 
 
 def check_demo_config(cfg: JobConfig) -> None:
@@ -143,14 +159,28 @@ def write_demo_versions(spark, cfg: JobConfig) -> dict[int, int]:
             "generate: version %d (dim %d) -> %s: %d rows in %.1fs",
             version, cfg.demo.dims[index], location, counts[version], time.time() - started,
         )
+    if cfg.evaluate.label_location:
+        _write_labels(spark, cfg, model)
     return counts
 
 
-def demo_labels(model: DriftModel, version: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, binary label) for a consumer-probe task: does the entity's cluster lie in the first half?"""
-    ids_all, labels_all = [], []
-    for block in range(model.n_blocks):
-        ids, _, cluster = generate_block(model, block, version)
-        ids_all.append(ids)
-        labels_all.append((cluster < model.settings.n_clusters // 2).astype(np.int32))
-    return np.concatenate(ids_all), np.concatenate(labels_all)
+def _write_labels(spark, cfg: JobConfig, model: DriftModel) -> None:
+    import pyarrow as pa
+
+    from bclib.io import is_path
+
+    label_col = cfg.evaluate.label_column
+
+    def blocks_to_labels(batches):
+        for batch in batches:
+            for block in batch.column(0).to_numpy():
+                ids, labels = block_labels(model, int(block))
+                yield pa.RecordBatch.from_arrays([pa.array(ids), pa.array(labels)], names=["id", label_col])
+
+    df = spark.range(0, model.n_blocks, numPartitions=max(1, min(model.n_blocks, 4))).mapInArrow(
+        blocks_to_labels, f"id long, {label_col} int")
+    writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+    loc = cfg.evaluate.label_location
+    writer.save(loc) if is_path(loc) else writer.saveAsTable(loc)
+    log.info("generate: labels for %d entities -> %s", model.pool_size, loc)
+

@@ -66,7 +66,8 @@ def fit_orthogonal(x: np.ndarray, y: np.ndarray, scale: bool = True, bias: bool 
     xc, yc, mx, my = _center(x, y, bias)
     u, s, vt = np.linalg.svd(xc.T @ yc, full_matrices=False)
     weight = u @ vt
-    factor = float(s.sum() / np.sum(xc * xc)) if scale else 1.0
+    mapped = xc @ weight
+    factor = float(np.sum(mapped * yc) / max(np.sum(mapped * mapped), 1e-300)) if scale else 1.0
     weight = weight * factor
     return _affine(weight, mx, my, bias, "orthogonal", {"scale": factor, "bias": bias})
 

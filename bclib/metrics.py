@@ -27,3 +27,108 @@ def mean_cosine(pred: np.ndarray, true: np.ndarray) -> float:
     num = np.sum(p * t, axis=1)
     den = np.linalg.norm(p, axis=1) * np.linalg.norm(t, axis=1)
     return float(np.mean(num / np.maximum(den, 1e-300)))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_indices(x: np.ndarray, queries: np.ndarray, k: int, batch: int = 1024) -> np.ndarray:
+    """Exact cosine k nearest neighbours of rows `queries` among all rows of x (self excluded), batched."""
+    if k >= len(x):
+        raise ValueError(f"k = {k} needs more than {len(x)} rows")
+    xn = _normalise(x)
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), batch):
+        q = queries[start:start + batch]
+        sims = xn[q] @ xn.T
+        sims[np.arange(len(q)), q] = -np.inf
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        out[start:start + len(q)] = top
+    return out
+
+
+def neighbour_recall(pred: np.ndarray, true: np.ndarray, k: int = 10, n_queries: int = 2000, seed: int = 0) -> float:
+    """Mean overlap |kNN_pred(i) ∩ kNN_true(i)| / k over sampled queries (1 = same neighbourhoods).
+
+    The true space's overlap with itself is exactly 1, so this is already
+    the ratio to it. Neighbours are searched among all rows (exact, cosine).
+    """
+    _check_same_shape(pred[:, :0], true[:, :0])
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(len(true), size=min(n_queries, len(true)), replace=False))
+    a, b = knn_indices(pred, queries, k), knn_indices(true, queries, k)
+    overlap = [len(np.intersect1d(r1, r2, assume_unique=True)) for r1, r2 in zip(a, b)]
+    return float(np.mean(overlap) / k)
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    # average rank within ties
+    boundaries = np.flatnonzero(np.diff(sorted_x)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(x)]])
+    avg = (starts + ends - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, ends - starts)
+    return ranks
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC-AUC by the rank-sum statistic (ties averaged)."""
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC-AUC needs both classes")
+    ranks = _average_ranks(scores.astype(np.float64))
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> tuple[np.ndarray, float]:
+    """Binary logistic regression by Newton's method (d is small), L2-regularised; returns (w, b)."""
+    n, d = x.shape
+    xa = np.hstack([x.astype(np.float64), np.ones((n, 1))])
+    w = np.zeros(d + 1)
+    reg = np.full(d + 1, l2 * n)
+    reg[-1] = 0.0
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xa @ w, -30, 30)))
+        grad = xa.T @ (p - y) + reg * w
+        hess = (xa * (p * (1 - p))[:, None]).T @ xa + np.diag(reg + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w[:-1], float(w[-1])
+
+
+def probe_retention(pred: np.ndarray, true: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """A consumer probe trained on true z_j: its AUC on z~_j divided by its AUC on z_j (held-out rows).
+
+    Multi-class labels are scored one-vs-rest and averaged. Features are
+    standardised with the true space's training statistics, as a consumer
+    model trained on z_j would be.
+    """
+    _check_same_shape(pred, true)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(true))
+    cut = len(true) // 2
+    tr, te = perm[:cut], perm[cut:]
+    mu, sd = true[tr].mean(0), true[tr].std(0) + 1e-8
+    zt, zp = (true - mu) / sd, (pred - mu) / sd
+    classes = np.unique(labels)
+    positives = classes[1:] if len(classes) == 2 else classes
+    auc_true, auc_pred = [], []
+    for c in positives:
+        y = (labels == c).astype(np.float64)
+        if y[tr].min() == y[tr].max() or y[te].min() == y[te].max():
+            continue
+        w, b = fit_logistic(zt[tr], y[tr])
+        auc_true.append(roc_auc(zt[te] @ w + b, y[te]))
+        auc_pred.append(roc_auc(zp[te] @ w + b, y[te]))
+    if not auc_true:
+        raise ValueError("probe retention needs at least two label classes in both halves of the sample")
+    a_true, a_pred = float(np.mean(auc_true)), float(np.mean(auc_pred))
+    return {"probe_auc_true": a_true, "probe_auc": a_pred, "probe_retention": a_pred / a_true}

@@ -89,10 +89,12 @@ def register(spark, location: str, records: Sequence[TransformRecord]) -> list[s
     if not fresh:
         log.info("registry: all %d transforms already active, nothing to commit", len(records))
         return []
-    new_rows = spark.createDataFrame([r.row() for r in fresh], REGISTRY_DDL)
-    staged = new_rows.withColumn("_merge_kind", F.lit("retire")).unionByName(
-        new_rows.withColumn("_merge_kind", F.lit("upsert"))
+    # one local relation (deterministic on every scan MERGE makes): each new row once to retire, once to upsert
+    rows = [r.row() for r in fresh]
+    staged = spark.createDataFrame(
+        [row + (kind,) for kind in ("retire", "upsert") for row in rows], REGISTRY_DDL + ", _merge_kind STRING"
     )
+    columns = [c for c in staged.columns if c != "_merge_kind"]
     condition = (
         "(s._merge_kind = 'retire' AND t.status = 'active' AND t.source_version = s.source_version "
         "AND t.target_version = s.target_version AND t.transform_id <> s.transform_id) OR "
@@ -106,7 +108,7 @@ def register(spark, location: str, records: Sequence[TransformRecord]) -> list[s
         .whenMatchedUpdate("s._merge_kind = 'upsert'", {"status": F.lit("active"), "retired_at": F.lit(None)})
         .whenNotMatchedInsert(
             "s._merge_kind = 'upsert'",
-            {c: F.col(f"s.{c}") for c in new_rows.columns},
+            {c: F.col(f"s.{c}") for c in columns},
         )
         .execute()
     )

@@ -1,0 +1,157 @@
+"""Driver-side torch fitting: the residual MLP and multi-step objectives without a closed form.
+
+Only the driver imports torch; what it produces is converted to numpy
+transforms (`bclib.transforms`) whose forward pass executors run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bclib.fit import fit_linear
+from bclib.transforms import AffineTransform, ResidualMLPTransform, Transform
+
+log = logging.getLogger(__name__)
+
+
+class ResidualMLP(nn.Module):
+    """y = linear(x) + out(relu(hidden(x))); the torch twin of ResidualMLPTransform."""
+
+    def __init__(self, dim_in: int, dim_out: int, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+        self.hidden = nn.Linear(dim_in, hidden)
+        self.out = nn.Linear(hidden, dim_out)
+        nn.init.zeros_(self.out.weight)  # starts as the closed-form linear map
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.out(torch.relu(self.hidden(x)))
+
+    def to_transform(self, meta: dict) -> ResidualMLPTransform:
+        g = lambda p: p.detach().cpu().double().numpy()  # noqa: E731
+        return ResidualMLPTransform(
+            g(self.linear.weight).T.copy(), g(self.linear.bias), g(self.hidden.weight).T.copy(), g(self.hidden.bias),
+            g(self.out.weight).T.copy(), g(self.out.bias), meta=meta,
+        )
+
+
+def torch_link(t: Transform) -> nn.Module:
+    """A frozen torch module computing a numpy transform (for multi-step objectives)."""
+    if isinstance(t, AffineTransform):
+        lin = nn.Linear(t.dim_in, t.dim_out, bias=t.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(t.weight.T, dtype=np.float32)))
+            if t.bias is not None:
+                lin.bias.copy_(torch.from_numpy(t.bias.astype(np.float32)))
+        module: nn.Module = lin
+    else:
+        module = ResidualMLP(t.dim_in, t.dim_out, t.w1.shape[1])
+        with torch.no_grad():
+            for layer, w, b in ((module.linear, t.weight, t.bias), (module.hidden, t.w1, t.b1), (module.out, t.w2, t.b2)):
+                layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float32)))
+                layer.bias.copy_(torch.from_numpy(b.astype(np.float32)))
+    module = module.float()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _chain_module(chain: Sequence[Transform]) -> nn.Module:
+    return nn.Sequential(*[torch_link(t) for t in chain]) if chain else nn.Identity()
+
+
+def train_map(
+    model: nn.Module,
+    x: np.ndarray,
+    targets: Sequence[np.ndarray],
+    chains: Sequence[Sequence[Transform]],
+    settings,
+) -> dict:
+    """Adam on minibatches of mean_j ||C_j(model(x)) - Z_j||², early stopping on a held-out split.
+
+    The best (lowest validation loss) parameters are restored at the end.
+    Returns a small training log (epochs run, best validation loss).
+    """
+    gen = np.random.default_rng(settings.seed)
+    n = len(x)
+    perm = gen.permutation(n)
+    n_val = max(1, n // 10)
+    val, train = perm[:n_val], perm[n_val:]
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    zs = [torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)) for z in targets]
+    heads = [_chain_module(c) for c in chains]
+    model = model.float()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
+
+    def loss_on(idx: np.ndarray) -> torch.Tensor:
+        out = model(xt[idx])
+        terms = [((head(out) - z[idx]) ** 2).sum(dim=1).mean() for head, z in zip(heads, zs)]
+        return torch.stack(terms).mean()
+
+    best = float("inf")
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    stale, epoch = 0, 0
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        order = train[gen.permutation(len(train))]
+        for start in range(0, len(order), settings.batch_size):
+            opt.zero_grad()
+            loss = loss_on(order[start:start + settings.batch_size])
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = float(loss_on(val))
+        if val_loss < best * (1 - 1e-6):
+            best, stale = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= settings.patience:
+                break
+    model.load_state_dict(best_state)
+    log.debug("torch fit: %d epochs, best validation loss %.6g", epoch, best)
+    return {"epochs": epoch, "best_validation_loss": best}
+
+
+def fit_residual_mlp(x: np.ndarray, y: np.ndarray, settings) -> ResidualMLPTransform:
+    """Residual MLP (linear part from the closed-form affine fit, one ReLU hidden layer), single-step."""
+    return _fit_mlp(x, [y], [[]], settings, objective="single_step")
+
+
+def _fit_mlp(x, targets, chains, settings, objective: str) -> ResidualMLPTransform:
+    torch.manual_seed(settings.seed)  # the hidden layer's initial weights
+    init = fit_linear(x, targets[0], ridge=settings.ridge, bias=True)
+    model = ResidualMLP(x.shape[1], targets[0].shape[1], settings.hidden)
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.from_numpy(init.weight.T.astype(np.float32)))
+        model.linear.bias.copy_(torch.from_numpy(init.bias.astype(np.float32)))
+    info = train_map(model, x, targets, chains, settings)
+    return model.to_transform({"objective": objective, "hidden": settings.hidden, **info})
+
+
+def fit_multistep_torch(
+    x: np.ndarray, targets: Sequence[np.ndarray], chains: Sequence[Sequence[Transform]], settings,
+) -> Transform:
+    """Multi-step / anchored objectives by gradient descent (MLP maps, biases or non-linear frozen links)."""
+    objective = settings.objective
+    if settings.kind == "mlp":
+        return _fit_mlp(x, targets, chains, settings, objective)
+    if settings.kind != "linear":
+        raise ValueError(f"objective {objective!r} supports kinds 'linear' and 'mlp', not {settings.kind!r}")
+    init = fit_linear(x, targets[0], ridge=settings.ridge, bias=settings.bias)
+    model = nn.Linear(x.shape[1], targets[0].shape[1], bias=settings.bias)
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(init.weight.T.astype(np.float32)))
+        if settings.bias:
+            model.bias.copy_(torch.from_numpy(init.bias.astype(np.float32)))
+    info = train_map(model, x, targets, chains, settings)
+    weight = model.weight.detach().double().numpy().T.copy()
+    bias = model.bias.detach().double().numpy().copy() if settings.bias else None
+    return AffineTransform(weight, bias, "linear", {"objective": objective, **info})
