@@ -17,13 +17,13 @@ from dataclasses import asdict
 import numpy as np
 
 from bclib import __version__
-from bclib.config import JobConfig
+from bclib.config import FitSettings, JobConfig, TransformSettings
 from bclib.errors import InsufficientDataError
 from bclib.fit import fit_edge
 from bclib.io import Sample, VersionRead, align_samples, collect_window, read_embedding_version, window_fraction
 from bclib.metrics import mean_cosine, relative_l2
 from bclib.registry import TransformRecord, active_transforms, register
-from bclib.transforms import truncate_or_pad
+from bclib.transforms import Transform, truncate_or_pad
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,51 @@ def _split(hashes: np.ndarray, sample_size: int, holdout_fraction: float) -> tup
     return np.sort(order[:-n_hold]), np.sort(order[-n_hold:])
 
 
+def fit_one_edge(
+    samples: dict[int, Sample], versions: list[int], i: int, fitted: dict[int, Transform],
+    transform: TransformSettings, fit: FitSettings,
+) -> tuple[Transform, dict[str, float]]:
+    """Fit the edge versions[i] -> versions[i-1] from driver-side samples (pure numpy/torch, no Spark).
+
+    `fitted` holds the already fitted earlier transforms by source version
+    (frozen for multi-step objectives). Returns the transform and its fit
+    metrics on the held-out part of the sample.
+    """
+    k, prev = versions[i], versions[i - 1]
+    ids, x, y, hashes = align_samples(samples[k], samples[prev])
+    if len(ids) < fit.min_pairs:
+        raise InsufficientDataError(
+            f"edge {k} -> {prev}: only {len(ids)} sampled entities are in both versions, "
+            f"need fit.min_pairs = {fit.min_pairs}"
+        )
+    train, hold = _split(hashes, fit.sample_size, fit.holdout_fraction)
+    earlier = versions[: i - 1][::-1]  # j = k-2, ..., oldest
+    # frozen chain from space k-1 to space j: B_{k-1}, ..., B_{j+1}
+    frozen = [[fitted[versions[m]] for m in range(i - 1, versions.index(j), -1)] for j in earlier]
+    started = time.time()
+    anchors: list[np.ndarray] = []
+    x_fit, y_fit = x[train], y[train]
+    if transform.objective == "anchored" and earlier:
+        x_fit, y_fit, anchors = _anchor_rows(ids[train], x_fit, y_fit, [samples[j] for j in earlier])
+    result = fit_edge(x_fit, y_fit, transform, frozen_chains=frozen, anchors=anchors)
+    seconds = time.time() - started
+    pred = result.apply(x[hold])
+    metrics = {
+        "holdout_relative_l2": relative_l2(pred, y[hold]),
+        "holdout_mean_cosine": mean_cosine(pred, y[hold]),
+        "holdout_baseline_relative_l2": relative_l2(truncate_or_pad(x[hold], y.shape[1]), y[hold]),
+        "train_rows": float(len(x_fit)),
+        "holdout_rows": float(len(hold)),
+        "fit_seconds": seconds,
+    }
+    log.info("fit: edge %d -> %d (%s, %s): %d train / %d holdout pairs, holdout rel. L2 %.4f "
+             "(untransformed %.4f) in %.2fs", k, prev, transform.kind, transform.objective,
+             len(x_fit), len(hold), metrics["holdout_relative_l2"], metrics["holdout_baseline_relative_l2"], seconds)
+    return result, metrics
+
+
 def run_fit(spark, cfg: JobConfig) -> list[TransformRecord]:
-    """Fit B_k for every consecutive pair of configured versions and register them."""
+    """Fit B_k for every consecutive pair of configured versions and register them (one commit)."""
     started = time.time()
     reads = read_versions(spark, cfg)
     versions = sorted(reads)
@@ -75,55 +118,30 @@ def run_fit(spark, cfg: JobConfig) -> list[TransformRecord]:
     existing = active_transforms(spark, cfg.registry_location)
     records: list[TransformRecord] = []
     fitted: dict[int, TransformRecord] = {}  # by source version, the records this run will activate
+    multi = cfg.transform.objective != "single_step"
     for i in range(1, len(versions)):
         k, prev = versions[i], versions[i - 1]
         edge = (k, prev)
-        ids, x, y, hashes = align_samples(samples[k], samples[prev])
-        if len(ids) < cfg.fit.min_pairs:
-            raise InsufficientDataError(
-                f"edge {k} -> {prev}: only {len(ids)} sampled entities are in both versions, "
-                f"need fit.min_pairs = {cfg.fit.min_pairs}"
-            )
-        train, hold = _split(hashes, cfg.fit.sample_size, cfg.fit.holdout_fraction)
-        earlier = [versions[j] for j in range(i - 2, -1, -1)]  # j = k-2, ..., 0
-        frozen = [[fitted[versions[m]].transform for m in range(i - 1, versions.index(j), -1)] for j in earlier]
-        multi = cfg.transform.objective != "single_step"
         frozen_ids = [fitted[versions[m]].transform_id for m in range(i - 1, 0, -1)] if multi else []
-        inputs = {reads[v].location: reads[v].delta_version for v in (k, prev, *earlier)}
+        used = versions[: i + 1] if multi else [prev, k]  # the tables this edge's fit reads
+        inputs = {reads[v].location: reads[v].delta_version for v in used}
         tid = _transform_id(edge, cfg, inputs, frozen_ids)
         if edge in existing and existing[edge].transform_id == tid:
             log.info("fit: edge %d -> %d up to date (transform %s), not refitted", k, prev, tid)
             fitted[k] = existing[edge]
             records.append(existing[edge])
             continue
-        t0 = time.time()
-        anchors = []
-        x_fit, y_fit = x[train], y[train]
-        if cfg.transform.objective == "anchored" and earlier:
-            x_fit, y_fit, anchors = _anchor_rows(ids[train], x_fit, y_fit, [samples[j] for j in earlier])
-        transform = fit_edge(x_fit, y_fit, cfg.transform, frozen_chains=frozen, anchors=anchors)
-        fit_seconds = time.time() - t0
-        pred = transform.apply(x[hold])
-        metrics = {
-            "holdout_relative_l2": relative_l2(pred, y[hold]),
-            "holdout_mean_cosine": mean_cosine(pred, y[hold]),
-            "holdout_baseline_relative_l2": relative_l2(truncate_or_pad(x[hold], y.shape[1]), y[hold]),
-            "train_rows": float(len(x_fit)),
-            "holdout_rows": float(len(hold)),
-            "fit_seconds": fit_seconds,
-        }
+        transform, metrics = fit_one_edge(
+            samples, versions, i, {v: r.transform for v, r in fitted.items()}, cfg.transform, cfg.fit,
+        )
         record = TransformRecord(
             transform_id=tid, source_version=k, target_version=prev, kind=cfg.transform.kind,
             objective=cfg.transform.objective, transform=transform,
             fit_config={"transform": asdict(cfg.transform), "fit": asdict(cfg.fit), "frozen": frozen_ids},
-            sample_size=len(x_fit), input_delta_versions=inputs, fit_metrics=metrics,
+            sample_size=int(metrics["train_rows"]), input_delta_versions=inputs, fit_metrics=metrics,
         )
         fitted[k] = record
         records.append(record)
-        log.info("fit: edge %d -> %d (%s, %s): %d train / %d holdout pairs, holdout rel. L2 %.4f "
-                 "(untransformed %.4f) in %.2fs", k, prev, cfg.transform.kind, cfg.transform.objective,
-                 len(x_fit), len(hold), metrics["holdout_relative_l2"],
-                 metrics["holdout_baseline_relative_l2"], fit_seconds)
     register(spark, cfg.registry_location, records)
     log.info("fit: %d edge(s) done in %.1fs", len(records), time.time() - started)
     return records

@@ -38,7 +38,8 @@ def small_config(tmp_path: Path, **sections):
         "output_location": str(tmp_path / "out"),
         "metrics_location": str(tmp_path / "metrics"),
         "fit": {"sample_size": 100_000, "min_pairs": 50},
-        "evaluate": {"sample_size": 100_000},
+        "evaluate": {"sample_size": 100_000, "label_location": str(tmp_path / "labels"),
+                     "report_dir": str(tmp_path / "reports"), "neighbours_k": 5, "neighbours_sample": 200},
         "demo": {"n_entities": 1500, "dims": [12, 16, 20], "block_rows": 256, "n_clusters": 6, "latent_dim": 8},
     }
     for key, value in sections.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +104,24 @@ def test_metrics_match_a_numpy_reference(spark, pipeline):
     assert pair.from_output_table
     # the transform recovers the old space; the untransformed vectors do not
     assert got["relative_l2"] < 0.3 < 0.8 < got["baseline_relative_l2"]
+    # neighbour recall and consumer-probe retention: recovered by the transform, lost without it
+    assert got["neighbour_recall_at_5"] > got["baseline_neighbour_recall_at_5"]
+    assert got["probe_retention"] > 0.9 and got["probe_retention"] > got["baseline_probe_retention"]
+    assert (Path(cfg.evaluate.report_dir) / "eval-1" / "compat.png").stat().st_size > 10_000
+
+
+def test_fit_records_family_objective_and_metrics(spark, pipeline, tmp_path):
+    cfg, *_ = pipeline
+    anchored = small_config(cfg_root(cfg), registry_location=str(tmp_path / "reg"),
+                            transform={"kind": "linear", "objective": "anchored"})
+    records = run_fit(spark, anchored)
+    rows = read_delta(spark, anchored.registry_location).where("status = 'active'").collect()
+    assert {(r.kind, r.objective) for r in rows} == {("linear", "anchored")}
+    by_edge = {(r.source_version, r.target_version): r for r in rows}
+    assert by_edge[(2, 1)].fit_metrics["holdout_relative_l2"] < by_edge[(2, 1)].fit_metrics["holdout_baseline_relative_l2"]
+    assert json.loads(by_edge[(2, 1)].fit_config)["transform"]["objective"] == "anchored"
+    assert by_edge[(2, 1)].input_delta_versions == {anchored.version_location(v): 0 for v in (0, 1, 2)}
+    assert len(records) == 2
 
 
 def test_rerun_is_a_no_op_and_forced_rerun_leaves_the_same_content(spark, pipeline):
