@@ -246,6 +246,11 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"config key 'fit.holdout_fraction' must be in (0, 0.5), found {cfg.fit.holdout_fraction}")
     if cfg.fit.sample_size < cfg.fit.min_pairs:
         raise ConfigError(f"config key 'fit.sample_size' ({cfg.fit.sample_size}) is below fit.min_pairs ({cfg.fit.min_pairs})")
+    if cfg.transform.kind in ("orthogonal", "lowrank") and cfg.transform.objective != "single_step":
+        raise ConfigError(
+            f"config key 'transform.objective': '{cfg.transform.objective}' is available for kinds 'linear' and "
+            f"'mlp'; '{cfg.transform.kind}' fits single_step only"
+        )
     if cfg.transform.kind == "lowrank" and cfg.transform.rank is None:
         raise ConfigError("config key 'transform.rank' is required when transform.kind is 'lowrank'")
     for name in ("sample_size", "neighbours_k"):
