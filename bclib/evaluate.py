@@ -206,7 +206,8 @@ def write_report(results: list[PairResult], report_dir: str, run_id: str) -> Pat
             im = ax.imshow(grid, cmap="viridis_r" if key == "relative_l2" else "viridis")
             for (i, j), v in np.ndenumerate(grid):
                 if not np.isnan(v):
-                    ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
+                    ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                            bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0})
             ax.set_xticks(range(len(versions)), versions)
             ax.set_yticks(range(len(versions)), versions)
             ax.set_xlabel("target space j")

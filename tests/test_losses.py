@@ -29,7 +29,7 @@ def test_multi_step_averages_over_frozen_steps():
     frozen = _frozen(rng, [6, 5, 4])
     loss = AlignmentLoss(8, 6, multi_step=True, previous=frozen)
     z_new, z_old = torch.randn(32, 8), torch.randn(32, 6)
-    value = float(loss(z_new, z_old))
+    value = float(loss(z_new, z_old).detach())
     w = loss.backward_map.weight.detach().double().numpy().T
     resid = z_new.double().numpy() @ w - z_old.double().numpy()
     c1 = frozen[0].weight
