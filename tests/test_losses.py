@@ -75,9 +75,9 @@ def test_joint_training_aligns_and_exports_to_registry_bytes():
         a = align(emb, z_old)
         (task + a).backward()
         opt.step()
-        first = float(a) if first is None else first
-    assert float(a) < 0.05 * first
-    record = align.export(source_version=1, target_version=0, fit_metrics={"align": float(a)}, sample_size=n)
+        first = float(a.detach()) if first is None else first
+    assert float(a.detach()) < 0.05 * first
+    record = align.export(source_version=1, target_version=0, fit_metrics={"align": float(a.detach())}, sample_size=n)
     assert (record.source_version, record.target_version, record.kind) == (1, 0, "linear")
     assert record.objective == "joint_single_step" and record.transform.bias is None
     data, digest = export_bytes(align)
