@@ -12,7 +12,7 @@ help: ## list the targets with their one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
 install: ## pip-install bcemb with its pinned Spark/Delta pair into the current Python, then cache the Delta jars
-	$(PIP) install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,bench]"
 	@$(MAKE) --no-print-directory jars
 
 jars: ## fetch the Delta jars matching delta-spark into $(JAR_CACHE) with mvn (else Spark falls back to Ivy)
@@ -45,7 +45,6 @@ bench-backfill: install ## backfill throughput vs an identity Delta copy (benchm
 	$(PYTHON) benchmarks/backfill_throughput.py
 
 bench-paper: install ## the paper's protocol on MovieLens (benchmarks/paper_movielens.py)
-	$(PIP) install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PYTHON) benchmarks/paper_movielens.py
 
 clean: ## remove local tables, reports and caches of this checkout

@@ -31,7 +31,9 @@ class AlignmentLoss(nn.Module):
     `previous` are the frozen earlier transforms in application order
     (B_{k-1} first). With `multi_step=False` only the first step counts.
     Optional `anchors` in `forward` replace C_j(z_old) by the true stored
-    z_j (the anchored objective), where the team still has them.
+    z_j (the anchored objective), where the team still has them. With
+    `normalize=True` each step's error is divided by the mean squared norm
+    of its target, so `weight` is scale-free (relative squared error).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class AlignmentLoss(nn.Module):
         multi_step: bool = False,
         previous: Sequence[Transform] = (),
         bias: bool = False,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         if previous:
@@ -53,6 +56,7 @@ class AlignmentLoss(nn.Module):
         self.dim_new, self.dim_old = dim_new, dim_old
         self.weight = float(weight)
         self.multi_step = multi_step
+        self.normalize = normalize
         self.backward_map = nn.Linear(dim_new, dim_old, bias=bias)
         with torch.no_grad():  # start near a truncation so early training is not dominated by the penalty
             self.backward_map.weight.zero_()
@@ -87,6 +91,8 @@ class AlignmentLoss(nn.Module):
             with torch.no_grad():
                 true_steps = self.steps(z_old)
         terms = [((p - t) ** 2).sum(dim=-1).mean() for p, t in zip(pred_steps, true_steps)]
+        if self.normalize:  # relative squared error: the weight means the same whatever the embeddings' scale
+            terms = [term / (t.detach() ** 2).sum(dim=-1).mean().clamp_min(1e-12) for term, t in zip(terms, true_steps)]
         return self.weight * torch.stack(terms).mean()
 
     def to_transform(self) -> AffineTransform:

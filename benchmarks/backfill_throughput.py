@@ -95,6 +95,34 @@ class RssSampler:
         self._thread.join()
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the JVM and by Spark's Python workers (for where-the-time-goes splits)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {"jvm": 0.0, "python_workers": 0.0}
+
+    def cpu(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    for jvm in RssSampler._children(os.getpid()):
+        out["jvm"] += cpu(jvm)
+        stack = RssSampler._children(jvm)
+        while stack:
+            pid = stack.pop()
+            if RssSampler._is_python_worker(pid):
+                out["python_workers"] += cpu(pid)
+            stack += RssSampler._children(pid)
+    return out
+
+
+def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
 def make_source(spark, path: Path, rows: int, dim: int) -> None:
     """A Delta table of `rows` random float vectors (bigint ids), generated on the executors; reused if present."""
     import pyarrow as pa
@@ -152,20 +180,23 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
         link.symlink_to(source.resolve())
     setup_registry(spark, cfg, versions, dim)
     copy_path = str(root / "copy")
-    copy_times, backfill_times, write_times = [], [], []
+    copy_times, backfill_times, write_times, copy_cpu, backfill_cpu = [], [], [], [], []
     with RssSampler() as rss:
         for i in range(repeats + 1):  # the first round warms up (JIT, Python workers) and is not counted
-            t = time.perf_counter()
+            c0, t = cpu_seconds(), time.perf_counter()
             spark.read.format("delta").load(str(source)).write.format("delta").mode("overwrite").save(copy_path)
             a = time.perf_counter() - t
-            t = time.perf_counter()
+            c1, t = cpu_seconds(), time.perf_counter()
             result = run_backfill(spark, cfg)
             b = time.perf_counter() - t
+            c2 = cpu_seconds()
             assert result["rows"] == rows * spaces, result
             if i:
                 copy_times.append(a)
                 backfill_times.append(b)
                 write_times.append(result["write_seconds"])
+                copy_cpu.append(_delta(c0, c1))
+                backfill_cpu.append(_delta(c1, c2))
             logging.info("round %d: copy %.2fs, backfill %.2fs", i, a, b)
     copy_s, back_s = statistics.median(copy_times), statistics.median(backfill_times)
     return {
@@ -178,6 +209,9 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
         "backfill_write_seconds": write_times,
         "peak_rss_mb": rss.peak_worker_mb, "peak_jvm_rss_mb": rss.peak_jvm_mb,
         "arrow_batch_rows": batch_rows or "auto",
+        # CPU seconds (median over rounds) of the JVM and of the Python workers: where the time goes
+        "copy_cpu_seconds": {k: statistics.median(c[k] for c in copy_cpu) for k in copy_cpu[0]},
+        "backfill_cpu_seconds": {k: statistics.median(c[k] for c in backfill_cpu) for k in backfill_cpu[0]},
     }
 
 
