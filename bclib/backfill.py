@@ -183,8 +183,10 @@ def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None) -> dict:
         .withColumn("produced_at", F.current_timestamp())
     )
     spaces_sql = ", ".join(str(s) for s in plan.spaces)
+    out_row_bytes = 4 * max(dims_out) + 48  # vector plus id, space, chain id, timestamp
     writer = (
         out.write.format("delta").mode("overwrite")
+        .option("maxRecordsPerFile", max(10_000, cfg.backfill.target_file_mb * 2**20 // out_row_bytes))
         .option("replaceWhere", f"space_version IN ({spaces_sql})")
         .option("userMetadata", json.dumps(lineage, sort_keys=True))
         .partitionBy("space_version")

@@ -90,6 +90,7 @@ class BackfillSettings:
     target_spaces: Optional[list[int]] = None  # None: every earlier version
     arrow_batch_rows: Optional[int] = None  # None: sized from the row width
     target_batch_mb: int = 16
+    target_file_mb: int = 256  # output files of about this size (maxRecordsPerFile from the row width)
     output_partitions: Optional[int] = None  # None: keep the input's partitioning
     quarantine_location: Optional[str] = None  # None: bad vectors fail the run
     force: bool = False  # rewrite even when the output is already up to date
