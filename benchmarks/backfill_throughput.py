@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -69,7 +70,9 @@ class RssSampler:
     def _is_python_worker(pid: int) -> bool:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                return b"pyspark" in fh.read()
+                cmd = fh.read()
+            # the daemon and its forked workers; not the JVM's short-lived forks (whose classpath says pyspark)
+            return b"pyspark.daemon" in cmd and b"java" not in cmd
         except OSError:
             return False
 
@@ -183,6 +186,9 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
     copy_times, backfill_times, write_times, copy_cpu, backfill_cpu = [], [], [], [], []
     with RssSampler() as rss:
         for i in range(repeats + 1):  # the first round warms up (JIT, Python workers) and is not counted
+            # every round starts from empty targets: Delta keeps overwritten files, and the disk is finite
+            shutil.rmtree(copy_path, ignore_errors=True)
+            shutil.rmtree(cfg.output_location, ignore_errors=True)
             c0, t = cpu_seconds(), time.perf_counter()
             spark.read.format("delta").load(str(source)).write.format("delta").mode("overwrite").save(copy_path)
             a = time.perf_counter() - t
@@ -198,6 +204,8 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
                 copy_cpu.append(_delta(c0, c1))
                 backfill_cpu.append(_delta(c1, c2))
             logging.info("round %d: copy %.2fs, backfill %.2fs", i, a, b)
+    shutil.rmtree(copy_path, ignore_errors=True)
+    shutil.rmtree(cfg.output_location, ignore_errors=True)
     copy_s, back_s = statistics.median(copy_times), statistics.median(backfill_times)
     return {
         "rows": rows, "dim": dim, "spaces": spaces, "repeats": repeats, "cores": os.cpu_count(),
@@ -236,6 +244,7 @@ def main() -> None:
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
     parser.add_argument("--sweep-dims", type=int, nargs="+", default=[128, 256, 768])
     parser.add_argument("--driver-memory", default="6g")
+    parser.add_argument("--drop-data", action="store_true", help="delete the generated source tables at the end")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -258,9 +267,15 @@ def main() -> None:
             results.append(measure(spark, args.rows, args.dim, spaces, args.repeats, args.batch_rows))
             print_rows(results[-1:])
         name = "backfill_throughput.json"
+    if args.drop_data:
+        shutil.rmtree(DATA, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = results[0] if len(results) == 1 else {"cores": os.cpu_count(), "runs": results}
-    (RESULTS / name).write_text(json.dumps(out, indent=2))
+    path = RESULTS / name
+    previous = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    key = lambda r: (r["rows"], r["dim"], r["spaces"])  # noqa: E731
+    fresh = {key(r) for r in results}
+    runs = [r for r in previous if key(r) not in fresh] + results  # one file; a rerun replaces its own rows
+    path.write_text(json.dumps({"cores": os.cpu_count(), "runs": runs}, indent=2))
     print()
     print_rows(results)
 

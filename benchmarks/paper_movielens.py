@@ -587,6 +587,7 @@ def write_outputs(rows: list[dict], quick: bool, dims: list[int]) -> None:
     for r in rows:
         ks = sorted(r["per_version_unintended_pct"], key=int)
         ax.plot([int(k) for k in ks], [r["per_version_unintended_pct"][k] for k in ks], marker="o", label=r["method"])
+    ax.set_xticks(sorted({int(k) for r in rows for k in r["per_version_unintended_pct"]}))
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("embedding version k (consumer trained on version 0)")
     ax.set_ylabel("unintended-task AUC change vs Fix-M0 (%)")

@@ -164,3 +164,16 @@ def cfg_root(cfg):
     from pathlib import Path
 
     return Path(cfg.registry_location).parent
+
+
+def test_fit_sampling_is_one_scan_per_table(spark, pipeline):
+    """The window size comes from Delta's log (no scan); the sample itself is one filtered scan, no shuffle."""
+    from bclib.fitting import read_versions
+    from bclib.io import hash_window
+
+    cfg, *_ = pipeline
+    read = read_versions(spark, cfg)[2]
+    count_plan = read.df.groupBy().count()._jdf.queryExecution().executedPlan().toString()
+    assert "LocalTableScan" in count_plan and "FileScan" not in count_plan
+    sample_plan = hash_window(read.df, "id", cfg.fit.salt, 0.0, 0.5)._jdf.queryExecution().executedPlan().toString()
+    assert sample_plan.count("FileScan") == 1 and "Exchange" not in sample_plan
