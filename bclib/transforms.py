@@ -35,8 +35,22 @@ def _check_input(x: np.ndarray, dim_in: int, what: str) -> None:
         )
 
 
+class _WeightShape:
+    """dim_in/dim_out from the main weight matrix (shared by every family)."""
+
+    weight: np.ndarray
+
+    @property
+    def dim_in(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def dim_out(self) -> int:
+        return int(self.weight.shape[1])
+
+
 @dataclass(frozen=True, eq=False)
-class AffineTransform:
+class AffineTransform(_WeightShape):
     """X @ weight + bias. Linear, orthogonal, low-rank and collapsed chains all take this form."""
 
     weight: np.ndarray
@@ -51,14 +65,6 @@ class AffineTransform:
             raise DimensionMismatchError(
                 f"bias must have shape ({self.weight.shape[1]},), found {self.bias.shape}"
             )
-
-    @property
-    def dim_in(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def dim_out(self) -> int:
-        return int(self.weight.shape[1])
 
     @property
     def is_affine(self) -> bool:
@@ -79,7 +85,7 @@ class AffineTransform:
 
 
 @dataclass(frozen=True, eq=False)
-class ResidualMLPTransform:
+class ResidualMLPTransform(_WeightShape):
     """y = x @ weight + bias + relu(x @ w1 + b1) @ w2 + b2 (the numpy forward executors run)."""
 
     weight: np.ndarray
@@ -100,14 +106,6 @@ class ResidualMLPTransform:
         for name, shape in expected.items():
             if getattr(self, name).shape != shape:
                 raise DimensionMismatchError(f"mlp '{name}' must have shape {shape}, found {getattr(self, name).shape}")
-
-    @property
-    def dim_in(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def dim_out(self) -> int:
-        return int(self.weight.shape[1])
 
     @property
     def is_affine(self) -> bool:
