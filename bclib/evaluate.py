@@ -87,9 +87,15 @@ def _labels_for(spark, cfg: JobConfig, lo: float, hi: float) -> Optional[Sample]
         return None
     from pyspark.sql import functions as F
 
-    from bclib.io import hash_window, require_columns, require_table
+    from bclib.io import hash_window, require_columns
 
-    require_table(spark, loc, "label")
+    if not table_exists(spark, loc):
+        from bclib.errors import MissingTableError
+
+        raise MissingTableError(
+            f"label table not found: '{loc}' is not a Delta table (evaluate.label_location); "
+            "set evaluate.label_location: null to evaluate without consumer-probe metrics"
+        )
     df = read_delta(spark, loc)
     require_columns(df, ["id", cfg.evaluate.label_column], loc)
     table = hash_window(df.select("id", F.col(cfg.evaluate.label_column).cast("long").alias("label")),

@@ -114,3 +114,14 @@ def test_cli_missing_table_is_one_line_nonzero_and_writes_nothing(spark, tmp_pat
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bcemb")]
     assert len(err) == 1 and "MissingTableError: embedding version 0 table not found" in err[0]
     assert not (tmp_path / "registry").exists() and not (tmp_path / "out").exists()
+
+
+def test_missing_label_table_says_how_to_skip_probes(spark, tmp_path):
+    from bclib.evaluate import run_evaluate
+
+    cfg = _cfg(tmp_path, evaluate={"label_location": str(tmp_path / "no_labels")})
+    _write_versions(spark, cfg)
+    run_fit(spark, cfg)
+    with pytest.raises(MissingTableError, match=r"label table not found: .*set evaluate.label_location: null"):
+        run_evaluate(spark, cfg)
+    assert not table_exists(spark, cfg.metrics_location)
