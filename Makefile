@@ -30,7 +30,7 @@ dist: ## zip the library for spark-submit --py-files (dist/bclib.zip)
 	$(PYTHON) -c "import shutil; shutil.make_archive('dist/bclib', 'zip', root_dir='.', base_dir='bclib')"
 
 demo: install ## set up, then run the whole demo (generate, fit, backfill, evaluate) on the embedded default
-	bcemb demo --config $(CONFIG)
+	$(PYTHON) -m bclib.cli demo --config $(CONFIG)
 
 test: install ## the full test suite (what CI runs)
 	$(PYTHON) -m pytest -q
