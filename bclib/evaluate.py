@@ -87,15 +87,10 @@ def _labels_for(spark, cfg: JobConfig, lo: float, hi: float) -> Optional[Sample]
         return None
     from pyspark.sql import functions as F
 
-    from bclib.io import hash_window, require_columns
+    from bclib.io import hash_window, require_columns, require_table
 
-    if not table_exists(spark, loc):
-        from bclib.errors import MissingTableError
-
-        raise MissingTableError(
-            f"label table not found: '{loc}' is not a Delta table (evaluate.label_location); "
-            "set evaluate.label_location: null to evaluate without consumer-probe metrics"
-        )
+    require_table(spark, loc, "label", hint=" (evaluate.label_location); set evaluate.label_location: null "
+                  "to evaluate without consumer-probe metrics")
     df = read_delta(spark, loc)
     require_columns(df, ["id", cfg.evaluate.label_column], loc)
     table = hash_window(df.select("id", F.col(cfg.evaluate.label_column).cast("long").alias("label")),
@@ -165,9 +160,14 @@ def write_metrics(spark, cfg: JobConfig, run_id: str, results: list[PairResult])
     log.info("evaluate: %d metric rows appended to %s (run %s)", len(rows), loc, run_id)
 
 
+def _neighbour_key(results: list[PairResult]) -> Optional[str]:
+    """The neighbour-recall metric's name (it carries K), if any pair has it."""
+    return next((k for r in results for k in r.metrics if k.startswith("neighbour_recall_at_")), None)
+
+
 def format_table(results: list[PairResult]) -> str:
     """Per (source, space): transformed vs untransformed (base) figures."""
-    nn_key = next((k for r in results for k in r.metrics if k.startswith("neighbour_recall_at_")), None)
+    nn_key = _neighbour_key(results)
     has_probe = any("probe_retention" in r.metrics for r in results)
     cols = [("rel_l2", "relative_l2"), ("base_l2", "baseline_relative_l2"),
             ("cosine", "mean_cosine"), ("base_cos", "baseline_mean_cosine")]
@@ -196,7 +196,7 @@ def write_report(results: list[PairResult], report_dir: str, run_id: str) -> Pat
     versions = sorted({r.source_version for r in results} | {r.space_version for r in results})
     idx = {v: i for i, v in enumerate(versions)}
     panels = [("relative_l2", "relative L2 error (lower is better)")]
-    nn_key = next((k for r in results for k in r.metrics if k.startswith("neighbour_recall_at_")), None)
+    nn_key = _neighbour_key(results)
     if nn_key:
         panels.append((nn_key, nn_key.replace("_", " ")))
     if any("probe_retention" in r.metrics for r in results):

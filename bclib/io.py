@@ -112,9 +112,9 @@ def table_exists(spark, location: str) -> bool:
     return spark.catalog.tableExists(location)
 
 
-def require_table(spark, location: str, what: str) -> None:
+def require_table(spark, location: str, what: str, hint: str = "") -> None:
     if not table_exists(spark, location):
-        raise MissingTableError(f"{what} table not found: '{location}' is not a Delta table")
+        raise MissingTableError(f"{what} table not found: '{location}' is not a Delta table{hint}")
 
 
 def current_delta_version(spark, location: str) -> int:
