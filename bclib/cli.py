@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from typing import Optional, Sequence
 
 import yaml
 
-from bclib.config import JobConfig, config_from_dict, load_config
-from bclib.errors import BcembError, ConfigError
+from bclib.config import JobConfig, apply_override, config_from_dict, load_config
+from bclib.errors import BcembError, ConfigError, executor_error
 
 log = logging.getLogger("bcemb")
 
@@ -22,9 +21,6 @@ STEPS = {
     "backfill": "rewrite the newest version into every earlier space (one pass, one Delta commit)",
     "evaluate": "measure compatibility of every (source, space) pair; write metrics and print a table",
 }
-
-_EXECUTOR_ERROR = re.compile(r"bclib\.errors\.(\w+): (.*)")
-
 
 def _parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
@@ -52,34 +48,30 @@ def resolve_config(path: Optional[str], overrides: Sequence[str]) -> JobConfig:
         return load_config(path, pairs)
     data: dict = {}
     for dotted, value in pairs.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        apply_override(data, dotted, value)
     return config_from_dict(data)
 
 
 def run_step(spark, step: str, cfg: JobConfig):
     """Dispatch one step (library functions take `spark`; they never create it)."""
     if step == "demo":
-        from bclib.pipeline import run_demo
+        from bclib.steps.demo import run_demo
 
         return run_demo(spark, cfg)
     if step == "generate":
-        from bclib.demo_data import write_demo_versions
+        from bclib.steps.generate import run_generate
 
-        return write_demo_versions(spark, cfg)
+        return run_generate(spark, cfg)
     if step == "fit":
-        from bclib.fitting import run_fit
+        from bclib.steps.fit import run_fit
 
         return run_fit(spark, cfg)
     if step == "backfill":
-        from bclib.backfill import run_backfill
+        from bclib.steps.backfill import run_backfill
 
         return run_backfill(spark, cfg)
     if step == "evaluate":
-        from bclib.evaluate import run_evaluate
+        from bclib.steps.evaluate import run_evaluate
 
         return run_evaluate(spark, cfg)
     raise ValueError(f"unknown step {step!r}")
@@ -89,11 +81,10 @@ def one_line_error(exc: BaseException) -> str:
     """The message a user needs, also for errors raised inside Spark's Python workers."""
     if isinstance(exc, BcembError):
         return f"{type(exc).__name__}: {exc}"
+    named = executor_error(exc)
+    if named is not None:
+        return f"{type(named).__name__}: {named}"
     text = str(exc)
-    found = _EXECUTOR_ERROR.findall(text)
-    if found:
-        name, message = found[-1]
-        return f"{name}: {message.strip()}"
     first = text.strip().splitlines()[0] if text.strip() else repr(exc)
     return f"{type(exc).__name__}: {first}"
 
@@ -112,17 +103,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         spark = get_or_create(cfg.spark)
-        run_step(spark, args.step, cfg)
+        result = run_step(spark, args.step, cfg)
     except BcembError as exc:
         print(f"bcemb {args.step}: {one_line_error(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # Spark's own errors: still one line, with the cause
         from pyspark.errors import PySparkException
 
-        if not isinstance(exc, (PySparkException,)) and not _EXECUTOR_ERROR.search(str(exc)):
+        if not isinstance(exc, (PySparkException,)) and executor_error(exc) is None:
             raise
         print(f"bcemb {args.step}: {one_line_error(exc)}", file=sys.stderr)
         return 1
+    log.info(result.summary())
     return 0
 
 

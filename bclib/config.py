@@ -259,6 +259,29 @@ def _validate(cfg: JobConfig) -> None:
             raise ConfigError(f"config key 'evaluate.{name}' must be positive")
 
 
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set one dotted key in a parsed config mapping, in place: 'fit.sample_size' -> data['fit']['sample_size'].
+
+    Under 'spark.conf.' the rest is one Spark conf key with its dots ('spark.conf.spark.executor.memory'
+    sets data['spark']['conf']['spark.executor.memory']). Raises ConfigError for an empty key part or
+    a key that would descend into a value that is not a mapping.
+    """
+    prefix = "spark.conf."
+    if dotted.startswith(prefix):
+        parts = ["spark", "conf", dotted[len(prefix):]]
+    else:
+        parts = dotted.split(".")
+    if any(not part for part in parts):
+        raise ConfigError(f"override key {dotted!r} has an empty part; expected a dotted key like fit.sample_size")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override key {dotted!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def config_from_dict(data: dict[str, Any]) -> JobConfig:
     """Build and validate a JobConfig from an already-parsed mapping."""
     cfg = _build(JobConfig, data)
@@ -276,11 +299,7 @@ def load_config(path: str | os.PathLike[str], overrides: Optional[dict[str, Any]
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        apply_override(data, dotted, value)
     try:
         return config_from_dict(data)
     except ConfigError as exc:

@@ -6,6 +6,10 @@ to do. Jobs turn these into a one-line error and a non-zero exit code.
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
 
 class BcembError(Exception):
     """Base class for every error bcemb raises on purpose."""
@@ -48,3 +52,39 @@ class RegistryError(BcembError, LookupError):
 
 class InsufficientDataError(BcembError, ValueError):
     """Too few shared entities to fit or evaluate a transform."""
+
+
+# --------------------------------------------------------------------------- errors raised on executors
+
+_EXECUTOR_ERROR = re.compile(r"bclib\.errors\.(\w+): (.*)")
+
+
+def executor_error(exc: BaseException) -> Optional[BcembError]:
+    """The bcemb error a Spark Python worker raised, rebuilt on the driver from `exc`'s text, if any.
+
+    Spark wraps an exception raised inside `mapInArrow` in a PythonException (or a Py4JJavaError)
+    whose message holds the worker's traceback ending in 'bclib.errors.<Class>: <message>'. Returns
+    an instance of that class with that message (the last one in the text), or None.
+    """
+    found = _EXECUTOR_ERROR.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = globals().get(name)
+    if not (isinstance(cls, type) and issubclass(cls, BcembError)):
+        return None
+    return cls(message.strip())
+
+
+@contextmanager
+def reraise_executor_errors() -> Iterator[None]:
+    """Run a Spark action; a bcemb error raised on an executor is re-raised on the driver as its own class."""
+    try:
+        yield
+    except BcembError:
+        raise
+    except Exception as exc:  # only re-raised as a bcemb error when the text names one, else unchanged
+        named = executor_error(exc)
+        if named is None:
+            raise
+        raise named from exc

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import delta
 from pyspark.sql import SparkSession
@@ -115,3 +117,32 @@ def get_or_create(settings: SparkSettings) -> SparkSession:
     spark = session_builder(settings).getOrCreate()
     spark.sparkContext.setLogLevel(settings.log_level)
     return spark
+
+
+# --------------------------------------------------------------------------- per-write session settings
+
+
+def backfill_write_conf(arrow_batch_rows: int, n_spaces: int) -> dict[str, str]:
+    """SQL confs for one backfill write.
+
+    Arrow batches of `arrow_batch_rows` rows reach the Python workers
+    (`spark.sql.execution.arrow.maxRecordsPerBatch`); one open Parquet writer per space per task
+    (`spark.sql.maxConcurrentOutputFileWriters`) so the partitioned write needs no sort by space.
+    """
+    return {
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(int(arrow_batch_rows)),
+        "spark.sql.maxConcurrentOutputFileWriters": str(int(n_spaces) + 1),
+    }
+
+
+@contextmanager
+def session_conf(spark, settings: dict[str, str]) -> Iterator[None]:
+    """Set SQL confs for one write and restore the caller's values afterwards (also on error)."""
+    previous = {k: spark.conf.get(k, None) for k in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            spark.conf.unset(key) if value is None else spark.conf.set(key, value)

@@ -5,7 +5,7 @@
 
 In one Spark session it alternates A B A B ... (median of --repeats each):
   A: identity copy: read the source Delta table, write it unchanged to another Delta table;
-  B: `bclib.backfill.run_backfill` into --spaces target spaces (one pass, one commit).
+  B: `bclib.steps.backfill.run_backfill` into --spaces target spaces (one pass, one commit).
 `ratio` = backfill output rows/s / copy rows/s. Peak RSS of the Python workers (the executors' Arrow
 memory) and of the JVM are sampled from /proc every 50 ms. Writes benchmarks/results/backfill_throughput.json
 (or backfill_sweep.json) and prints a table.
@@ -28,11 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bclib.backfill import run_backfill  # noqa: E402
+from bclib.steps.backfill import run_backfill  # noqa: E402
 from bclib.config import config_from_dict  # noqa: E402
-from bclib.io import table_exists  # noqa: E402
-from bclib.registry import TransformRecord, register  # noqa: E402
-from bclib.transforms import AffineTransform  # noqa: E402
+from bclib.tables.delta import table_exists  # noqa: E402
+from bclib.numerics.records import TransformRecord  # noqa: E402
+from bclib.tables.registry import register  # noqa: E402
+from bclib.numerics.transforms import AffineTransform  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parent / "data"
@@ -130,7 +131,7 @@ def make_source(spark, path: Path, rows: int, dim: int) -> None:
     """A Delta table of `rows` random float vectors (bigint ids), generated on the executors; reused if present."""
     import pyarrow as pa
 
-    from bclib.io import matrix_to_list
+    from bclib.numerics.arrow import matrix_to_list
 
     if table_exists(spark, str(path)):
         return
@@ -196,11 +197,11 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
             result = run_backfill(spark, cfg)
             b = time.perf_counter() - t
             c2 = cpu_seconds()
-            assert result["rows"] == rows * spaces, result
+            assert result.rows == rows * spaces, result
             if i:
                 copy_times.append(a)
                 backfill_times.append(b)
-                write_times.append(result["write_seconds"])
+                write_times.append(result.write_seconds)
                 copy_cpu.append(_delta(c0, c1))
                 backfill_cpu.append(_delta(c1, c2))
             logging.info("round %d: copy %.2fs, backfill %.2fs", i, a, b)

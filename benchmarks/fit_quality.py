@@ -1,6 +1,6 @@
 """Transform family x objective on the demo data: chain error to every earlier version, neighbour recall, fit time.
 
-Pure driver-side math (the same `bclib.fitting.fit_one_edge` the Spark fit step calls), on versions drawn
+Pure driver-side math (the same `bclib.numerics.fitting.fit_one_edge` the Spark fit step calls), on versions drawn
 with the demo generator: entities split into a fit set and a disjoint held-out set.
 
     python benchmarks/fit_quality.py [--entities 60000] [--quick]
@@ -23,11 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bclib.config import DemoSettings, FitSettings, TransformSettings  # noqa: E402
-from bclib.demo_data import generate_block, make_drift_model  # noqa: E402
-from bclib.fitting import fit_one_edge  # noqa: E402
-from bclib.io import Sample, align_samples  # noqa: E402
-from bclib.metrics import neighbour_recall, relative_l2  # noqa: E402
-from bclib.transforms import apply_chain, truncate_or_pad  # noqa: E402
+from bclib.numerics.synthetic import generate_block, make_drift_model  # noqa: E402
+from bclib.numerics.fitting import fit_one_edge  # noqa: E402
+from bclib.numerics.samples import Sample, align_samples  # noqa: E402
+from bclib.numerics.metrics import neighbour_recall, relative_l2  # noqa: E402
+from bclib.numerics.transforms import apply_chain, truncate_or_pad  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,10 +10,13 @@ Recall@50 on the next window. Unintended tasks: consumer models (logistic, on [u
 trained once on version-0 embeddings; ROC-AUC of item genre (one-vs-rest), item mean rating >= median,
 item rating std >= 1, user active in the next window, rating >= 4 for a (user, item) pair.
 
-Every transform is registered in a Delta registry (post-hoc ones fitted by `bclib.fitting.run_fit` or, for
+Every transform is registered in a Delta registry (post-hoc ones fitted by `bclib.steps.fit.run_fit` or, for
 the paper's Adam baseline, exported like a joint one), the newest version is backfilled into every earlier
-space by `bclib.backfill.run_backfill`, consumers read space 0 back from the output table, and the alignment
-error is `bclib.evaluate.run_evaluate`'s relative L2 (source newest, space 0).
+space by `bclib.steps.backfill.run_backfill`, consumers read space 0 back from the output table, and the alignment
+error is `bclib.steps.evaluate.run_evaluate`'s relative L2 (source newest, space 0) on its evaluation window:
+entities no method fitted on (`run_fit` never samples them; the Adam baseline and the joint penalties skip
+them), the same for every method. `align_err_fit_entities` gives the same figure on the entities the method
+fitted on (for joint methods: the entities under the alignment penalty).
 
 Writes benchmarks/results/paper_movielens.json (one object per method: method, intended_pct,
 unintended_pct, align_err, seeds, plus spreads), paper_movielens.md and paper_movielens.png.
@@ -37,8 +40,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bclib.metrics import fit_logistic, roc_auc  # noqa: E402
-from bclib.transforms import AffineTransform, apply_chain, truncate_or_pad  # noqa: E402
+from bclib.numerics.metrics import fit_logistic, roc_auc  # noqa: E402
+from bclib.numerics.transforms import AffineTransform, apply_chain, truncate_or_pad  # noqa: E402
 
 log = logging.getLogger("paper_movielens")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -202,15 +205,34 @@ class Aligned(nn.Module):
         return self.loss(z_new, z_old)
 
 
-def previous_tables(data: MovieLens, v: Version) -> dict[str, torch.Tensor]:
+def previous_tables(data: MovieLens, v: Version, heldout: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """z_{k-1} per entity, and which entities the alignment penalty may use (known, not held out)."""
     with torch.no_grad():
         users = v.model.users(torch.arange(data.n_users)).detach()
         items = v.model.items(torch.arange(data.n_items)).detach()
     uk = torch.zeros(data.n_users, dtype=torch.bool)
     uk[torch.from_numpy(v.user_ids)] = True
+    uk[torch.from_numpy(heldout["u"])] = False
     ik = torch.zeros(data.n_items, dtype=torch.bool)
     ik[torch.from_numpy(v.item_ids)] = True
+    ik[torch.from_numpy(heldout["i"])] = False
     return {"users": users, "items": items, "user_known": uk, "item_known": ik}
+
+
+def heldout_entities(spark, data: MovieLens) -> dict[str, np.ndarray]:
+    """The entities of the product's evaluation hash window ('u..'/'i..' ids): no method fits on them.
+
+    Post-hoc fits (`run_fit`) never sample this window; the Adam baseline and the joint penalties skip it
+    here, so every method's alignment error is measured on the same unseen entities.
+    """
+    from bclib.config import FitSettings
+    from bclib.steps.fit import FIT_WINDOW_END
+    from bclib.tables.embeddings import hash_window
+
+    ids = [f"u{i}" for i in range(data.n_users)] + [f"i{i}" for i in range(data.n_items)]
+    df = spark.createDataFrame([(i,) for i in ids], "id string")
+    held = [r.id for r in hash_window(df, "id", FitSettings().salt, FIT_WINDOW_END, 1.0).collect()]
+    return {kind: np.array(sorted(int(h[1:]) for h in held if h[0] == kind), dtype=np.int64) for kind in ("u", "i")}
 
 
 # --------------------------------------------------------------------------- consumer (unintended) tasks
@@ -348,19 +370,20 @@ class Product:
     def write(self, version: int, ids: np.ndarray, z: np.ndarray) -> None:
         import pyarrow as pa
 
-        from bclib.io import matrix_to_list
+        from bclib.numerics.arrow import matrix_to_list
 
         table = pa.table({"id": pa.array(ids.astype(str)), "vector": matrix_to_list(z)})
         self.spark.createDataFrame(table).coalesce(1).write.format("delta").mode("overwrite") \
             .save(self.cfg.version_location(version))
 
     def fit(self) -> None:
-        from bclib.fitting import run_fit
+        from bclib.steps.fit import run_fit
 
         run_fit(self.spark, self.cfg)
 
     def register(self, transforms: dict[int, AffineTransform], objective: str) -> None:
-        from bclib.registry import TransformRecord, register
+        from bclib.numerics.records import TransformRecord
+        from bclib.tables.registry import register
 
         register(self.spark, self.cfg.registry_location, [
             TransformRecord(f"{objective}-{k}-{self.root.name}", k, k - 1, "linear", objective, t)
@@ -369,7 +392,8 @@ class Product:
 
     def chains(self) -> dict[int, list]:
         """Registry chains from every version into space 0 (checksums verified)."""
-        from bclib.registry import active_transforms, chain_records
+        from bclib.numerics.records import chain_records
+        from bclib.tables.registry import active_transforms
 
         active = active_transforms(self.spark, self.cfg.registry_location)
         versions = self.cfg.embeddings.versions
@@ -377,19 +401,19 @@ class Product:
 
     def backfill_space0(self) -> tuple[np.ndarray, np.ndarray]:
         """Backfill the newest version into every earlier space; read space 0 back from the output table."""
-        from bclib.backfill import run_backfill
+        from bclib.steps.backfill import run_backfill
 
         run_backfill(self.spark, self.cfg)
         t = self.spark.read.format("delta").load(self.cfg.output_location).where("space_version = 0") \
             .select("id", "vector").toArrow()
-        from bclib.io import list_to_matrix
+        from bclib.numerics.arrow import list_to_matrix
 
         return t.column("id").to_numpy(zero_copy_only=False), list_to_matrix(t.column("vector"))
 
     def align_err(self) -> float:
-        from bclib.evaluate import run_evaluate
+        from bclib.steps.evaluate import run_evaluate
 
-        results = run_evaluate(self.spark, self.cfg)
+        results = run_evaluate(self.spark, self.cfg).pairs
         newest = max(self.cfg.embeddings.versions)
         return next(r.metrics["relative_l2"] for r in results if (r.source_version, r.space_version) == (newest, 0))
 
@@ -412,7 +436,8 @@ def fit_adam_linear(x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> Aff
     return AffineTransform(lin.weight.detach().double().numpy().T.copy())
 
 
-def run_seed(spark, data: MovieLens, methods: list[str], dims: list[int], seed: int, epochs: int) -> dict:
+def run_seed(spark, data: MovieLens, methods: list[str], dims: list[int], seed: int, epochs: int,
+             heldout: dict[str, np.ndarray]) -> dict:
     versions = list(range(len(dims)))
     newest = versions[-1]
     out: dict[str, dict] = {}
@@ -435,38 +460,49 @@ def run_seed(spark, data: MovieLens, methods: list[str], dims: list[int], seed: 
     fix_original = unintended(z0_tab, 0)
     recall_nobc = mean_recall(base, base, data)
 
-    def record(name: str, space0_by_k: dict[int, dict], recall: float, align: float, extra=None):
+    held0 = {kind: known0[kind] & np.isin(np.arange(len(known0[kind])), heldout[kind]) for kind in ("u", "i")}
+    seen0 = {kind: known0[kind] & ~held0[kind] for kind in ("u", "i")}
+
+    def rel_err(tab: dict[str, np.ndarray], mask: dict[str, np.ndarray]) -> float:
+        """Relative L2 to z_0 over the entities in `mask` (and present in `tab`)."""
+        a = np.concatenate([tab["u"][mask["u"]], tab["i"][mask["i"]]])
+        b = np.concatenate([z0_tab["u"][mask["u"]], z0_tab["i"][mask["i"]]])
+        ok = ~np.isnan(a).any(1)
+        return float(np.linalg.norm(a[ok] - b[ok]) / np.linalg.norm(b[ok]))
+
+    def record(name: str, space0_by_k: dict[int, dict], recall: float, product: "Product | None" = None):
+        """One method's figures. align_err: newest -> space 0 on the held-out entities (no method fitted on
+        them; cross-checked against run_evaluate for product methods); align_err_fit_entities: on the
+        entities the transform (or the joint penalty) was fitted on."""
         per_version = {}
         for k, tab in space0_by_k.items():
             scores = unintended(tab, k)
             per_version[k] = float(np.mean([scores[t] / fix[k][t] - 1 for t in scores if t in fix[k]]) * 100)
         original = unintended(space0_by_k[newest], 0)
         fixed_label_pct = float(np.mean([original[t] / fix_original[t] - 1 for t in original]) * 100)
+        align = rel_err(space0_by_k[newest], held0)
+        if product is not None:
+            align = _checked_align_err(product, align)
         out[name] = {"intended_pct": (recall / recall_nobc - 1) * 100, "unintended_pct": per_version[newest],
                      "unintended_original_labels_pct": fixed_label_pct,
-                     "per_version_unintended_pct": per_version, "align_err": align, "recall_at_50": recall,
-                     **(extra or {})}
-        log.info("seed %d: %-32s intended %+6.2f%%  unintended %+6.2f%% (original labels %+6.2f%%)  align err %.4f",
-                 seed, name, out[name]["intended_pct"], out[name]["unintended_pct"], fixed_label_pct, align)
-
-    def rel_err(tab: dict[str, np.ndarray]) -> float:
-        a = np.concatenate([tab["u"][known0["u"]], tab["i"][known0["i"]]])
-        b = np.concatenate([z0_tab["u"][known0["u"]], z0_tab["i"][known0["i"]]])
-        ok = ~np.isnan(a).any(1)
-        return float(np.linalg.norm(a[ok] - b[ok]) / np.linalg.norm(b[ok]))
+                     "per_version_unintended_pct": per_version, "align_err": align,
+                     "align_err_fit_entities": rel_err(space0_by_k[newest], seen0), "recall_at_50": recall}
+        log.info("seed %d: %-32s intended %+6.2f%%  unintended %+6.2f%% (original labels %+6.2f%%)  align err %.4f "
+                 "(fit entities %.4f)", seed, name, out[name]["intended_pct"], out[name]["unintended_pct"],
+                 fixed_label_pct, align, out[name]["align_err_fit_entities"])
 
     if "Fix-M0" in methods:
-        record("Fix-M0", {k: z0_tab for k in versions[1:]}, mean_recall([v0] * len(base), base, data), 0.0)
+        record("Fix-M0", {k: z0_tab for k in versions[1:]}, mean_recall([v0] * len(base), base, data))
     if "No-BC" in methods:
         tabs = {k: by_kind(*base[k].embeddings(), data) for k in versions[1:]}
         tabs = {k: {kk: truncate_or_pad(t, dims[0]) for kk, t in tab.items()} for k, tab in tabs.items()}
-        record("No-BC", tabs, recall_nobc, rel_err(tabs[newest]))
+        record("No-BC", tabs, recall_nobc)
     if "Finetune-M0" in methods:
         ft = [v0]
         for k in versions[1:]:
             ft.append(train_version(data, k, dims[0], seed, max(1, epochs // 2), init=ft[-1].model))
         tabs = {k: by_kind(*ft[k].embeddings(), data) for k in versions[1:]}
-        record("Finetune-M0", tabs, mean_recall(ft, base, data), rel_err(tabs[newest]))
+        record("Finetune-M0", tabs, mean_recall(ft, base, data))
 
     # ---- post-hoc methods on the unconstrained models, through the product path
     posthoc = {
@@ -478,6 +514,7 @@ def run_seed(spark, data: MovieLens, methods: list[str], dims: list[int], seed: 
                         "batch_size": 256},
     }
     base_tables = [base[k].embeddings() for k in versions]
+    held_ids = np.concatenate([np.char.add("u", heldout["u"].astype(str)), np.char.add("i", heldout["i"].astype(str))])
     for name, transform in posthoc.items():
         if name not in methods:
             continue
@@ -490,15 +527,17 @@ def run_seed(spark, data: MovieLens, methods: list[str], dims: list[int], seed: 
                 prev_ids, prev_z = base_tables[k - 1]
                 ids_k, z_k = base_tables[k]
                 common, a, b = np.intersect1d(ids_k, prev_ids, return_indices=True)
-                fitted[k] = fit_adam_linear(z_k[a], prev_z[b], epochs=50, seed=seed)
+                fit_rows = ~np.isin(common, held_ids)  # like run_fit: never the evaluation window
+                fitted[k] = fit_adam_linear(z_k[a[fit_rows]], prev_z[b[fit_rows]], epochs=50, seed=seed)
             product.register(fitted, "posthoc_adam_single_step")
         else:
             product.fit()
-        record(name, _space0_tables(product, base_tables, data, newest), recall_nobc, product.align_err())
+        tabs = _space0_tables(product, base_tables, data, newest)
+        record(name, tabs, recall_nobc, product)
 
     # ---- joint training: the embedding model and B_k learned together
     joint = {"Joint-NoTrans": "bct", "Joint-Lin-SLoss": "single", "BC-Aligner (joint multi-step)": "multi"}
-    from bclib.losses import AlignmentLoss
+    from bclib.numerics.losses import AlignmentLoss
 
     for name, mode in joint.items():
         if name not in methods:
@@ -511,23 +550,32 @@ def run_seed(spark, data: MovieLens, methods: list[str], dims: list[int], seed: 
             if mode != "bct":
                 loss = AlignmentLoss(dims[k], dims[k - 1], weight=LAMBDA, multi_step=mode == "multi",
                                      previous=chain[::-1], normalize=True)
-            penalty = Aligned(previous_tables(data, prev), loss, dims[k - 1])
+            penalty = Aligned(previous_tables(data, prev, heldout), loss, dims[k - 1])
             models.append(train_version(data, k, dims[k], seed, epochs, penalty=penalty))
             if loss is not None:
                 chain.append(loss.to_transform())
         tables = [m.embeddings() for m in models]
         if mode == "bct":
             tabs = {k: {kk: t[:, : dims[0]] for kk, t in by_kind(*tables[k], data).items()} for k in versions[1:]}
-            record(name, tabs, mean_recall(models, base, data), rel_err(tabs[newest]))
+            record(name, tabs, mean_recall(models, base, data))
             continue
         product = Product(spark, work / f"joint_{mode}", versions)
         for k in versions:
             product.write(k, *tables[k])
         product.register({k: chain[k - 1] for k in versions[1:]}, f"joint_{mode}_step")
-        record(name, _space0_tables(product, tables, data, newest), mean_recall(models, base, data),
-               product.align_err())
+        tabs = _space0_tables(product, tables, data, newest)
+        record(name, tabs, mean_recall(models, base, data), product)
     log.info("seed %d done in %.1fs", seed, time.time() - started)
     return out
+
+
+def _checked_align_err(product: Product, numpy_err: float) -> float:
+    """run_evaluate's relative L2 (newest -> space 0, evaluation window); the same entities as `numpy_err`."""
+    err = product.align_err()
+    if abs(err - numpy_err) > 1e-3 * max(err, 1e-9):
+        raise AssertionError(f"run_evaluate's alignment error {err:.6f} differs from the held-out numpy one "
+                             f"{numpy_err:.6f}: not the same entities")
+    return err
 
 
 def _space0_tables(product: Product, tables, data: MovieLens, newest: int) -> dict[int, dict]:
@@ -549,7 +597,8 @@ def _space0_tables(product: Product, tables, data: MovieLens, newest: int) -> di
 def summarise(per_seed: list[dict], seeds: list[int]) -> list[dict]:
     rows = []
     for method in per_seed[0]:
-        keys = ("intended_pct", "unintended_pct", "unintended_original_labels_pct", "align_err")
+        keys = ("intended_pct", "unintended_pct", "unintended_original_labels_pct", "align_err",
+                "align_err_fit_entities")
         vals = {key: [s[method][key] for s in per_seed] for key in keys}
         curve = {k: float(np.mean([s[method]["per_version_unintended_pct"][k] for s in per_seed]))
                  for k in per_seed[0][method]["per_version_unintended_pct"]}
@@ -563,24 +612,26 @@ def summarise(per_seed: list[dict], seeds: list[int]) -> list[dict]:
     return rows
 
 
-def write_outputs(rows: list[dict], quick: bool, dims: list[int]) -> None:
+def write_outputs(rows: list[dict], quick: bool, dims: list[int], out_dir: Path = RESULTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "paper_movielens_quick" if quick else "paper_movielens"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| method | intended % (vs No-BC) | unintended % (vs Fix-M0) | align err (v_last -> v0) | paper unintended % |",
-             "|---|---|---|---|---|"]
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| method | intended % (vs No-BC) | unintended % (vs Fix-M0) | align err (v_last -> v0, held out) "
+             "| align err (fit entities) | paper unintended % (Amazon) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         paper = "" if r["paper_unintended_pct"] is None else f"{r['paper_unintended_pct']:+.2f}"
         lines.append(f"| {r['method']} | {r['intended_pct']:+.2f} ± {r['intended_pct_std']:.2f} | "
                      f"{r['unintended_pct']:+.2f} ± {r['unintended_pct_std']:.2f} | "
-                     f"{r['align_err']:.4f} ± {r['align_err_std']:.4f} | {paper} |")
+                     f"{r['align_err']:.4f} ± {r['align_err_std']:.4f} | "
+                     f"{r['align_err_fit_entities']:.4f} ± {r['align_err_fit_entities_std']:.4f} | {paper} |")
     table = "\n".join(lines)
-    (RESULTS / f"{stem}.md").write_text(
+    (out_dir / f"{stem}.md").write_text(
         f"MovieLens latest-small, {len(dims)} versions (dims {dims}), seeds {rows[0]['seeds']}; "
         "± is the standard deviation across seeds.\n\n" + table + "\n")
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -594,7 +645,7 @@ def write_outputs(rows: list[dict], quick: bool, dims: list[int]) -> None:
     ax.set_title("Backward compatibility on MovieLens (mean over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    fig.savefig(out_dir / f"{stem}.png", dpi=110)
     plt.close(fig)
     print(table)
 
@@ -611,6 +662,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="3 versions, 4 methods, 1 seed, fewer epochs")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON/MD/PNG results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("py4j", "bclib"):
@@ -629,9 +681,10 @@ def main(argv=None) -> list[dict]:
     spark = get_or_create(SparkSettings(master="local[2]", shuffle_partitions=2,
                                         warehouse_dir=str(WORK / "warehouse")))
     started = time.time()
-    per_seed = [run_seed(spark, data, methods, dims, seed, epochs) for seed in seeds]
+    heldout = heldout_entities(spark, data)
+    per_seed = [run_seed(spark, data, methods, dims, seed, epochs, heldout) for seed in seeds]
     rows = summarise(per_seed, seeds)
-    write_outputs(rows, args.quick, dims)
+    write_outputs(rows, args.quick, dims, args.out)
     log.info("done in %.1fs", time.time() - started)
     return rows
 

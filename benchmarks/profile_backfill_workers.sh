@@ -10,7 +10,7 @@ sys.path.insert(0, "benchmarks")
 import backfill_throughput as bt
 from bclib.config import SparkSettings
 from bclib.spark import get_or_create
-from bclib.backfill import run_backfill
+from bclib.steps.backfill import run_backfill
 spark = get_or_create(SparkSettings(master="local[*]", conf={"spark.driver.memory": "6g"}))
 from pathlib import Path
 root = bt.DATA / "run_1000000_256_1"

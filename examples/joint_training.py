@@ -1,19 +1,21 @@
-"""Joint training with bclib.losses.AlignmentLoss (BC-Aligner) in an embedding team's own torch loop.
+"""Joint training with bclib.numerics.losses.AlignmentLoss (BC-Aligner) in an embedding team's own torch loop.
 
 Three model versions (dims 32, 40, 48) are trained for an intended task (regressing a target from entity
 features). Each new version is trained either alone (then a post-hoc closed-form B_k is fitted), or jointly
 with AlignmentLoss (lambda 16; multi-step through the frozen earlier B's). A consumer probe trained once on
 version-0 embeddings scores an unintended label on the composed backward-transformed newest embeddings.
 
-    python examples/joint_training.py [--registry ./warehouse/joint_registry]
+    python examples/joint_training.py [--registry ./warehouse/joint_registry] [--results FILE]
 
 With --registry the jointly trained B_k are exported with one call each and registered in a Delta
-registry (starts local Spark); without it the exported bytes are only verified.
+registry (starts local Spark); without it the exported bytes are only verified. The figures go to
+benchmarks/results/joint_training.json (--results), the file the README quotes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,10 +25,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bclib.fit import fit_linear  # noqa: E402
-from bclib.losses import AlignmentLoss, export_bytes  # noqa: E402
-from bclib.metrics import probe_retention  # noqa: E402
-from bclib.transforms import apply_chain, transform_from_bytes  # noqa: E402
+from bclib.numerics.closed_form import fit_linear  # noqa: E402
+from bclib.numerics.losses import AlignmentLoss, export_bytes  # noqa: E402
+from bclib.numerics.metrics import probe_retention  # noqa: E402
+from bclib.numerics.serialization import transform_from_bytes  # noqa: E402
+from bclib.numerics.transforms import apply_chain  # noqa: E402
 
 DIMS = [32, 40, 48]
 
@@ -77,6 +80,8 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=8000)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--registry", help="Delta path of a registry to register the joint B_k in")
+    parser.add_argument("--results", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "joint_training.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     features, target, labels = make_data(args.entities)
@@ -108,9 +113,17 @@ def main() -> None:
         print(f"{mode:>8}: version-2 -> space-0 alignment error {err:.4f}, consumer probe AUC retention "
               f"{retention:.4f}, intended-task MSE per version {[round(m, 4) for m in mses]}")
 
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
+        "entities": args.entities, "epochs": args.epochs, "dims": DIMS, "version0_mse": mse0,
+        "methods": {mode: {"probe_retention": r, "alignment_error_2_to_0": e, "intended_mse_per_version": m}
+                    for mode, (r, e, m) in results.items()},
+    }, indent=2))
+    print(f"results written to {args.results}")
+
     if args.registry:
         from bclib.config import SparkSettings
-        from bclib.registry import active_transforms, register
+        from bclib.tables.registry import active_transforms, register
         from bclib.spark import get_or_create
 
         spark = get_or_create(SparkSettings(master="local[2]"))

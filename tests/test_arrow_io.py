@@ -3,11 +3,16 @@ import pyarrow as pa
 import pytest
 
 from bclib.errors import InvalidVectorError
-from bclib.io import list_to_matrix, matrix_to_list
+from bclib.numerics.arrow import list_to_matrix, matrix_to_list
 
 
 def _lists(rows):
     return pa.array(rows, type=pa.list_(pa.float32()))
+
+
+def _values_buffer(arr: pa.ListArray) -> np.ndarray:
+    """The list array's whole float32 values buffer, as numpy, without copying."""
+    return np.frombuffer(arr.values.buffers()[1], dtype=np.float32)
 
 
 def test_round_trip_is_exact_and_zero_copy():
@@ -15,15 +20,28 @@ def test_round_trip_is_exact_and_zero_copy():
     arr = matrix_to_list(m)
     assert arr.type == pa.list_(pa.float32())
     assert np.asarray(arr.offsets).dtype == np.int32
+    # numpy -> Arrow: the values buffer is the matrix's own memory
+    assert np.shares_memory(m, _values_buffer(arr))
     back = list_to_matrix(arr, 3)
     np.testing.assert_array_equal(back, m)
-    # the matrix views Arrow's buffer: no copy for float32 without nulls
-    assert back.base is not None
+    # Arrow -> numpy: the matrix views Arrow's buffer (a copy would not share memory with it)
+    assert np.shares_memory(back, _values_buffer(arr))
+    assert not np.shares_memory(back.copy(), _values_buffer(arr))
+
+
+def test_double_values_are_converted_not_viewed():
+    arr = pa.array([[1.5, 2.5]], type=pa.list_(pa.float64()))
+    out = list_to_matrix(arr, 2)
+    assert out.dtype == np.float32
+    assert not np.shares_memory(out, np.frombuffer(arr.values.buffers()[1], dtype=np.float64))
 
 
 def test_sliced_array_uses_the_slice_not_the_whole_buffer():
-    arr = matrix_to_list(np.arange(20, dtype=np.float32).reshape(5, 4)).slice(2, 2)
-    np.testing.assert_array_equal(list_to_matrix(arr, 4), [[8, 9, 10, 11], [12, 13, 14, 15]])
+    whole = matrix_to_list(np.arange(20, dtype=np.float32).reshape(5, 4))
+    arr = whole.slice(2, 2)
+    got = list_to_matrix(arr, 4)
+    np.testing.assert_array_equal(got, [[8, 9, 10, 11], [12, 13, 14, 15]])
+    assert np.shares_memory(got, _values_buffer(whole))  # still a view, of the slice's rows only
 
 
 def test_ragged_rows_with_the_right_total_length_are_caught():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bclib.backfill import run_backfill
+from bclib.steps.backfill import run_backfill
 from bclib.cli import main
-from bclib.errors import DimensionMismatchError, MissingColumnError, MissingTableError
-from bclib.fitting import run_fit
-from bclib.io import current_delta_version, table_exists
+from bclib.errors import DimensionMismatchError, InvalidVectorError, MissingColumnError, MissingTableError
+from bclib.steps.fit import run_fit
+from bclib.tables.delta import current_delta_version, table_exists
 
 from conftest import small_config
 
@@ -56,7 +56,7 @@ def test_wrong_length_vector_fails_the_backfill_naming_the_id_and_keeps_the_outp
     before = current_delta_version(spark, cfg.output_location)
     rows_before = spark.read.format("delta").load(cfg.output_location).count()
     _write_versions(spark, cfg, bad_rows={123: [1.0, 2.0, 3.0]}, seed=0)  # new Delta version of the source
-    with pytest.raises(Exception, match=r"id=123 has 3 elements, expected dimension 8"):
+    with pytest.raises(InvalidVectorError, match=r"column 'vector': id=123 has 3 elements, expected dimension 8"):
         run_backfill(spark, cfg)
     assert current_delta_version(spark, cfg.output_location) == before
     assert spark.read.format("delta").load(cfg.output_location).count() == rows_before
@@ -67,7 +67,7 @@ def test_nan_vector_names_the_id(spark, tmp_path):
     _write_versions(spark, cfg)
     run_fit(spark, cfg)
     _write_versions(spark, cfg, bad_rows={77: [float("nan")] * DIMS[1]})
-    with pytest.raises(Exception, match=r"id=77 holds NaN or Inf"):
+    with pytest.raises(InvalidVectorError, match=r"column 'vector': id=77 holds NaN or Inf"):
         run_backfill(spark, cfg)
     assert not table_exists(spark, cfg.output_location)
 
@@ -90,7 +90,7 @@ def test_quarantine_takes_the_bad_rows_and_writes_the_rest(spark, tmp_path):
     run_fit(spark, cfg)
     _write_versions(spark, cfg, bad_rows={5: [1.0], 6: None, 7: [float("inf")] * DIMS[1]})
     result = run_backfill(spark, cfg)
-    assert result["rows"] == 400 - 3
+    assert result.rows == 400 - 3
     q = spark.read.format("delta").load(str(tmp_path / "quarantine"))
     reasons = {r.id: r.reason for r in q.collect()}
     assert reasons == {5: "expected dimension 8, found 1", 6: "null vector", 7: "null, NaN or Inf element"}
@@ -117,7 +117,7 @@ def test_cli_missing_table_is_one_line_nonzero_and_writes_nothing(spark, tmp_pat
 
 
 def test_missing_label_table_says_how_to_skip_probes(spark, tmp_path):
-    from bclib.evaluate import run_evaluate
+    from bclib.steps.evaluate import run_evaluate
 
     cfg = _cfg(tmp_path, evaluate={"label_location": str(tmp_path / "no_labels")})
     _write_versions(spark, cfg)

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from bclib.config import DemoSettings
-from bclib.demo_data import generate_block, make_drift_model
-from bclib.fit import fit_linear
-from bclib.metrics import relative_l2
-from bclib.transforms import truncate_or_pad
+from bclib.numerics.synthetic import generate_block, make_drift_model
+from bclib.numerics.closed_form import fit_linear
+from bclib.numerics.metrics import relative_l2
+from bclib.numerics.transforms import truncate_or_pad
 
 SETTINGS = DemoSettings(n_entities=4000, dims=[16, 20, 24, 28, 32], block_rows=512, latent_dim=8, n_clusters=5)
 

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 from bclib.config import DemoSettings, TransformSettings
-from bclib.demo_data import generate_block, make_drift_model
+from bclib.numerics.synthetic import generate_block, make_drift_model
 from bclib.errors import DimensionMismatchError, InsufficientDataError
-from bclib.fit import anchored_objective, fit_anchored_linear, fit_edge, fit_linear, fit_lowrank, fit_orthogonal
-from bclib.metrics import relative_l2
-from bclib.transforms import apply_chain, transform_from_bytes, transform_to_bytes
+from bclib.numerics.closed_form import anchored_objective, fit_anchored_linear, fit_linear, fit_lowrank, fit_orthogonal
+from bclib.numerics.fitting import fit_edge
+from bclib.numerics.metrics import relative_l2
+from bclib.numerics.serialization import transform_from_bytes, transform_to_bytes
+from bclib.numerics.transforms import apply_chain
 
 
 def _data(n=3000, d_in=24, d_out=20, seed=0):
@@ -27,19 +29,21 @@ def test_linear_gradient_is_zero_at_the_ridge_solution():
 
 @pytest.mark.parametrize("d_in, d_out", [(24, 20), (20, 24), (16, 16)])
 def test_orthogonal_recovers_a_semi_orthogonal_map_and_stays_orthogonal(d_in, d_out):
-    x, rng = _data(d_in=d_in)
-    q, _ = np.linalg.qr(rng.normal(size=(max(d_in, d_out), max(d_in, d_out))))
-    true_w = q[:d_in, :d_out] * 2.5
-    y = x @ true_w
+    """With isotropic inputs (XᵀX = n·I) the SVD polar factor is the exact Procrustes optimum, also across dims."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    x = np.linalg.qr(rng.normal(size=(n, d_in)))[0] * np.sqrt(n)  # whitened: XᵀX = n·I exactly
+    q = np.linalg.qr(rng.normal(size=(max(d_in, d_out), max(d_in, d_out))))[0]
+    w0 = q[:, :d_out] if d_in >= d_out else q[:d_in, :]  # orthonormal columns (or rows)
+    assert np.allclose(w0.T @ w0 if d_in >= d_out else w0 @ w0.T, np.eye(min(d_in, d_out)))
+    y = x @ w0 * 2.5
     t = fit_orthogonal(x, y, scale=True)
     w = t.weight / t.meta["scale"]
     gram = w.T @ w if d_in >= d_out else w @ w.T
     np.testing.assert_allclose(gram, np.eye(min(d_in, d_out)), atol=1e-10)
-    if d_in == d_out:  # exact recovery; for a dimension change Procrustes is the polar-factor approximation
-        assert t.meta["scale"] == pytest.approx(2.5, rel=1e-9)
-        assert relative_l2(t.apply(x), y) < 1e-10
-    else:
-        assert relative_l2(t.apply(x), y) < 0.5
+    assert t.meta["scale"] == pytest.approx(2.5, rel=1e-9)
+    np.testing.assert_allclose(w, w0, atol=1e-9)
+    assert relative_l2(t.apply(x), y) < 1e-10
 
 
 def test_orthogonal_is_optimal_among_nearby_orthogonal_maps():
@@ -84,7 +88,7 @@ def test_mismatched_pairs_are_named():
 
 
 def _frozen_chain(rng, dims):
-    from bclib.transforms import AffineTransform
+    from bclib.numerics.transforms import AffineTransform
 
     return [AffineTransform(rng.normal(size=(a, b)) / np.sqrt(a)) for a, b in zip(dims, dims[1:])]
 
@@ -119,34 +123,48 @@ def test_multi_step_linear_closed_form_is_stationary_for_the_paper_loss():
     assert np.abs(grad).max() < 1e-8 * np.abs(scale).max()
 
 
-def _demo_versions(n=6000):
+def _demo_versions(n=6000, seed=7):
     settings = DemoSettings(n_entities=2 * n, dims=[16, 20, 24, 28, 32], block_rows=n, latent_dim=8,
-                            n_clusters=6, nonlinear_strength=0.4, churn_fraction=0.0)
+                            n_clusters=6, nonlinear_strength=0.4, churn_fraction=0.0, seed=seed)
     model = make_drift_model(settings)
     train = [generate_block(model, 0, v)[1].astype(np.float64) for v in range(5)]
     test = [generate_block(model, 1, v)[1].astype(np.float64) for v in range(5)]
     return train, test
 
 
-def test_anchored_lowers_the_four_step_chain_error_below_single_step():
-    train, test = _demo_versions()
-    errors = {}
-    for objective in ("single_step", "anchored"):
-        settings = TransformSettings(kind="linear", objective=objective)
-        fitted = []  # B_1, B_2, ...
-        for k in range(1, 5):
-            frozen = [list(reversed(fitted[j:])) for j in range(k - 2, -1, -1)]  # to spaces k-2 .. 0
-            anchors = [train[j] for j in range(k - 2, -1, -1)]
-            fitted.append(fit_edge(train[k], train[k - 1], settings, frozen_chains=frozen, anchors=anchors))
-        chain = list(reversed(fitted))  # B_4, B_3, B_2, B_1
-        errors[objective] = relative_l2(apply_chain(chain, test[4]), test[0])
-    assert errors["anchored"] < 0.98 * errors["single_step"], errors  # 0.0890 vs 0.0929 here
+def _fit_chain(train, objective):
+    settings = TransformSettings(kind="linear", objective=objective)
+    fitted = []  # B_1, B_2, ...
+    for k in range(1, 5):
+        frozen = [list(reversed(fitted[j:])) for j in range(k - 2, -1, -1)]  # to spaces k-2 .. 0
+        anchors = [train[j] for j in range(k - 2, -1, -1)]
+        fitted.append(fit_edge(train[k], train[k - 1], settings, frozen_chains=frozen, anchors=anchors))
+    return fitted
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anchored_lowers_the_four_step_chain_error_below_single_step(seed):
+    train, test = _demo_versions(seed=seed)
+    single, anchored = _fit_chain(train, "single_step"), _fit_chain(train, "anchored")
+    # exactness on the training data: the anchored B_4 minimises its objective, so single-step's B_4 (with the
+    # same frozen earlier links) cannot do better (1e-12 relative for round-off)
+    frozen = [list(reversed(anchored[j:3])) for j in range(2, -1, -1)]
+    chains = [[]] + frozen
+    targets = [train[3]] + [train[j] for j in range(2, -1, -1)]
+    opt, _ = anchored_objective(anchored[3].weight, train[4], targets, chains)
+    other, _ = anchored_objective(single[3].weight, train[4], targets, chains)
+    assert opt <= other * (1 + 1e-12)
+    # held out (another block of entities): the composed 4-step chain is closer to the true space 0.
+    # Measured on seeds 0-5: anchored / single-step = 0.93-0.95; asserted without a margin.
+    err = {name: relative_l2(apply_chain(list(reversed(f)), test[4]), test[0])
+           for name, f in (("single", single), ("anchored", anchored))}
+    assert err["anchored"] < err["single"], err
 
 
 def test_mlp_numpy_forward_matches_torch_and_beats_linear_on_nonlinear_drift():
     import torch
 
-    from bclib.fit_torch import ResidualMLP, torch_link
+    from bclib.numerics.torch_links import ResidualMLP, torch_link
 
     train, test = _demo_versions(4000)
     settings = TransformSettings(kind="mlp", hidden=64, epochs=40, patience=5, learning_rate=3e-3, batch_size=256)
@@ -174,7 +192,7 @@ def test_mlp_fit_is_deterministic_for_a_seed():
 
 
 def test_multi_step_through_torch_for_mlp_and_biased_links():
-    from bclib.transforms import AffineTransform
+    from bclib.numerics.transforms import AffineTransform
 
     train, test = _demo_versions(1500)
     frozen = [[AffineTransform(np.linalg.lstsq(train[0][:, :16], train[0][:, :16], rcond=None)[0][:, :12],

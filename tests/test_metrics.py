@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bclib.errors import DimensionMismatchError
-from bclib.metrics import knn_indices, mean_cosine, neighbour_recall, probe_retention, relative_l2, roc_auc
+from bclib.numerics.metrics import knn_indices, mean_cosine, neighbour_recall, probe_retention, relative_l2, roc_auc
 
 
 def test_relative_l2_and_cosine_on_known_values():

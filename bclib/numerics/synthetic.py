@@ -8,19 +8,20 @@ version drops a few percent of entities and adds new ones.
 
 Generation is per block of ids, seeded by (seed, block), so the result does
 not depend on Spark's partitioning and scales to millions of rows on
-executors; the Spark part only maps blocks to rows and writes Delta.
+executors; the Spark part (`bclib.steps.generate`) only maps blocks to rows
+and writes Delta.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bclib.config import DemoSettings, JobConfig
-from bclib.errors import ConfigError
+if TYPE_CHECKING:  # settings are duck-typed: numerics never imports the config layer
+    from bclib.config import DemoSettings
 
 log = logging.getLogger(__name__)
 
@@ -113,74 +114,3 @@ def block_labels(model: DriftModel, block: int) -> tuple[np.ndarray, np.ndarray]
     direction = np.random.default_rng([model.settings.seed, 99]).normal(size=latent.shape[1])
     score = (latent - model.centers.mean(axis=0)) @ direction / np.linalg.norm(direction)
     return ids, (score + rng.normal(0.0, 0.5, len(ids)) > 0).astype(np.int32)
-
-
-def check_demo_config(cfg: JobConfig) -> None:
-    if len(cfg.demo.dims) != len(cfg.embeddings.versions):
-        raise ConfigError(
-            f"config key 'demo.dims' has {len(cfg.demo.dims)} entries but embeddings.versions has "
-            f"{len(cfg.embeddings.versions)}"
-        )
-    if cfg.embeddings.version_column is not None:
-        raise ConfigError("the demo generator writes one table per version; unset 'embeddings.version_column'")
-
-
-def write_demo_versions(spark, cfg: JobConfig) -> dict[int, int]:
-    """Write every configured version as a Delta table; returns rows per version."""
-    import pyarrow as pa
-
-    from bclib.io import matrix_to_list, table_exists
-
-    check_demo_config(cfg)
-    model = make_drift_model(cfg.demo)
-    id_col, vec_col = cfg.embeddings.id_column, cfg.embeddings.vector_column
-    counts: dict[int, int] = {}
-    for index, version in enumerate(sorted(cfg.embeddings.versions)):
-        location = cfg.version_location(version)
-        if table_exists(spark, location) and not cfg.demo.overwrite:
-            counts[version] = spark.read.format("delta").load(location).count()
-            log.info("generate: version %d exists at %s (%d rows), kept", version, location, counts[version])
-            continue
-        started = time.time()
-
-        def blocks_to_rows(batches, _version=index):
-            for batch in batches:
-                for block in batch.column(0).to_numpy():
-                    ids, vectors, _ = generate_block(model, int(block), _version)
-                    yield pa.RecordBatch.from_arrays([pa.array(ids), matrix_to_list(vectors)], names=[id_col, vec_col])
-
-        n_parts = max(1, min(model.n_blocks, spark.sparkContext.defaultParallelism * 2))
-        df = spark.range(0, model.n_blocks, numPartitions=n_parts).mapInArrow(
-            blocks_to_rows, f"{id_col} long, {vec_col} array<float>"
-        )
-        df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(location)
-        counts[version] = spark.read.format("delta").load(location).count()
-        log.info(
-            "generate: version %d (dim %d) -> %s: %d rows in %.1fs",
-            version, cfg.demo.dims[index], location, counts[version], time.time() - started,
-        )
-    if cfg.evaluate.label_location:
-        _write_labels(spark, cfg, model)
-    return counts
-
-
-def _write_labels(spark, cfg: JobConfig, model: DriftModel) -> None:
-    import pyarrow as pa
-
-    from bclib.io import is_path
-
-    label_col = cfg.evaluate.label_column
-
-    def blocks_to_labels(batches):
-        for batch in batches:
-            for block in batch.column(0).to_numpy():
-                ids, labels = block_labels(model, int(block))
-                yield pa.RecordBatch.from_arrays([pa.array(ids), pa.array(labels)], names=["id", label_col])
-
-    df = spark.range(0, model.n_blocks, numPartitions=max(1, min(model.n_blocks, 4))).mapInArrow(
-        blocks_to_labels, f"id long, {label_col} int")
-    writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-    loc = cfg.evaluate.label_location
-    writer.save(loc) if is_path(loc) else writer.saveAsTable(loc)
-    log.info("generate: labels for %d entities -> %s", model.pool_size, loc)
-

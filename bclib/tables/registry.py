@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
-from bclib import __version__
 from bclib.errors import RegistryError
-from bclib.io import delta_table, is_path, read_delta, table_exists
-from bclib.transforms import FORMAT_VERSION, Transform, checksum, transform_from_bytes, transform_to_bytes
+from bclib.numerics.records import TransformRecord
+from bclib.numerics.serialization import FORMAT_VERSION, checksum, transform_from_bytes
+from bclib.tables.delta import delta_table, read_delta, save, table_exists
 
 log = logging.getLogger(__name__)
 
@@ -33,47 +32,25 @@ REGISTRY_DDL = (
 )
 
 
-@dataclass
-class TransformRecord:
-    """One registry row, with its parsed transform."""
-
-    transform_id: str
-    source_version: int
-    target_version: int
-    kind: str
-    objective: str
-    transform: Transform
-    fit_config: dict = field(default_factory=dict)
-    sample_size: int = 0
-    input_delta_versions: dict = field(default_factory=dict)
-    fit_metrics: dict = field(default_factory=dict)
-    created_at: Optional[datetime] = None
-    library_version: str = __version__
-    status: str = "active"
-
-    @property
-    def parameters(self) -> bytes:
-        return transform_to_bytes(self.transform)
-
-    def row(self) -> tuple:
-        params = self.parameters
-        return (
-            self.transform_id, self.source_version, self.target_version, self.kind, self.objective,
-            self.transform.dim_in, self.transform.dim_out, bytearray(params), checksum(params), FORMAT_VERSION,
-            json.dumps(self.fit_config, sort_keys=True), int(self.sample_size),
-            {k: int(v) for k, v in self.input_delta_versions.items()},
-            {k: float(v) for k, v in self.fit_metrics.items()},
-            self.created_at or datetime.now(timezone.utc).replace(tzinfo=None), self.library_version,
-            self.status, None,
-        )
+def _row(record: TransformRecord) -> tuple:
+    """The record as a tuple in REGISTRY_DDL's column order (created_at: naive UTC)."""
+    params = record.parameters
+    return (
+        record.transform_id, record.source_version, record.target_version, record.kind, record.objective,
+        record.transform.dim_in, record.transform.dim_out, bytearray(params), checksum(params), FORMAT_VERSION,
+        json.dumps(record.fit_config, sort_keys=True), int(record.sample_size),
+        {k: int(v) for k, v in record.input_delta_versions.items()},
+        {k: float(v) for k, v in record.fit_metrics.items()},
+        record.created_at or datetime.now(timezone.utc).replace(tzinfo=None), record.library_version,
+        record.status, None,
+    )
 
 
 def ensure_registry(spark, location: str) -> None:
     """Create the registry table if it does not exist (an empty append creates a Delta table)."""
     if table_exists(spark, location):
         return
-    writer = spark.createDataFrame([], REGISTRY_DDL).write.format("delta").mode("append")
-    writer.save(location) if is_path(location) else writer.saveAsTable(location)
+    save(spark.createDataFrame([], REGISTRY_DDL).write.format("delta").mode("append"), location)
 
 
 def register(spark, location: str, records: Sequence[TransformRecord]) -> list[str]:
@@ -90,7 +67,7 @@ def register(spark, location: str, records: Sequence[TransformRecord]) -> list[s
         log.info("registry: all %d transforms already active, nothing to commit", len(records))
         return []
     # one local relation (deterministic on every scan MERGE makes): each new row once to retire, once to upsert
-    rows = [r.row() for r in fresh]
+    rows = [_row(r) for r in fresh]
     staged = spark.createDataFrame(
         [row + (kind,) for kind in ("retire", "upsert") for row in rows], REGISTRY_DDL + ", _merge_kind STRING"
     )
@@ -130,6 +107,7 @@ def _read_records(spark, location: str, status: Optional[str] = None) -> list[Tr
             row.transform_id, row.source_version, row.target_version, row.kind, row.objective, transform,
             json.loads(row.fit_config or "{}"), row.sample_size, dict(row.input_delta_versions or {}),
             dict(row.fit_metrics or {}), row.created_at, row.library_version, row.status,
+            stored_checksum=row.checksum,
         ))
     return records
 
@@ -143,30 +121,3 @@ def active_transforms(spark, location: str) -> dict[tuple[int, int], TransformRe
             raise RegistryError(f"registry '{location}' has two active transforms for edge {edge}")
         out[edge] = rec
     return out
-
-
-def chain_records(
-    active: dict[tuple[int, int], TransformRecord], versions: Sequence[int], source: int, target: int,
-) -> list[TransformRecord]:
-    """Records of the chain source -> target over consecutive configured versions, in application order."""
-    ordered = sorted(versions)
-    if source not in ordered or target not in ordered or target >= source:
-        raise RegistryError(f"no chain from version {source} to {target} among versions {ordered}")
-    chain = []
-    i = ordered.index(source)
-    while ordered[i] != target:
-        edge = (ordered[i], ordered[i - 1])
-        if edge not in active:
-            raise RegistryError(
-                f"no active transform for edge {edge[0]} -> {edge[1]} in the registry; run `bcemb fit` first"
-            )
-        chain.append(active[edge])
-        i -= 1
-    return chain
-
-
-def chain_id(records: Sequence[TransformRecord]) -> str:
-    """A stable id for a chain: the hash of its transform ids in order."""
-    import hashlib
-
-    return hashlib.sha256("|".join(r.transform_id for r in records).encode()).hexdigest()[:16]

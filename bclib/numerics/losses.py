@@ -10,7 +10,7 @@ B_k is a learnable linear map (no bias by default). Single-step aligns
 B_k(z_k) with z_{k-1}; multi-step also pushes the residual through the frozen
 earlier transforms B_{k-1}, ..., B_1 and averages the error over steps, so
 errors that grow along the chain are penalised where they grow. After
-training, `align.export(...)` gives the registry record (`bclib.registry`).
+training, `align.export(...)` gives the registry record (`bclib.tables.registry`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from bclib.errors import DimensionMismatchError
-from bclib.fit_torch import torch_link
-from bclib.transforms import AffineTransform, Transform, check_chain
+from bclib.numerics.torch_links import torch_link
+from bclib.numerics.transforms import AffineTransform, Transform, check_chain
 
 
 class AlignmentLoss(nn.Module):
@@ -105,11 +105,11 @@ class AlignmentLoss(nn.Module):
 
     def export(self, source_version: int, target_version: int, fit_metrics: Optional[dict] = None,
                sample_size: int = 0, transform_id: Optional[str] = None):
-        """One call from the training loop to a registry record (register it with `bclib.registry.register`)."""
+        """One call from the training loop to a registry record (register it with `bclib.tables.registry.register`)."""
         import hashlib
 
-        from bclib.registry import TransformRecord
-        from bclib.transforms import checksum, transform_to_bytes
+        from bclib.numerics.records import TransformRecord
+        from bclib.numerics.serialization import checksum, transform_to_bytes
 
         t = self.to_transform()
         tid = transform_id or hashlib.sha256(
@@ -125,7 +125,7 @@ class AlignmentLoss(nn.Module):
 
 def export_bytes(loss: AlignmentLoss) -> tuple[bytes, str]:
     """The learned B_k as registry bytes and their checksum (what the registry stores)."""
-    from bclib.transforms import checksum, transform_to_bytes
+    from bclib.numerics.serialization import checksum, transform_to_bytes
 
     data = transform_to_bytes(loss.to_transform())
     return data, checksum(data)

@@ -1,8 +1,9 @@
-"""Fitting backward transforms from paired samples (pure numpy/torch, no Spark).
+"""Closed-form fits of backward transforms from paired samples (pure numpy).
 
 X is the ver-k sample (rows, d_k) and Y the ver-(k-1) sample (rows, d_{k-1})
 for the same entities. Closed forms are solved in float64 with `solve` /
-eigen-decompositions, never an explicit inverse.
+eigen-decompositions, never an explicit inverse. Least squares is the exact
+optimum of the paper's post-hoc linear objective (Hu et al., KDD 2022, eq. 4).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bclib.errors import DimensionMismatchError, InsufficientDataError
-from bclib.transforms import AffineTransform, Transform, apply_chain, collapse
+from bclib.numerics.transforms import AffineTransform, Transform, apply_chain, collapse
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ def _solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.linalg.lstsq(gram, rhs, rcond=None)[0]
 
 
+def _ridge_solve(xc: np.ndarray, yc: np.ndarray, ridge: float) -> np.ndarray:
+    """W minimising ||Xc W - Yc||² + ridge·n·||W||² (float64 (d_in, d_out)), via the normal equations."""
+    gram = xc.T @ xc
+    if ridge:
+        gram[np.diag_indices_from(gram)] += ridge * len(xc)
+    return _solve_spd(gram, xc.T @ yc)
+
+
 def _affine(weight: np.ndarray, mx: np.ndarray, my: np.ndarray, bias: bool, kind: str, meta: dict) -> AffineTransform:
     b = (my - mx @ weight) if bias else None
     return AffineTransform(weight, b, kind=kind, meta=meta)
@@ -53,10 +62,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float = 0.0, bias: bool = Fa
     """Least squares min ||XW (+b) - Y||² + ridge ||W||², closed form (the paper's post-hoc optimum)."""
     _check_pairs(x, y)
     xc, yc, mx, my = _center(x, y, bias)
-    gram = xc.T @ xc
-    if ridge:
-        gram[np.diag_indices_from(gram)] += ridge * len(x)
-    weight = _solve_spd(gram, xc.T @ yc)
+    weight = _ridge_solve(xc, yc, ridge)
     return _affine(weight, mx, my, bias, "linear", {"ridge": ridge, "bias": bias})
 
 
@@ -80,10 +86,7 @@ def fit_lowrank(x: np.ndarray, y: np.ndarray, rank: int, ridge: float = 0.0, bia
             f"rank must be in [1, {min(x.shape[1], y.shape[1])}] for {x.shape[1]}->{y.shape[1]}, found {rank}"
         )
     xc, yc, mx, my = _center(x, y, bias)
-    gram = xc.T @ xc
-    if ridge:
-        gram[np.diag_indices_from(gram)] += ridge * len(x)
-    w_ols = _solve_spd(gram, xc.T @ yc)
+    w_ols = _ridge_solve(xc, yc, ridge)
     fitted = xc @ w_ols
     # top right-singular vectors of the fitted values = top eigenvectors of fittedᵀfitted
     evals, evecs = np.linalg.eigh(fitted.T @ fitted)
@@ -161,54 +164,3 @@ def anchored_objective(
         c = collapse(chain)[0].weight if chain else np.eye(z.shape[1])
         grad += 2 * wi * x64.T @ resid @ c.T
     return value, grad
-
-
-
-def fit_edge(
-    x: np.ndarray,
-    y: np.ndarray,
-    settings,
-    frozen_chains: Sequence[Sequence[Transform]] = (),
-    anchors: Sequence[np.ndarray] = (),
-) -> Transform:
-    """Fit B_k for one edge with the configured family and objective.
-
-    frozen_chains[i] maps space k-1 to an earlier space j_i (the already
-    fitted B_{k-1}, ..., B_{j_i+1}); anchors[i] holds the true z_{j_i} for
-    the same rows (anchored objective only). With no earlier transforms the
-    multi-step objectives reduce to single-step.
-    """
-    kind, objective = settings.kind, settings.objective
-    if objective == "single_step" or not frozen_chains:
-        return _fit_single(x, y, settings)
-    chains = [[]] + [list(c) for c in frozen_chains]
-    if objective == "multi_step":
-        targets = [y] + [apply_chain(c, y.astype(np.float64)) for c in frozen_chains]
-    elif objective == "anchored":
-        if len(anchors) != len(frozen_chains):
-            raise ValueError("the anchored objective needs the true embeddings of every earlier version")
-        targets = [y] + list(anchors)
-    else:
-        raise ValueError(f"unknown objective {objective!r}")
-    all_linear = all(link.is_affine and link.bias is None for c in frozen_chains for link in c)
-    if kind == "linear" and not settings.bias and all_linear:
-        t = fit_anchored_linear(x, targets, chains, ridge=settings.ridge)
-        return AffineTransform(t.weight, None, "linear", {**t.meta, "objective": objective})
-    from bclib.fit_torch import fit_multistep_torch
-
-    return fit_multistep_torch(x, targets, chains, settings)
-
-
-def _fit_single(x: np.ndarray, y: np.ndarray, settings) -> Transform:
-    kind = settings.kind
-    if kind == "linear":
-        return fit_linear(x, y, ridge=settings.ridge, bias=settings.bias)
-    if kind == "orthogonal":
-        return fit_orthogonal(x, y, scale=settings.scale, bias=settings.bias)
-    if kind == "lowrank":
-        return fit_lowrank(x, y, rank=settings.rank, ridge=settings.ridge, bias=settings.bias)
-    if kind == "mlp":
-        from bclib.fit_torch import fit_residual_mlp
-
-        return fit_residual_mlp(x, y, settings)
-    raise ValueError(f"unknown transform kind {kind!r}")

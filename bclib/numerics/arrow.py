@@ -1,0 +1,82 @@
+"""Arrow <-> numpy for embedding vectors (pure pyarrow/numpy; the executor kernel and the driver share it).
+
+list<float> -> (rows, dim) float32 on the flat values buffer (zero-copy for float32 without nulls), and
+back as a ListArray with explicit int32 offsets (Spark 4.0's mapInArrow rejects FixedSizeList).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from bclib.errors import InvalidVectorError
+
+
+def _row_id(ids: Optional[pa.Array], row: int) -> str:
+    if ids is None:
+        return f"row {row}"
+    return f"id={ids[row].as_py()!r}"
+
+
+def list_to_matrix(
+    vectors: pa.Array | pa.ChunkedArray,
+    expected_dim: Optional[int] = None,
+    ids: Optional[pa.Array] = None,
+    column: str = "vector",
+    check_finite: bool = True,
+) -> np.ndarray:
+    """View a list<float> column as a (rows, dim) float32 matrix, validating every row.
+
+    vectors: list<float32|float64> of `rows` entries; ids: the same rows' ids, used in messages only.
+    Returns float32 (rows, dim), a view of Arrow's values buffer for float32 without nulls.
+    Raises InvalidVectorError naming the first offending id for a null vector, a wrong length (every
+    offset difference is checked, not only the total) or a NaN/Inf element.
+    """
+    if isinstance(vectors, pa.ChunkedArray):
+        vectors = vectors.combine_chunks() if vectors.num_chunks != 1 else vectors.chunk(0)
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    n = len(vectors)
+    if n == 0:
+        return np.zeros((0, expected_dim or 0), dtype=np.float32)
+    if vectors.null_count:
+        row = int(np.flatnonzero(~np.asarray(vectors.is_valid()))[0])
+        raise InvalidVectorError(f"column '{column}': {_row_id(ids, row)} has a null vector")
+    offsets = np.asarray(vectors.offsets)
+    lengths = np.diff(offsets)
+    dim = int(lengths[0]) if expected_dim is None else int(expected_dim)
+    wrong = np.flatnonzero(lengths != dim)
+    if wrong.size:
+        row = int(wrong[0])
+        raise InvalidVectorError(
+            f"column '{column}': {_row_id(ids, row)} has {int(lengths[row])} elements, expected dimension {dim}"
+            + (f" ({wrong.size} rows affected)" if wrong.size > 1 else "")
+        )
+    values = vectors.flatten()
+    if values.null_count:
+        flat = int(np.flatnonzero(~np.asarray(values.is_valid()))[0])
+        raise InvalidVectorError(f"column '{column}': {_row_id(ids, flat // max(dim, 1))} has a null element")
+    if values.type == pa.float32():
+        flat_np = values.to_numpy(zero_copy_only=True)
+    else:
+        flat_np = values.to_numpy(zero_copy_only=False).astype(np.float32)
+    matrix = flat_np.reshape(n, dim)
+    if check_finite and dim:
+        finite_rows = np.isfinite(matrix).all(axis=1)
+        if not finite_rows.all():
+            row = int(np.flatnonzero(~finite_rows)[0])
+            raise InvalidVectorError(f"column '{column}': {_row_id(ids, row)} holds NaN or Inf")
+    return matrix
+
+
+def matrix_to_list(matrix: np.ndarray) -> pa.ListArray:
+    """A (rows, dim) matrix as list<float> with explicit int32 offsets (Spark rejects FixedSizeList).
+
+    The values buffer is the matrix's own memory when it is C-contiguous float32 (no copy).
+    """
+    rows, dim = matrix.shape
+    flat = np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)
+    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32) if rows else np.zeros(1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, type=pa.float32()))

@@ -1,0 +1,139 @@
+"""Fitting one edge B_k (version k -> k-1): family/objective dispatch and the per-edge seam (pure numpy/torch).
+
+`fit_edge` picks the closed form (`bclib.numerics.closed_form`) or the torch fit
+(`bclib.numerics.torch_fit`, imported only when needed). `fit_one_edge` is the seam the Spark fit step
+and the benchmarks share: driver-side samples in, a transform and its held-out metrics out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from bclib.errors import InsufficientDataError
+from bclib.numerics.closed_form import fit_anchored_linear, fit_linear, fit_lowrank, fit_orthogonal
+from bclib.numerics.metrics import mean_cosine, relative_l2
+from bclib.numerics.samples import Sample, align_samples
+from bclib.numerics.transforms import AffineTransform, Transform, apply_chain, truncate_or_pad
+
+if TYPE_CHECKING:  # settings are duck-typed: numerics never imports the config layer
+    from bclib.config import FitSettings, TransformSettings
+
+log = logging.getLogger(__name__)
+
+
+def fit_edge(
+    x: np.ndarray,
+    y: np.ndarray,
+    settings,
+    frozen_chains: Sequence[Sequence[Transform]] = (),
+    anchors: Sequence[np.ndarray] = (),
+) -> Transform:
+    """Fit B_k for one edge with the configured family and objective.
+
+    frozen_chains[i] maps space k-1 to an earlier space j_i (the already
+    fitted B_{k-1}, ..., B_{j_i+1}); anchors[i] holds the true z_{j_i} for
+    the same rows (anchored objective only). With no earlier transforms the
+    multi-step objectives reduce to single-step.
+    """
+    kind, objective = settings.kind, settings.objective
+    if objective == "single_step" or not frozen_chains:
+        return _fit_single(x, y, settings)
+    chains = [[]] + [list(c) for c in frozen_chains]
+    if objective == "multi_step":
+        targets = [y] + [apply_chain(c, y.astype(np.float64)) for c in frozen_chains]
+    elif objective == "anchored":
+        if len(anchors) != len(frozen_chains):
+            raise ValueError("the anchored objective needs the true embeddings of every earlier version")
+        targets = [y] + list(anchors)
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    all_linear = all(link.is_affine and link.bias is None for c in frozen_chains for link in c)
+    if kind == "linear" and not settings.bias and all_linear:
+        t = fit_anchored_linear(x, targets, chains, ridge=settings.ridge)
+        return AffineTransform(t.weight, None, "linear", {**t.meta, "objective": objective})
+    from bclib.numerics.torch_fit import fit_multistep_torch
+
+    return fit_multistep_torch(x, targets, chains, settings)
+
+
+def _fit_single(x: np.ndarray, y: np.ndarray, settings) -> Transform:
+    kind = settings.kind
+    if kind == "linear":
+        return fit_linear(x, y, ridge=settings.ridge, bias=settings.bias)
+    if kind == "orthogonal":
+        return fit_orthogonal(x, y, scale=settings.scale, bias=settings.bias)
+    if kind == "lowrank":
+        return fit_lowrank(x, y, rank=settings.rank, ridge=settings.ridge, bias=settings.bias)
+    if kind == "mlp":
+        from bclib.numerics.torch_fit import fit_residual_mlp
+
+        return fit_residual_mlp(x, y, settings)
+    raise ValueError(f"unknown transform kind {kind!r}")
+
+
+def _split(hashes: np.ndarray, sample_size: int, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Take the `sample_size` lowest-hash rows; the top `holdout_fraction` of them by hash is held out."""
+    order = np.argsort(hashes, kind="stable")[:sample_size]
+    n_hold = max(1, int(round(len(order) * holdout_fraction)))
+    return np.sort(order[:-n_hold]), np.sort(order[-n_hold:])
+
+
+def fit_one_edge(
+    samples: dict[int, Sample], versions: list[int], i: int, fitted: dict[int, Transform],
+    transform: TransformSettings, fit: FitSettings,
+) -> tuple[Transform, dict[str, float]]:
+    """Fit the edge versions[i] -> versions[i-1] from driver-side samples (pure numpy/torch, no Spark).
+
+    samples: version -> Sample (same hash window in every version, sorted by id); `fitted` holds the
+    already fitted earlier transforms by source version (frozen for multi-step objectives). Returns
+    the transform and its fit metrics on the held-out part of the sample (relative L2, mean cosine,
+    the untransformed baseline's relative L2, row counts, seconds). Raises InsufficientDataError when
+    fewer than `fit.min_pairs` sampled entities are in both versions.
+    """
+    k, prev = versions[i], versions[i - 1]
+    ids, x, y, hashes = align_samples(samples[k], samples[prev])
+    if len(ids) < fit.min_pairs:
+        raise InsufficientDataError(
+            f"edge {k} -> {prev}: only {len(ids)} sampled entities are in both versions, "
+            f"need fit.min_pairs = {fit.min_pairs}"
+        )
+    train, hold = _split(hashes, fit.sample_size, fit.holdout_fraction)
+    earlier = versions[: i - 1][::-1]  # j = k-2, ..., oldest
+    # frozen chain from space k-1 to space j: B_{k-1}, ..., B_{j+1}
+    frozen = [[fitted[versions[m]] for m in range(i - 1, versions.index(j), -1)] for j in earlier]
+    started = time.time()
+    anchors: list[np.ndarray] = []
+    x_fit, y_fit = x[train], y[train]
+    if transform.objective == "anchored" and earlier:
+        x_fit, y_fit, anchors = _anchor_rows(ids[train], x_fit, y_fit, [samples[j] for j in earlier])
+    result = fit_edge(x_fit, y_fit, transform, frozen_chains=frozen, anchors=anchors)
+    seconds = time.time() - started
+    pred = result.apply(x[hold])
+    metrics = {
+        "holdout_relative_l2": relative_l2(pred, y[hold]),
+        "holdout_mean_cosine": mean_cosine(pred, y[hold]),
+        "holdout_baseline_relative_l2": relative_l2(truncate_or_pad(x[hold], y.shape[1]), y[hold]),
+        "train_rows": float(len(x_fit)),
+        "holdout_rows": float(len(hold)),
+        "fit_seconds": seconds,
+    }
+    log.info("fit: edge %d -> %d (%s, %s): %d train / %d holdout pairs, holdout rel. L2 %.4f "
+             "(untransformed %.4f) in %.2fs", k, prev, transform.kind, transform.objective,
+             len(x_fit), len(hold), metrics["holdout_relative_l2"], metrics["holdout_baseline_relative_l2"], seconds)
+    return result, metrics
+
+
+def _anchor_rows(ids: np.ndarray, x: np.ndarray, y: np.ndarray, earlier: list[Sample]):
+    """Restrict the training pairs to ids also present in every earlier version; return their true z_j."""
+    keep = np.ones(len(ids), dtype=bool)
+    for s in earlier:
+        keep &= np.isin(ids, s.ids, assume_unique=True)
+    kept = ids[keep]
+    anchors = [s.vectors[np.searchsorted(s.ids, kept)] for s in earlier]
+    log.info("fit: anchored objective on %d of %d pairs present in all earlier versions", len(kept), len(ids))
+    return x[keep], y[keep], anchors
+

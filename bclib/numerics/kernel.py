@@ -1,0 +1,121 @@
+"""The executor kernel: source vectors -> every target space in one pass (pure numpy + pyarrow).
+
+Driver side, `MultiSpaceKernel` collapses each chain (a run of affine links becomes one matrix) and,
+when every chain is affine, concatenates the target matrices so one GEMM per Arrow batch serves all
+spaces (DESIGN.md, "The executor kernel"). `make_batch_fn` wraps it into the function executors run
+inside `mapInArrow`: zero-copy list<float> -> (rows, d) float32, vectorised validation, the kernel,
+and list<float> back with int32 offsets. It is tested with numpy and pyarrow alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from bclib.errors import DimensionMismatchError
+from bclib.numerics.arrow import list_to_matrix, matrix_to_list
+from bclib.numerics.transforms import Transform, check_chain, check_input, collapse
+
+BatchFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+
+class MultiSpaceKernel:
+    """Maps a batch of source vectors into several target spaces at once.
+
+    If every chain collapses to one affine map, all targets are one GEMM on
+    the column-concatenated matrices; otherwise targets are produced nearest
+    first, each continuing from the previous one so no link runs twice.
+    Built on the driver, shipped to executors as plain arrays.
+    """
+
+    def __init__(self, dim_in: int, chains: dict[int, Sequence[Transform]], dtype=np.float32) -> None:
+        if not chains:
+            raise ValueError("MultiSpaceKernel needs at least one target space")
+        self.dim_in = dim_in
+        self.spaces = sorted(chains, reverse=True)  # nearest (largest) first
+        for space, chain in chains.items():
+            if chain and chain[0].dim_in != dim_in:
+                raise DimensionMismatchError(
+                    f"chain to space {space} expects input dimension {chain[0].dim_in}, source has {dim_in}"
+                )
+            check_chain(chain)
+        collapsed = {s: collapse(chains[s]) for s in self.spaces}
+        self.dims = {s: (chains[s][-1].dim_out if chains[s] else dim_in) for s in self.spaces}
+        self.fused = all(len(c) == 1 and c[0].is_affine for c in collapsed.values())
+        if self.fused:
+            self.weight = np.concatenate([collapsed[s][0].weight for s in self.spaces], axis=1).astype(dtype)
+            has_bias = any(collapsed[s][0].bias is not None for s in self.spaces)
+            self.bias = (
+                np.concatenate([
+                    collapsed[s][0].bias if collapsed[s][0].bias is not None else np.zeros(self.dims[s])
+                    for s in self.spaces
+                ]).astype(dtype)
+                if has_bias else None
+            )
+            bounds = np.cumsum([0] + [self.dims[s] for s in self.spaces])
+            self.slices = {s: slice(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(self.spaces)}
+        else:
+            # each step continues from the previous target's output
+            self.steps: list[tuple[int, list[Transform]]] = []
+            done = 0
+            for s in self.spaces:
+                chain = list(chains[s])
+                self.steps.append((s, collapse(chain[done:])))
+                done = len(chain)
+            self._check_prefixes(chains)
+
+    def _check_prefixes(self, chains: dict[int, Sequence[Transform]]) -> None:
+        prev: Sequence[Transform] = []
+        for s in self.spaces:
+            chain = chains[s]
+            if list(chain[: len(prev)]) != list(prev):
+                raise ValueError(f"chain to space {s} does not extend the chain to the nearer space")
+            prev = chain
+
+    def __call__(self, x: np.ndarray) -> dict[int, np.ndarray]:
+        check_input(x, self.dim_in, "backfill kernel")
+        if self.fused:
+            y = x @ self.weight
+            if self.bias is not None:
+                y += self.bias
+            return {s: np.ascontiguousarray(y[:, sl]) for s, sl in self.slices.items()}
+        out: dict[int, np.ndarray] = {}
+        cur = x
+        for s, links in self.steps:
+            for link in links:
+                cur = link.apply(cur).astype(np.float32, copy=False)
+            out[s] = cur
+        return out
+
+
+def make_batch_fn(kernel: MultiSpaceKernel, check_finite: bool = True) -> BatchFn:
+    """The function executors run: (id, vector) batches -> (id, vector, space_version) batches.
+
+    Input batches: column 0 the ids (any Arrow type), column 1 list<float> of length `kernel.dim_in`.
+    Output: one batch per input batch and target space, nearest space first, `space_version` int32.
+    Raises InvalidVectorError naming the id of a null, wrong-length or non-finite vector.
+    """
+    spaces = list(kernel.spaces)
+
+    def backfill_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            ids = batch.column(0)
+            x = list_to_matrix(batch.column(1), kernel.dim_in, ids, column="vector", check_finite=check_finite)
+            outputs = kernel(x)
+            for space in spaces:
+                space_col = pa.array(np.full(batch.num_rows, space, dtype=np.int32))
+                yield pa.RecordBatch.from_arrays(
+                    [ids, matrix_to_list(outputs[space]), space_col], names=["id", "vector", "space_version"]
+                )
+
+    return backfill_batches
+
+
+def arrow_batch_rows(dim_in: int, dims_out: Sequence[int], target_mb: int) -> int:
+    """Rows per Arrow batch so one batch's input plus outputs is about `target_mb` MiB (clipped to [1024, 200000])."""
+    bytes_per_row = 4 * (dim_in + sum(dims_out)) + 16 * (1 + len(dims_out))
+    return int(np.clip(target_mb * 2**20 // bytes_per_row, 1024, 200_000))
