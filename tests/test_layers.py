@@ -65,23 +65,30 @@ def test_numerics_never_imports_spark_or_delta(module):
     assert not bad, f"{module} imports {sorted(bad)}"
 
 
-def test_numerics_imports_with_spark_and_delta_unimportable():
-    """Every numerics module imports in a fresh interpreter where pyspark, delta and py4j cannot be imported."""
+def _run_with_blocked_imports(blocked: tuple[str, ...], body: str) -> str:
+    """Run `body` in a fresh interpreter where the top-level packages `blocked` cannot be imported; its stdout."""
     code = (
         "import sys, importlib\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('pyspark', 'delta', 'py4j'):\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
         "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
+        "sys.meta_path.insert(0, Block())\n" + body
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_numerics_imports_with_spark_and_delta_unimportable():
+    """Every numerics module imports in a fresh interpreter where pyspark, delta and py4j cannot be imported."""
+    body = (
         f"for m in {NUMERICS!r}:\n"
         "    importlib.import_module(m)\n"
         "assert not any(k.split('.')[0] in ('pyspark', 'delta', 'py4j') for k in sys.modules)\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert _run_with_blocked_imports(("pyspark", "delta", "py4j"), body) == "ok"
 
 
 def test_imports_only_go_down():
@@ -118,13 +125,7 @@ def test_no_import_cycles():
 
 def test_the_executor_kernel_needs_only_numpy_and_pyarrow():
     """What executors unpickle (the kernel and the batch function) imports no torch, matplotlib, pandas or Spark."""
-    code = (
-        "import sys, importlib\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'matplotlib', 'pandas', 'pyspark', 'delta', 'yaml'):\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
+    body = (
         "import numpy as np, pyarrow as pa\n"
         "from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn\n"
         "from bclib.numerics.serialization import transform_from_bytes, transform_to_bytes\n"
@@ -136,6 +137,4 @@ def test_the_executor_kernel_needs_only_numpy_and_pyarrow():
         "assert out[0].column(1).to_pylist() == [[1.0, 1.0]]\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert _run_with_blocked_imports(("torch", "matplotlib", "pandas", "pyspark", "delta", "yaml"), body) == "ok"

@@ -35,25 +35,17 @@ def run_demo(spark, cfg: JobConfig) -> DemoResult:
     timings: dict[str, float] = {}
     started = time.time()
 
-    t = time.time()
-    generated = run_generate(spark, cfg)
-    timings["generate"] = time.time() - t
-    log.info("stage generate: %s rows per version in %.1fs", generated.counts, timings["generate"])
+    def stage(name: str, step, describe):
+        t = time.time()
+        result = step(spark, cfg)
+        timings[name] = time.time() - t
+        log.info("stage %s: %s in %.1fs", name, describe(result), timings[name])
+        return result
 
-    t = time.time()
-    fitted = run_fit(spark, cfg)
-    timings["fit"] = time.time() - t
-    log.info("stage fit: %d transforms in %.1fs", len(fitted.records), timings["fit"])
-
-    t = time.time()
-    backfill = run_backfill(spark, cfg)
-    timings["backfill"] = time.time() - t
-    log.info("stage backfill: %d rows in %.1fs", backfill.rows, timings["backfill"])
-
-    t = time.time()
-    evaluated = run_evaluate(spark, cfg)
-    timings["evaluate"] = time.time() - t
-    log.info("stage evaluate: %d pairs in %.1fs", len(evaluated.pairs), timings["evaluate"])
+    generated = stage("generate", run_generate, lambda r: f"{r.counts} rows per version")
+    fitted = stage("fit", run_fit, lambda r: f"{len(r.records)} transforms")
+    backfill = stage("backfill", run_backfill, lambda r: f"{r.rows} rows")
+    evaluated = stage("evaluate", run_evaluate, lambda r: f"{len(r.pairs)} pairs")
 
     timings["total"] = time.time() - started
     return DemoResult(generated, fitted, backfill, evaluated, timings)
