@@ -1,26 +1,46 @@
-"""The `bcemb` command: args -> strict config -> session -> one bclib call -> exit code."""
+"""The `bcemb` command: args -> strict config -> session -> one bclib call -> exit code.
+
+Exit codes: 0 done (or nothing to do), 1 data or runtime error, 2 config error, 3 gate rejected,
+130 interrupted. Every failure ends in one line `bcemb <step>: <ErrorClass>: <what to do>` on stderr;
+`--debug` adds the full traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import yaml
 
 from bclib.config import JobConfig, apply_override, config_from_dict, load_config
-from bclib.errors import BcembError, ConfigError, executor_error
+from bclib.errors import BcembError, ConfigError, GateRejectedError, executor_error
 
 log = logging.getLogger("bcemb")
 
+EXIT_OK, EXIT_DATA, EXIT_CONFIG, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
 STEPS = {
+    "run": "the scheduled job: fit new edges, gate, backfill what changed, evaluate, status",
     "demo": "generate demo versions, fit, backfill and evaluate (the embedded default)",
     "generate": "write the synthetic demo embedding versions as Delta tables",
-    "fit": "fit a backward transform for every consecutive pair of versions and register it",
-    "backfill": "rewrite the newest version into every earlier space (one pass, one Delta commit)",
+    "fit": "fit the edges that have no active transform (or --refit), register them",
+    "backfill": "bring every target space up to date (incremental where only the source changed)",
     "evaluate": "measure compatibility of every (source, space) pair; write metrics and print a table",
+    "status": "per space: active chain, gate verdict, what the output holds, how stale it is",
+    "registry": "list, show, retire, activate, import or verify transforms",
+    "maintain": "OPTIMIZE small files per space and VACUUM with the configured retention",
 }
+
+EPILOG = """exit codes:
+  0  done, or nothing to do
+  1  data or runtime error (one line on stderr names the error class and what to do)
+  2  config error
+  3  gate rejected: a candidate chain failed the compatibility gate, nothing was published
+"""
+
 
 def _parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
@@ -29,52 +49,156 @@ def _parse_override(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
+def _parse_conf(text: str) -> tuple[str, str]:
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise ConfigError(f"--conf expects a Spark conf KEY=VALUE like spark.executor.memory=2g, found {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML job config (default: the embedded local default, same as conf/local.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one dotted config key, e.g. --set fit.sample_size=50000 (repeatable)")
+    p.add_argument("--conf", dest="spark_conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Spark conf, as spark-submit takes it, e.g. --conf spark.executor.memory=2g (repeatable)")
+    p.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of a failure")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bcemb", description="Backward-compatible embedding versions on Delta Lake.")
+    parser = argparse.ArgumentParser(prog="bcemb", description="Backward-compatible embedding versions on Delta Lake.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, help_text in STEPS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", metavar="FILE",
-                       help="YAML job config (default: the embedded local default, same as conf/local.yaml)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one dotted config key, e.g. --set fit.sample_size=50000 (repeatable)")
-        p.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "registry":
+            actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+            for action, text in (("list", "every transform with its status, origin, fit error and gate verdict"),
+                                 ("show", "one transform: every field, fit config and metrics"),
+                                 ("retire", "retire a transform (its edge then has no active transform)"),
+                                 ("activate", "make a transform its edge's active one (rolls back; one commit)"),
+                                 ("import", "register a transform file (npz bytes, e.g. AlignmentLoss.export_bytes)"),
+                                 ("verify", "check every stored checksum")):
+                a = actions.add_parser(action, help=text, description=text)
+                _common(a)
+                if action in ("show", "retire", "activate"):
+                    a.add_argument("transform_id", metavar="ID")
+                if action in ("retire", "activate", "import"):
+                    a.add_argument("--reason", default="", help="why (recorded in the commit's userMetadata)")
+                if action == "import":
+                    a.add_argument("file", metavar="FILE")
+                    a.add_argument("--source", type=int, required=True, help="source version k of the edge k -> j")
+                    a.add_argument("--target", type=int, required=True, help="target version j (the one before k)")
+                    a.add_argument("--checksum", default=None, help="expected SHA-256 of the file (verified)")
+                    a.add_argument("--origin", choices=["import", "joint"], default="import")
+                if action in ("list", "show"):
+                    a.add_argument("--json", action="store_true", help="machine-readable output")
+            continue
+        _common(p)
+        if name in ("fit", "run"):
+            p.add_argument("--refit", action="append", default=[], metavar="K:J|all",
+                           help="refit edge K -> J (repeatable), or every post-hoc edge ('all')")
+        if name in ("backfill", "run"):
+            p.add_argument("--allow-shrink", action="store_true",
+                           help="publish even if a space loses more than backfill.max_shrink of its rows")
+            p.add_argument("--dry-run", action="store_true", help="print the plan; read metadata only, write nothing")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def resolve_config(path: Optional[str], overrides: Sequence[str]) -> JobConfig:
-    pairs = dict(_parse_override(o) for o in overrides)
+def resolve_config(path: Optional[str], overrides: Sequence[str], spark_conf: Sequence[str] = ()) -> JobConfig:
+    """Load the config (or the embedded default) with --set and --conf applied, validated."""
+    pairs = [_parse_override(o) for o in overrides]
+    pairs += [(f"spark.conf.{k}", v) for k, v in (_parse_conf(c) for c in spark_conf)]
     if path:
-        return load_config(path, pairs)
+        return load_config(path, dict(pairs))
     data: dict = {}
-    for dotted, value in pairs.items():
+    for dotted, value in pairs:
         apply_override(data, dotted, value)
     return config_from_dict(data)
 
 
-def run_step(spark, step: str, cfg: JobConfig):
-    """Dispatch one step (library functions take `spark`; they never create it)."""
+def run_step(spark, args: argparse.Namespace, cfg: JobConfig):
+    """Dispatch one step (library functions take `spark`; they never create it). Returns (result, text)."""
+    step = args.step
+    if step == "run":
+        from bclib.steps.run import run_scheduled
+
+        r = run_scheduled(spark, cfg, refit=args.refit, dry_run=args.dry_run, allow_shrink=args.allow_shrink)
+        return r, r.summary()
     if step == "demo":
         from bclib.steps.demo import run_demo
 
-        return run_demo(spark, cfg)
+        r = run_demo(spark, cfg)
+        return r, None
     if step == "generate":
         from bclib.steps.generate import run_generate
 
-        return run_generate(spark, cfg)
+        r = run_generate(spark, cfg)
+        return r, None
     if step == "fit":
         from bclib.steps.fit import run_fit
 
-        return run_fit(spark, cfg)
+        r = run_fit(spark, cfg, refit=args.refit)
+        return r, None
     if step == "backfill":
         from bclib.steps.backfill import run_backfill
 
-        return run_backfill(spark, cfg)
+        r = run_backfill(spark, cfg, allow_shrink=args.allow_shrink, dry_run=args.dry_run)
+        return r, r.summary() if args.dry_run else None
     if step == "evaluate":
         from bclib.steps.evaluate import run_evaluate
 
-        return run_evaluate(spark, cfg)
+        r = run_evaluate(spark, cfg)
+        return r, None
+    if step == "status":
+        from bclib.steps.status import run_status
+
+        r = run_status(spark, cfg)
+        return r, r.to_json() if args.json else r.table() + "\n" + r.summary()
+    if step == "maintain":
+        from bclib.steps.maintain import run_maintain
+
+        r = run_maintain(spark, cfg)
+        return r, None
+    if step == "registry":
+        return _registry(spark, args, cfg)
     raise ValueError(f"unknown step {step!r}")
+
+
+def _registry(spark, args, cfg: JobConfig):
+    from bclib.steps import registry_cmd as rc
+
+    if args.action == "list":
+        r = rc.registry_list(spark, cfg)
+        return r, rc.to_json(r) if args.json else rc.format_list(r.rows)
+    if args.action == "show":
+        r = rc.registry_show(spark, cfg, args.transform_id)
+        text = rc.to_json(r) if args.json else "\n".join(f"{k}: {v}" for k, v in r.rows[0].items())
+        return r, text
+    if args.action == "retire":
+        r = rc.registry_retire(spark, cfg, args.transform_id, args.reason)
+        return r, r.summary()
+    if args.action == "activate":
+        r = rc.registry_activate(spark, cfg, args.transform_id, args.reason)
+        return r, r.summary()
+    if args.action == "import":
+        r = rc.registry_import(spark, cfg, args.file, args.source, args.target, args.checksum, args.reason,
+                               origin=args.origin)
+        return r, f"{r.summary()}: {r.rows[0]['transform_id']} ({r.rows[0]['edge']})"
+    if args.action == "verify":
+        r = rc.registry_verify(spark, cfg)
+        if r.problems:
+            from bclib.errors import ChecksumError
+
+            raise ChecksumError("; ".join(f"transform {tid}: {why}" for tid, why in r.problems)
+                                + f" ({len(r.problems)} of {len(r.rows)} transforms fail; retire them or re-import)")
+        return r, r.summary()
+    raise ValueError(f"unknown registry action {args.action!r}")
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -84,9 +208,24 @@ def one_line_error(exc: BaseException) -> str:
     named = executor_error(exc)
     if named is not None:
         return f"{type(named).__name__}: {named}"
-    text = str(exc)
-    first = text.strip().splitlines()[0] if text.strip() else repr(exc)
-    return f"{type(exc).__name__}: {first}"
+    text = str(exc).strip()
+    hint = _hint(exc, text)
+    first = text.splitlines()[0] if text else repr(exc)
+    return f"{type(exc).__name__}: {first}" + (f" ({hint})" if hint else "")
+
+
+def _hint(exc: BaseException, text: str) -> str:
+    """What to do for failures of the environment (Java, jars, a conflicting writer)."""
+    cls = getattr(exc, "getErrorClass", lambda: None)() if hasattr(exc, "getErrorClass") else None
+    if cls == "JAVA_GATEWAY_EXITED" or "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text:
+        from bclib.spark import java_hint
+
+        return java_hint()
+    if "ClassNotFoundException" in text or "No FileSystem for scheme" in text:
+        from bclib.spark import missing_class_hint
+
+        return missing_class_hint(text)
+    return "run with --debug for the full traceback"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -94,28 +233,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    name = args.step + (f" {args.action}" if args.step == "registry" else "")
+
+    def fail(exc: BaseException, code: int) -> int:
+        if args.debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"bcemb {name}: {one_line_error(exc)}", file=sys.stderr)
+        return code
+
     try:
-        cfg = resolve_config(args.config, args.overrides)
+        cfg = resolve_config(args.config, args.overrides, args.spark_conf)
     except ConfigError as exc:
-        print(f"bcemb {args.step}: {one_line_error(exc)}", file=sys.stderr)
-        return 2
-    from bclib.spark import get_or_create
-
+        return fail(exc, EXIT_CONFIG)
     try:
-        spark = get_or_create(cfg.spark)
-        result = run_step(spark, args.step, cfg)
-    except BcembError as exc:
-        print(f"bcemb {args.step}: {one_line_error(exc)}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # Spark's own errors: still one line, with the cause
-        from pyspark.errors import PySparkException
+        from bclib.spark import get_or_create
 
-        if not isinstance(exc, (PySparkException,)) and executor_error(exc) is None:
-            raise
-        print(f"bcemb {args.step}: {one_line_error(exc)}", file=sys.stderr)
-        return 1
-    log.info(result.summary())
-    return 0
+        spark = get_or_create(cfg.spark)
+        result, text = run_step(spark, args, cfg)
+    except KeyboardInterrupt as exc:
+        return fail(exc, EXIT_INTERRUPTED)
+    except GateRejectedError as exc:
+        return fail(exc, EXIT_GATE)
+    except ConfigError as exc:
+        return fail(exc, EXIT_CONFIG)
+    except Exception as exc:  # every other failure: one line (the class and what to do), exit 1
+        named = executor_error(exc)
+        if isinstance(named, GateRejectedError):
+            return fail(named, EXIT_GATE)
+        return fail(exc, EXIT_DATA)
+    if text:
+        print(text)
+    if hasattr(result, "summary") and not (text and text.endswith(result.summary())):
+        log.info(result.summary())
+    return EXIT_OK
 
 
 if __name__ == "__main__":

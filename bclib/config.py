@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,6 +95,39 @@ class BackfillSettings:
     output_partitions: Optional[int] = None  # None: keep the input's partitioning
     quarantine_location: Optional[str] = None  # None: bad vectors fail the run
     force: bool = False  # rewrite even when the output is already up to date
+    # auto: MERGE the source's change data feed when only the source changed (else a full rewrite, logged);
+    # require: fail with IncrementalUnavailableError instead of falling back; off: always full rewrites
+    incremental: Literal["auto", "require", "off"] = "auto"
+    incremental_max_fraction: float = 0.5  # more changed rows than this fraction of the source: full rewrite
+    max_shrink: float = 0.1  # a space may lose at most this fraction of its rows (--allow-shrink overrides)
+    max_retries: int = 3  # bounded retries on Delta's concurrent-modification exceptions
+    # a source_version older than the newest configured version must be asked for explicitly
+    allow_older_source: bool = False
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The compatibility gate a candidate chain passes before its space is (re)published.
+
+    Thresholds are optional (None = not checked). Whatever the thresholds, a chain whose headline
+    neighbour recall, or any thresholded metric, is worse than the untransformed baseline is refused.
+    With `enforce: false` the verdict is logged and recorded but the space is published anyway.
+    """
+
+    min_neighbour_recall: Optional[float] = None
+    min_probe_retention: Optional[float] = None
+    max_relative_l2: Optional[float] = None
+    enforce: bool = True
+
+
+@dataclass(frozen=True)
+class MaintenanceSettings:
+    """`bcemb maintain`: OPTIMIZE small files per space, VACUUM files older than the retention."""
+
+    vacuum_retention_hours: float = 168.0  # Delta's default (7 days)
+    time_travel_hours: float = 168.0  # what analysts are promised; VACUUM never retains less
+    optimize_min_files: int = 8  # OPTIMIZE a space holding at least this many files ...
+    optimize_small_file_mb: int = 64  # ... of which more than half are smaller than this
 
 
 @dataclass(frozen=True)
@@ -121,7 +155,9 @@ class DemoSettings:
     noise: float = 0.02
     block_rows: int = 8192
     seed: int = 7
-    overwrite: bool = True
+    # None: (re)write tables `generate` created itself (marked with a table property), refuse any other;
+    # true: overwrite whatever is there; false: keep existing tables
+    overwrite: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +173,8 @@ class JobConfig:
     fit: FitSettings = field(default_factory=FitSettings)
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
 
     def version_location(self, version: int) -> str:
@@ -217,9 +255,18 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+_COLUMN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
 def _validate(cfg: JobConfig) -> None:
     """Cross-field checks that a type alone cannot express."""
     emb = cfg.embeddings
+    for key, name in (("embeddings.id_column", emb.id_column), ("embeddings.vector_column", emb.vector_column),
+                      ("embeddings.version_column", emb.version_column),
+                      ("evaluate.label_column", cfg.evaluate.label_column)):
+        if name is not None and not _COLUMN.match(name):
+            raise ConfigError(f"config key '{key}' = {name!r} is not a single column name (letters, digits, '_' "
+                              "or '-'; no dots, spaces, commas, quotes or backticks)")
     has_placeholder = VERSION_PLACEHOLDER in emb.location
     if emb.version_column is None and not has_placeholder:
         raise ConfigError(
@@ -237,12 +284,28 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"config key 'backfill.source_version' = {cfg.source_version} is not among embeddings.versions {emb.versions}"
         )
+    newest = max(emb.versions)
+    if cfg.source_version == min(emb.versions):
+        raise ConfigError(
+            f"config key 'backfill.source_version' = {cfg.source_version} is the oldest configured version: there is "
+            "no earlier space to backfill into (use the newest version, or leave it unset)"
+        )
+    if cfg.source_version != newest and not cfg.backfill.allow_older_source:
+        raise ConfigError(
+            f"config key 'backfill.source_version' = {cfg.source_version} is older than the newest configured version "
+            f"{newest}: the output would serve consumers from an older model than the newest one. Leave it unset "
+            "(the newest), or set backfill.allow_older_source: true if that is really wanted"
+        )
+    if cfg.backfill.target_spaces is not None and not cfg.backfill.target_spaces:
+        raise ConfigError("config key 'backfill.target_spaces' is an empty list: no space to backfill into "
+                          "(leave it unset for every earlier version)")
     bad = [s for s in cfg.target_spaces if s not in emb.versions or s >= cfg.source_version]
     if bad:
         raise ConfigError(
             f"config key 'backfill.target_spaces': {bad} must be configured versions older than "
             f"source version {cfg.source_version}"
         )
+    _check_bounds(cfg)
     if not 0 < cfg.fit.holdout_fraction < 0.5:
         raise ConfigError(f"config key 'fit.holdout_fraction' must be in (0, 0.5), found {cfg.fit.holdout_fraction}")
     if cfg.fit.sample_size < cfg.fit.min_pairs:
@@ -254,9 +317,6 @@ def _validate(cfg: JobConfig) -> None:
         )
     if cfg.transform.kind == "lowrank" and cfg.transform.rank is None:
         raise ConfigError("config key 'transform.rank' is required when transform.kind is 'lowrank'")
-    for name in ("sample_size", "neighbours_k"):
-        if getattr(cfg.evaluate, name) <= 0:
-            raise ConfigError(f"config key 'evaluate.{name}' must be positive")
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -280,6 +340,42 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"override key {dotted!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+_BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
+    "fit.sample_size": (1, None), "fit.min_pairs": (2, None),
+    "backfill.arrow_batch_rows": (1, 1_000_000), "backfill.target_batch_mb": (1, 1024),
+    "backfill.target_file_mb": (1, 4096), "backfill.output_partitions": (1, 1_000_000),
+    "backfill.incremental_max_fraction": (0.0, 1.0), "backfill.max_shrink": (0.0, 1.0),
+    "backfill.max_retries": (1, 20),
+    "evaluate.sample_size": (1, None), "evaluate.neighbours_k": (1, 1000), "evaluate.neighbours_sample": (1, None),
+    "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),
+    "maintenance.optimize_min_files": (2, None), "maintenance.optimize_small_file_mb": (1, None),
+    "transform.hidden": (1, None), "transform.epochs": (1, None), "transform.batch_size": (1, None),
+    "transform.patience": (1, None), "spark.shuffle_partitions": (1, None),
+    "demo.n_entities": (1, None), "demo.block_rows": (1, 10_000_000),
+}
+
+
+def _check_bounds(cfg: JobConfig) -> None:
+    """Numeric settings within their bounds, the bound named in the message."""
+    for dotted, (low, high) in _BOUNDS.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise ConfigError(f"config key '{dotted}' = {value} is out of range: expected {rng}")
+    m = cfg.maintenance
+    if m.vacuum_retention_hours < m.time_travel_hours:
+        raise ConfigError(
+            f"config key 'maintenance.vacuum_retention_hours' = {m.vacuum_retention_hours:g} is shorter than "
+            f"maintenance.time_travel_hours = {m.time_travel_hours:g}, the time-travel and change-feed window "
+            "analysts are promised; VACUUM would delete files they may still read"
+        )
+    if cfg.transform.ridge != "auto" and isinstance(cfg.transform.ridge, (int, float)) and cfg.transform.ridge < 0:
+        raise ConfigError(f"config key 'transform.ridge' = {cfg.transform.ridge} must be >= 0 (or 'auto')")
 
 
 def config_from_dict(data: dict[str, Any]) -> JobConfig:

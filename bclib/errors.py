@@ -54,6 +54,50 @@ class InsufficientDataError(BcembError, ValueError):
     """Too few shared entities to fit or evaluate a transform."""
 
 
+class DuplicateIdError(BcembError, ValueError):
+    """An embedding version holds the same id more than once."""
+
+
+class NullIdError(BcembError, ValueError):
+    """An embedding version holds rows whose id is null."""
+
+
+class EmptySourceError(BcembError, ValueError):
+    """The version table to publish from holds no usable rows."""
+
+
+class ShrinkGuardError(BcembError, ValueError):
+    """A space would lose more rows than `backfill.max_shrink` allows (`--allow-shrink` overrides)."""
+
+
+class FitRejectedError(BcembError, ValueError):
+    """A fitted transform is degenerate: worse than no transform on its own held-out pairs."""
+
+
+class GateRejectedError(BcembError):
+    """A candidate chain failed the compatibility gate; nothing was published (exit code 3)."""
+
+
+class IncrementalUnavailableError(BcembError):
+    """`backfill.incremental: require` but the source's change data feed cannot serve the range."""
+
+
+class ConcurrentRunError(BcembError):
+    """Another run kept winning the Delta commit race after the bounded retries."""
+
+
+class OutputLocationError(BcembError, ValueError):
+    """The output location holds something that is not a Delta table bcemb owns."""
+
+
+class ForeignTableError(BcembError, ValueError):
+    """`generate` would overwrite a table it did not create."""
+
+
+class MissingDependencyError(BcembError, ImportError):
+    """A feature needs an optional extra (`pip install bcemb[torch]`, `bcemb[report]`, ...)."""
+
+
 # --------------------------------------------------------------------------- errors raised on executors
 
 _EXECUTOR_ERROR = re.compile(r"bclib\.errors\.(\w+): (.*)")

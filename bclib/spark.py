@@ -17,7 +17,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import delta
 from pyspark.sql import SparkSession
@@ -135,6 +135,24 @@ def backfill_write_conf(arrow_batch_rows: int, n_spaces: int) -> dict[str, str]:
     }
 
 
+def commit_conf(user_metadata: Optional[str] = None, txn_app_id: Optional[str] = None,
+                txn_version: Optional[int] = None) -> dict[str, str]:
+    """Session confs that label the next Delta commits of this session (MERGE, UPDATE, DELETE, writes).
+
+    `spark.databricks.delta.commitInfo.userMetadata` is the commit's userMetadata (shown by DESCRIBE
+    HISTORY); `spark.databricks.delta.write.txnAppId` / `txnVersion` make the commit idempotent: Delta
+    skips it when the table already recorded that application id at that version or later (Delta's
+    "idempotent writes", docs.delta.io: "Idempotent writes").
+    """
+    out: dict[str, str] = {}
+    if user_metadata is not None:
+        out["spark.databricks.delta.commitInfo.userMetadata"] = user_metadata
+    if txn_app_id is not None:
+        out["spark.databricks.delta.write.txnAppId"] = txn_app_id
+        out["spark.databricks.delta.write.txnVersion"] = str(int(txn_version or 0))
+    return out
+
+
 @contextmanager
 def session_conf(spark, settings: dict[str, str]) -> Iterator[None]:
     """Set SQL confs for one write and restore the caller's values afterwards (also on error)."""
@@ -146,3 +164,60 @@ def session_conf(spark, settings: dict[str, str]) -> Iterator[None]:
     finally:
         for key, value in previous.items():
             spark.conf.unset(key) if value is None else spark.conf.set(key, value)
+
+
+# --------------------------------------------------------------------------- hints for failures of the environment
+
+_CONNECTOR_JARS = {
+    "s3a": "org.apache.hadoop:hadoop-aws:<Spark's Hadoop version> (plus its AWS SDK bundle)",
+    "gs": "com.google.cloud.bigdataoss:gcs-connector:hadoop3-<version>-shaded",
+    "abfs": "org.apache.hadoop:hadoop-azure:<Spark's Hadoop version>",
+    "abfss": "org.apache.hadoop:hadoop-azure:<Spark's Hadoop version>",
+    "wasbs": "org.apache.hadoop:hadoop-azure:<Spark's Hadoop version>",
+}
+
+
+def java_hint() -> str:
+    """Why the JVM did not start: no Java, or one older than Spark 4 needs (17)."""
+    import re
+    import shutil
+    import subprocess
+
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not Path(java).exists():
+        return ("Spark needs Java 17 or newer and none was found: install a JDK 17 "
+                "(e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME")
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except OSError as exc:
+        return f"{java} could not run ({exc}); Spark needs Java 17 or newer"
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    major = int(found.group(1)) if found else 0
+    if major == 1 and found and found.group(2):
+        major = int(found.group(2))
+    if major and major < 17:
+        return f"{java} is Java {major}; Spark 4 needs Java 17 or newer (set JAVA_HOME to a JDK 17+)"
+    return f"Java at {java} did not start Spark; the lines above say why"
+
+
+def missing_class_hint(text: str) -> str:
+    """Which jar to add for a ClassNotFoundException / unknown filesystem scheme in `text`."""
+    import re
+
+    scheme = re.search(r'No FileSystem for scheme "?(\w+)', text)
+    if scheme:
+        jar = _CONNECTOR_JARS.get(scheme.group(1), "the Hadoop connector for that filesystem")
+        return f"the cluster lacks the '{scheme.group(1)}' filesystem: add {jar} with --packages or --jars"
+    cls = re.search(r"ClassNotFoundException:?\s*(?:Class\s+)?([\w.$]+)", text)
+    name = cls.group(1) if cls else ""
+    if "S3AFileSystem" in name:
+        return f"{name} is missing: add {_CONNECTOR_JARS['s3a']} with --packages or --jars"
+    if "GoogleHadoopFileSystem" in name:
+        return f"{name} is missing: add {_CONNECTOR_JARS['gs']} with --packages or --jars"
+    if "azure" in name.lower():
+        return f"{name} is missing: add {_CONNECTOR_JARS['abfs']} with --packages or --jars"
+    if name.startswith("io.delta") or "delta" in name.lower():
+        return (f"{name} is missing: the Delta jars are not on the classpath; add them with "
+                f"--packages {','.join(delta_maven_coordinates())} (or run `make jars` for a local cache)")
+    return f"{name or 'a class'} is missing from the classpath: add its jar with --packages or --jars"

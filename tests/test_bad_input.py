@@ -67,7 +67,7 @@ def test_nan_vector_names_the_id(spark, tmp_path):
     _write_versions(spark, cfg)
     run_fit(spark, cfg)
     _write_versions(spark, cfg, bad_rows={77: [float("nan")] * DIMS[1]})
-    with pytest.raises(InvalidVectorError, match=r"column 'vector': id=77 holds NaN or Inf"):
+    with pytest.raises(InvalidVectorError, match=r"column 'vector[^']*': id=77 holds NaN or Inf"):
         run_backfill(spark, cfg)
     assert not table_exists(spark, cfg.output_location)
 
@@ -79,7 +79,8 @@ def test_dimension_change_without_refit_is_caught_before_writing(spark, tmp_path
     rows = [(i, [0.5] * 10) for i in range(50)]
     spark.createDataFrame(rows, "id long, vector array<float>").write.format("delta").mode("overwrite") \
         .save(cfg.version_location(1))
-    with pytest.raises(DimensionMismatchError, match=r"id=\d+ has 10 elements but the active transform 1 -> 0 expects dimension 8"):
+    with pytest.raises(DimensionMismatchError, match=r"50 of the first 50 vectors have 10 elements but the active transform 1 -> 0 expects dimension 8; the "
+                                                       r"table's vectors changed dimension"):
         run_backfill(spark, cfg)
     assert not table_exists(spark, cfg.output_location)
 
@@ -88,15 +89,18 @@ def test_quarantine_takes_the_bad_rows_and_writes_the_rest(spark, tmp_path):
     cfg = _cfg(tmp_path, backfill={"quarantine_location": str(tmp_path / "quarantine")})
     _write_versions(spark, cfg)
     run_fit(spark, cfg)
-    _write_versions(spark, cfg, bad_rows={5: [1.0], 6: None, 7: [float("inf")] * DIMS[1]})
+    nan_at_3 = [1.0, 1.0, 1.0, float("nan"), 1.0, 1.0, 1.0, 1.0]
+    null_at_1 = [1.0, None, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    _write_versions(spark, cfg, bad_rows={5: [1.0], 6: None, 7: [float("inf")] * DIMS[1], 8: nan_at_3, 9: null_at_1})
     result = run_backfill(spark, cfg)
-    assert result.rows == 400 - 3
+    assert result.rows == 400 - 5
     q = spark.read.format("delta").load(str(tmp_path / "quarantine"))
     reasons = {r.id: r.reason for r in q.collect()}
-    assert reasons == {5: "expected dimension 8, found 1", 6: "null vector", 7: "null, NaN or Inf element"}
+    assert reasons == {5: "expected dimension 8, found 1", 6: "null vector", 7: "Inf element at index 0",
+                       8: "NaN element at index 3", 9: "null element at index 1"}
     # rerun replaces this source's quarantine rows instead of appending duplicates
     run_backfill(spark, _cfg(tmp_path, backfill={"quarantine_location": str(tmp_path / "quarantine"), "force": True}))
-    assert spark.read.format("delta").load(str(tmp_path / "quarantine")).count() == 3
+    assert spark.read.format("delta").load(str(tmp_path / "quarantine")).count() == 5
 
 
 def test_cli_missing_table_is_one_line_nonzero_and_writes_nothing(spark, tmp_path, capsys):

@@ -149,7 +149,7 @@ def test_fit_records_family_objective_and_metrics(spark, pipeline, tmp_path):
     by_edge = {(r.source_version, r.target_version): r for r in rows}
     assert by_edge[(2, 1)].fit_metrics["holdout_relative_l2"] < by_edge[(2, 1)].fit_metrics["holdout_baseline_relative_l2"]
     assert json.loads(by_edge[(2, 1)].fit_config)["transform"]["objective"] == "anchored"
-    assert by_edge[(2, 1)].input_delta_versions == {anchored.version_location(v): 0 for v in (0, 1, 2)}
+    assert by_edge[(2, 1)].input_delta_versions == {anchored.version_location(v): 1 for v in (0, 1, 2)}  # create, write
     assert len(records) == 2
 
 
@@ -175,7 +175,9 @@ def test_refit_is_idempotent_and_a_changed_fit_retires_in_one_commit(spark, pipe
     run_fit(spark, cfg)  # same data, same config: nothing to commit
     assert current_delta_version(spark, cfg.registry_location) == version
     ridge_cfg = small_config(cfg_root(cfg), transform={"ridge": 0.01})
-    new = run_fit(spark, ridge_cfg).records
+    kept = run_fit(spark, ridge_cfg)  # published edges stay frozen: another config alone refits nothing
+    assert kept.fitted == [] and current_delta_version(spark, cfg.registry_location) == version
+    new = run_fit(spark, ridge_cfg, refit=["all"]).records
     assert current_delta_version(spark, cfg.registry_location) == version + 1  # retire + insert: one MERGE
     reg = read_delta(spark, cfg.registry_location)
     status = {(r.transform_id, r.status) for r in reg.select("transform_id", "status").collect()}
@@ -184,7 +186,7 @@ def test_refit_is_idempotent_and_a_changed_fit_retires_in_one_commit(spark, pipe
     assert reg.where("status = 'active'").groupBy("source_version", "target_version").count() \
         .where("count != 1").count() == 0
     # back to the first config: the retired transforms become active again, still one per edge
-    run_fit(spark, cfg)
+    run_fit(spark, cfg, refit=["all"])
     active = {r.transform_id for r in reg.where("status = 'active'").select("transform_id").collect()}
     assert active == {r.transform_id for r in records}
 

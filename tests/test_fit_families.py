@@ -23,8 +23,27 @@ def test_linear_gradient_is_zero_at_the_ridge_solution():
     y = x @ rng.normal(size=(24, 20)) + rng.normal(size=(3000, 20))
     for ridge in (0.0, 0.1):
         w = fit_linear(x, y, ridge=ridge).weight
-        grad = x.T @ (x @ w - y) + ridge * len(x) * w
+        lam = ridge * np.trace(x.T @ x) / x.shape[1]  # scale-free: ridge x the mean eigenvalue of XᵀX
+        grad = x.T @ (x @ w - y) + lam * w
         assert np.abs(grad).max() < 1e-8 * np.abs(x.T @ y).max()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_ridge_is_scale_free(scale):
+    """The same ridge shrinks the same way whatever the vectors' scale (unit-norm and raw alike)."""
+    x, rng = _data()
+    y = x @ rng.normal(size=(24, 20))
+    base = fit_linear(x, y, ridge=0.5).weight
+    scaled = fit_linear(x * scale, y * scale, ridge=0.5).weight
+    np.testing.assert_allclose(scaled, base, rtol=1e-9, atol=1e-12)
+    # the meaning, exactly: on whitened inputs (XᵀX = m·I, every eigenvalue the mean m) the ridge solution is
+    # the least-squares one divided by (1 + ridge), for unit-norm rows as for any other scale
+    n, d = 3000, 24
+    xw = np.linalg.qr(rng.normal(size=(n, d)))[0] * np.sqrt(n / d)  # rows of mean squared norm 1
+    w_true = rng.normal(size=(d, 20))
+    for ridge in (0.01, 1.0):
+        np.testing.assert_allclose(fit_linear(xw, xw @ w_true, ridge=ridge).weight, w_true / (1 + ridge),
+                                   rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("d_in, d_out", [(24, 20), (20, 24), (16, 16)])

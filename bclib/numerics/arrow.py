@@ -77,6 +77,36 @@ def matrix_to_list(matrix: np.ndarray) -> pa.ListArray:
     The values buffer is the matrix's own memory when it is C-contiguous float32 (no copy).
     """
     rows, dim = matrix.shape
+    if rows * dim > 2**31 - 1:
+        raise ValueError(f"{rows} rows x {dim} values = {rows * dim} exceed the 2^31 - 1 values int32 list offsets "
+                         "can address in one array; split the batch (the backfill kernel slices batches in values)")
     flat = np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)
     offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32) if rows else np.zeros(1, np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(flat, type=pa.float32()))
+
+
+def usable_rows(vectors: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    """(mask, dim): rows whose vector is non-null, of the majority length `dim`, with finite non-null elements.
+
+    For samples taken where bad rows are set aside (quarantine configured): the expected dimension is
+    the majority's, never the first row's.
+    """
+    if isinstance(vectors, pa.ChunkedArray):
+        vectors = vectors.combine_chunks()
+    n = len(vectors)
+    if n == 0:
+        return np.zeros(0, dtype=bool), 0
+    valid = np.asarray(vectors.is_valid())
+    lengths = np.diff(np.asarray(vectors.offsets))
+    values, counts = np.unique(lengths[valid], return_counts=True) if valid.any() else (np.array([0]), np.array([1]))
+    dim = int(values[np.argmax(counts)])
+    mask = valid & (lengths == dim)
+    flat = vectors.flatten()
+    elem_ok = np.asarray(flat.is_valid()) & np.isfinite(flat.to_numpy(zero_copy_only=False).astype(np.float64,
+                                                                                                     copy=False))
+    # per row: all elements fine (flatten() holds the elements of the non-null rows only, in order)
+    bad_elem_rows = np.zeros(n, dtype=bool)
+    if (~elem_ok).any():
+        row_of = np.repeat(np.flatnonzero(valid), lengths[valid])
+        bad_elem_rows[np.unique(row_of[~elem_ok])] = True
+    return mask & ~bad_elem_rows, dim

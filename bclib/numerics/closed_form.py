@@ -45,11 +45,20 @@ def _solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.linalg.lstsq(gram, rhs, rcond=None)[0]
 
 
+def ridge_penalty(gram: np.ndarray, ridge: float) -> float:
+    """The absolute penalty λ for a scale-free `ridge`: ridge × the mean eigenvalue of XᵀX (= trace / d).
+
+    So ridge = 0.01 shrinks by 1 % of the average input variance whatever the embeddings' scale, the
+    number of rows or the dimension (unit-norm and raw vectors alike); ridge = 1 equals the mean eigenvalue.
+    """
+    return float(ridge) * float(np.trace(gram)) / max(gram.shape[0], 1)
+
+
 def _ridge_solve(xc: np.ndarray, yc: np.ndarray, ridge: float) -> np.ndarray:
-    """W minimising ||Xc W - Yc||² + ridge·n·||W||² (float64 (d_in, d_out)), via the normal equations."""
+    """W minimising ||Xc W - Yc||² + λ||W||² with λ = ridge_penalty(XᵀX, ridge), via the normal equations."""
     gram = xc.T @ xc
     if ridge:
-        gram[np.diag_indices_from(gram)] += ridge * len(xc)
+        gram[np.diag_indices_from(gram)] += ridge_penalty(gram, ridge)
     return _solve_spd(gram, xc.T @ yc)
 
 
@@ -59,7 +68,12 @@ def _affine(weight: np.ndarray, mx: np.ndarray, my: np.ndarray, bias: bool, kind
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, ridge: float = 0.0, bias: bool = False) -> AffineTransform:
-    """Least squares min ||XW (+b) - Y||² + ridge ||W||², closed form (the paper's post-hoc optimum)."""
+    """Least squares min ||XW (+b) - Y||² + λ||W||², closed form (the paper's post-hoc optimum, eq. 4).
+
+    x: (n, d_in), y: (n, d_out), any float dtype (solved in float64). `ridge` is scale-free:
+    λ = ridge × mean eigenvalue of XᵀX (`ridge_penalty`). With bias, X and Y are centred first.
+    Raises DimensionMismatchError / InsufficientDataError for misaligned or too few pairs.
+    """
     _check_pairs(x, y)
     xc, yc, mx, my = _center(x, y, bias)
     weight = _ridge_solve(xc, yc, ridge)
@@ -110,6 +124,7 @@ def fit_anchored_linear(
     Sylvester-type equation  G B A + λB = Xᵀ R  with G = XᵀX,
     A = Σ w_j C_j C_jᵀ and R = Σ w_j Z_j C_jᵀ. With G = U S Uᵀ and
     A = V T Vᵀ it decouples: B = U [(Uᵀ Xᵀ R V) / (s_i t_j + λ)] Vᵀ.
+    `ridge` is scale-free: λ = ridge × mean eigenvalue of G × mean eigenvalue of A.
     """
     if len(targets) != len(frozen_chains) or not targets:
         raise ValueError("targets and frozen_chains must be non-empty and the same length")
@@ -141,11 +156,16 @@ def fit_anchored_linear(
     s, u = np.linalg.eigh(gram)
     t, v = np.linalg.eigh(a)
     rhs = u.T @ (x64.T @ r) @ v
-    denom = np.outer(s, t) + ridge * len(x)
+    denom = np.outer(s, t) + anchored_penalty(gram, a, ridge)
     tiny = np.abs(denom) < 1e-12 * max(np.abs(denom).max(), 1.0)
     inner = np.where(tiny, 0.0, rhs / np.where(tiny, 1.0, denom))  # pseudo-inverse on null directions
     weight = u @ inner @ v.T
     return AffineTransform(weight, None, kind="linear", meta={"objective": "anchored", "ridge": ridge})
+
+
+def anchored_penalty(gram: np.ndarray, a: np.ndarray, ridge: float) -> float:
+    """λ of the anchored objective for a scale-free `ridge`: ridge × mean eig(XᵀX) × mean eig(A)."""
+    return ridge_penalty(gram, ridge) * float(np.trace(a)) / max(a.shape[0], 1)
 
 
 def anchored_objective(
@@ -155,8 +175,11 @@ def anchored_objective(
     """The anchored objective and its gradient in B (for optimality checks)."""
     w = np.full(len(targets), 1.0 / len(targets)) if weights is None else np.asarray(weights, dtype=np.float64)
     x64 = x.astype(np.float64)
-    value = ridge * len(x) * float(np.sum(weight * weight))
-    grad = 2 * ridge * len(x) * weight
+    a = sum(wi * ((collapse(c)[0].weight @ collapse(c)[0].weight.T) if c else np.eye(z.shape[1]))
+            for wi, z, c in zip(w, targets, frozen_chains))
+    lam = anchored_penalty(x64.T @ x64, a, ridge)
+    value = lam * float(np.sum(weight * weight))
+    grad = 2 * lam * weight
     for wi, z, chain in zip(w, targets, frozen_chains):
         pred = apply_chain(chain, x64 @ weight) if chain else x64 @ weight
         resid = pred - z

@@ -20,6 +20,8 @@ from bclib.numerics.transforms import Transform, check_chain, check_input, colla
 
 BatchFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
+MAX_LIST_VALUES = 2**31 - 1  # int32 list offsets (Spark's array<float> in Arrow)
+
 
 class MultiSpaceKernel:
     """Maps a batch of source vectors into several target spaces at once.
@@ -98,19 +100,22 @@ def make_batch_fn(kernel: MultiSpaceKernel, check_finite: bool = True) -> BatchF
     Raises InvalidVectorError naming the id of a null, wrong-length or non-finite vector.
     """
     spaces = list(kernel.spaces)
+    # list<float> offsets are int32: one output batch may hold at most 2^31 - 1 values, so a batch is
+    # processed in slices of at most this many rows (sized in values, not rows)
+    rows_per_slice = max(1, MAX_LIST_VALUES // max([kernel.dim_in, *kernel.dims.values()]))
 
     def backfill_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            ids = batch.column(0)
-            x = list_to_matrix(batch.column(1), kernel.dim_in, ids, column="vector", check_finite=check_finite)
-            outputs = kernel(x)
-            for space in spaces:
-                space_col = pa.array(np.full(batch.num_rows, space, dtype=np.int32))
-                yield pa.RecordBatch.from_arrays(
-                    [ids, matrix_to_list(outputs[space]), space_col], names=["id", "vector", "space_version"]
-                )
+        for whole in batches:
+            for start in range(0, whole.num_rows, rows_per_slice):
+                batch = whole.slice(start, rows_per_slice)
+                ids = batch.column(0)
+                x = list_to_matrix(batch.column(1), kernel.dim_in, ids, column="vector", check_finite=check_finite)
+                outputs = kernel(x)
+                for space in spaces:
+                    space_col = pa.array(np.full(batch.num_rows, space, dtype=np.int32))
+                    yield pa.RecordBatch.from_arrays(
+                        [ids, matrix_to_list(outputs[space]), space_col], names=["id", "vector", "space_version"]
+                    )
 
     return backfill_batches
 

@@ -119,7 +119,7 @@ class AlignmentLoss(nn.Module):
             transform_id=tid, source_version=source_version, target_version=target_version, kind="linear",
             objective=t.meta["objective"], transform=t,
             fit_config={"joint": True, "lambda": self.weight, "multi_step": self.multi_step},
-            sample_size=sample_size, fit_metrics=dict(fit_metrics or {}),
+            sample_size=sample_size, fit_metrics=dict(fit_metrics or {}), origin="joint",
         )
 
 

@@ -63,6 +63,30 @@ def neighbour_recall(pred: np.ndarray, true: np.ndarray, k: int = 10, n_queries:
     return float(np.mean(overlap) / k)
 
 
+def cross_space_recall(pred: np.ndarray, true: np.ndarray, k: int = 10, n_queries: int = 2000,
+                       seed: int = 0) -> float:
+    """What an old index returns: mapped vectors searched among the *true* old vectors (1 = the same hits).
+
+    pred, true: (n, d) for the same n held-out entities (row i of each is entity i). For sampled queries
+    i, the K nearest true vectors (cosine) of pred[i] are compared with the K nearest true vectors of
+    true[i] (itself included: an index of old vectors queried with the old vector returns it first);
+    the mean overlap / K. Untransformed vectors of another model score near K / n; a perfect map 1.
+    """
+    _check_same_shape(pred, true)
+    if k > len(true):
+        raise ValueError(f"k = {k} needs at least {k} rows, found {len(true)}")
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(len(true), size=min(n_queries, len(true)), replace=False))
+    tn, pn = _normalise(true), _normalise(pred)
+    overlap = np.empty(len(queries))
+    for start in range(0, len(queries), 1024):
+        q = queries[start:start + 1024]
+        got = np.argpartition(-(pn[q] @ tn.T), k - 1, axis=1)[:, :k]
+        ref = np.argpartition(-(tn[q] @ tn.T), k - 1, axis=1)[:, :k]
+        overlap[start:start + len(q)] = [len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(got, ref)]
+    return float(np.mean(overlap) / k)
+
+
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="mergesort")
     ranks = np.empty(len(x), dtype=np.float64)

@@ -17,6 +17,9 @@ from bclib.numerics.serialization import checksum, transform_to_bytes
 from bclib.numerics.transforms import Transform
 
 
+ORIGINS = ("posthoc", "joint", "import")
+
+
 @dataclass
 class TransformRecord:
     """One registry row, with its parsed transform.
@@ -40,6 +43,8 @@ class TransformRecord:
     library_version: str = __version__
     status: str = "active"
     stored_checksum: Optional[str] = None  # set when loaded from the registry (verified there)
+    origin: str = "posthoc"  # posthoc (bcemb fit) | joint (AlignmentLoss.export) | import (a file)
+    retired_at: Optional[datetime] = None
 
     @property
     def checksum(self) -> str:

@@ -1,13 +1,23 @@
-"""The backfill step: plan on the driver, transform on the executors, one commit.
+"""The backfill step: decide per space, gate, transform on the executors, commit exactly once.
 
     plan_backfill(spark, cfg)        registry -> verified chains -> MultiSpaceKernel (driver)
+    decide(state, desired, ...)      per space: skip (up to date) | incremental (source changed) | full
+    run_gate(...)                    spaces whose chain changed are measured first (steps/gate.py)
     make_batch_fn(kernel)            the pure function executors run (bclib.numerics.kernel)
-    source.df.transform(to_spaces)   DataFrame(id, vector) -> DataFrame(output schema), mapInArrow
-    write_spaces(...)                the one Delta commit (bclib.tables.output)
+    df.transform(to_spaces(plan))    DataFrame(id, vector) -> DataFrame(output schema), mapInArrow
+    write_full / merge_changes       one Delta commit each, lineage + transaction id (tables/output.py)
+
+A space is up to date when the output's latest commit says it holds the current source Delta version
+through the current chain; then nothing is read or written. Only the source changed: the change data
+feed between the two Delta versions is transformed and MERGEd (`backfill.incremental`). Otherwise the
+space is rewritten (replaceWhere). Side tables (quarantine, gate verdicts) are written after the output
+commit, so a failed run changes no table; a rerun converges.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -15,16 +25,22 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from bclib.config import JobConfig
-from bclib.errors import DimensionMismatchError, reraise_executor_errors
+from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUnavailableError, NullIdError, \
+    ShrinkGuardError, reraise_executor_errors
 from bclib.numerics.kernel import MultiSpaceKernel, arrow_batch_rows, make_batch_fn
 from bclib.numerics.records import TransformRecord, chain_id, chain_records
 from bclib.spark import backfill_write_conf, session_conf
-from bclib.tables.embeddings import read_embedding_version
-from bclib.tables.output import backfill_lineage, last_lineage, same_lineage, write_quarantine, write_spaces, \
-    validity_filter
+from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run_gate
+from bclib.tables.changes import ChangesUnavailable, read_changes
+from bclib.tables.delta import is_path, retry_on_conflict
+from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version
+from bclib.tables.output import OutputState, check_output_schema, merge_changes, quarantine_rows, \
+    quarantine_state, read_output_state, space_rows, space_state, validity_filter, write_full, write_quarantine
 from bclib.tables.registry import active_transforms
 
 log = logging.getLogger(__name__)
+
+SKIP, INCREMENTAL, FULL = "skip", "incremental", "full"
 
 
 @dataclass(frozen=True)
@@ -44,25 +60,41 @@ class BackfillPlan:
     def dims_out(self) -> list[int]:
         return [self.kernel.dims[s] for s in self.spaces]
 
+    def restricted(self, spaces: list[int]) -> "BackfillPlan":
+        """The same plan for a subset of its spaces (its own fused kernel)."""
+        chains = {s: self.chains[s] for s in spaces}
+        kernel = MultiSpaceKernel(self.kernel.dim_in, {s: [r.transform for r in c] for s, c in chains.items()})
+        return BackfillPlan(self.source_version, sorted(spaces), chains, kernel)
+
 
 @dataclass
 class BackfillResult:
-    """What `run_backfill` did: rows written (all spaces), the spaces, and whether it had nothing to do."""
+    """What `run_backfill` did: per space the action and why, rows written, commits made."""
 
     run_id: str
     skipped: bool
     rows: int
     spaces: list[int]
+    actions: dict[int, tuple[str, str]] = field(default_factory=dict)
+    commits: int = 0
     seconds: float = 0.0
     write_seconds: float = 0.0
     quarantined: int = 0
-    details: dict = field(default_factory=dict)
+    gate: Optional[GateResult] = None
+    source_delta_version: Optional[int] = None
+    dry_run: bool = False
 
     def summary(self) -> str:
+        if self.dry_run:
+            return "backfill (dry run): " + "; ".join(f"space {j}: {a} ({why})" for j, (a, why) in
+                                                     sorted(self.actions.items()))
         if self.skipped:
             return f"backfill: nothing to do, spaces {self.spaces} are up to date (run {self.run_id})"
-        return (f"backfill: {self.rows} rows into spaces {self.spaces} in one commit in {self.seconds:.1f}s "
-                f"(run {self.run_id}" + (f", {self.quarantined} quarantined)" if self.quarantined else ")"))
+        done = {a: [j for j, (x, _) in self.actions.items() if x == a] for a in (FULL, INCREMENTAL, SKIP)}
+        return (f"backfill: {self.rows} rows in {self.commits} commit(s) in {self.seconds:.1f}s: rewrote "
+                f"{done[FULL] or 'none'}, merged changes into {done[INCREMENTAL] or 'none'}, up to date "
+                f"{done[SKIP] or 'none'} (run {self.run_id}" + (f", {self.quarantined} quarantined)" if
+                                                              self.quarantined else ")"))
 
 
 def plan_backfill(spark, cfg: JobConfig) -> BackfillPlan:
@@ -88,7 +120,7 @@ def to_spaces(plan: BackfillPlan) -> Callable:
     def transform(df):
         id_type = df.schema["id"].dataType.simpleString()
         return (
-            df.mapInArrow(batch_fn, f"id {id_type}, vector array<float>, space_version int")
+            df.select("id", "vector").mapInArrow(batch_fn, f"id {id_type}, vector array<float>, space_version int")
             .withColumn("source_version", F.lit(plan.source_version).cast("int"))
             .withColumn("chain_id", F.element_at(chain_map, F.col("space_version")))
             .withColumn("produced_at", F.current_timestamp())
@@ -97,54 +129,323 @@ def to_spaces(plan: BackfillPlan) -> Callable:
     return transform
 
 
-def _check_dimension(source, plan: BackfillPlan) -> None:
-    """Fail before writing when the source's vectors do not have the chain's input dimension."""
+def decide(state: OutputState, desired: dict[int, dict], incremental: str, force: bool) -> dict[int, tuple[str, str]]:
+    """Per space: (skip | incremental | full, why). Pure: the output's state against what it should hold."""
+    out = {}
+    for j, want in sorted(desired.items()):
+        cur = state.space(j)
+        if not state.exists:
+            out[j] = (FULL, "the output table does not exist yet")
+        elif state.foreign:
+            out[j] = (FULL, f"the output's latest commit ({state.operation or 'unknown'}, Delta v{state.delta_version}) "
+                            "was not written by bcemb")
+        elif cur is None:
+            out[j] = (FULL, "the space is not in the output yet")
+        elif force:
+            out[j] = (FULL, "backfill.force")
+        elif cur == want:
+            out[j] = (SKIP, f"up to date (source Delta v{want['source_delta_version']}, chain {want['chain_id']})")
+        elif cur.get("chain_id") != want["chain_id"] or cur.get("transforms") != want["transforms"]:
+            out[j] = (FULL, f"chain changed: {cur.get('chain_id')} -> {want['chain_id']}")
+        elif (cur.get("source_location"), cur.get("source_version")) != (want["source_location"], want["source_version"]):
+            out[j] = (FULL, f"source changed: version {cur.get('source_version')} -> {want['source_version']}")
+        elif int(cur.get("source_delta_version", -1)) > want["source_delta_version"]:
+            out[j] = (FULL, f"the source table went back from Delta v{cur['source_delta_version']} to "
+                            f"v{want['source_delta_version']}")
+        elif incremental == "off":
+            out[j] = (FULL, "source changed and backfill.incremental is off")
+        else:
+            out[j] = (INCREMENTAL, f"source Delta v{cur['source_delta_version']} -> v{want['source_delta_version']}")
+    return out
+
+
+def _txn(location: str, mode: str, plan: BackfillPlan, state: OutputState, delta_version: int) -> tuple[str, int]:
+    """Delta transaction id of one commit: (app id of output + spaces + chains + base version, source version)."""
+    key = json.dumps([location, mode, plan.spaces, plan.chain_ids, state.delta_version], sort_keys=True, default=str)
+    return "bcemb-" + hashlib.sha256(key.encode()).hexdigest()[:32], int(delta_version)
+
+
+def _check_dimension(source: VersionRead, plan: BackfillPlan, probe_rows: int = 10_000) -> None:
+    """Before any write: the first `probe_rows` rows' dimension against the registry's (majority, not first row)."""
     from pyspark.sql import functions as F
 
-    first = source.df.select(F.size("vector").alias("n"), "id").where(F.col("vector").isNotNull()).first()
-    if first is not None and first.n != plan.kernel.dim_in:
+    sizes = (source.df.limit(probe_rows).where(F.col("vector").isNotNull())
+             .groupBy(F.size("vector").alias("n")).count().collect())
+    if not sizes:
+        return
+    majority = max(sizes, key=lambda r: r["count"])
+    if majority.n != plan.kernel.dim_in:
+        total = sum(r["count"] for r in sizes)
         raise DimensionMismatchError(
-            f"version {plan.source_version} at '{source.location}': id={first.id!r} has {first.n} elements but "
-            f"the active transform {plan.source_version} -> {plan.spaces[-1]} expects dimension {plan.kernel.dim_in}"
+            f"version {plan.source_version} at '{source.location}': {majority['count']} of the first {total} vectors "
+            f"have {majority.n} elements but the active transform {plan.source_version} -> {plan.spaces[-1]} expects "
+            f"dimension {plan.kernel.dim_in}; the table's vectors changed dimension: register a transform for the "
+            "new model (`bcemb fit --refit`) or point embeddings.location at the right table"
         )
 
 
-def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None) -> BackfillResult:
-    """Rewrite the source version into every target space in one pass and one Delta commit."""
-    started = time.time()
+def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None, allow_shrink: bool = False,
+                 dry_run: bool = False) -> BackfillResult:
+    """Bring every target space of the output up to date with the source version, exactly once.
+
+    Raises GateRejectedError (nothing written) when a changed chain fails the gate, ShrinkGuardError,
+    EmptySourceError, DuplicateIdError/NullIdError, InvalidVectorError (a bad row, unless quarantined),
+    IncrementalUnavailableError (`incremental: require`), ConcurrentRunError after bounded retries.
+    """
     run_id = run_id or uuid.uuid4().hex[:12]
+    return retry_on_conflict(lambda: _backfill(spark, cfg, run_id, allow_shrink, dry_run),
+                             f"backfill of {cfg.output_location}", cfg.backfill.max_retries)
+
+
+def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: bool) -> BackfillResult:
+    started = time.time()
+    out_location = cfg.output_location
     plan = plan_backfill(spark, cfg)
     source = read_embedding_version(spark, cfg, plan.source_version)
-    lineage = backfill_lineage(source.location, plan.source_version, source.delta_version, plan.chains, run_id)
-    out_location = cfg.output_location
-    if not cfg.backfill.force and same_lineage(last_lineage(spark, out_location), lineage):
-        log.info("backfill: %s already holds version %d (Delta v%d) in spaces %s with the same chains; "
+    state = read_output_state(spark, out_location)
+    if state.exists:
+        check_output_schema(spark, out_location, source.df.schema["id"].dataType.simpleString())
+    desired = {j: space_state(source.location, plan.source_version, source.delta_version, plan.chains[j])
+               for j in plan.spaces}
+    actions = decide(state, desired, cfg.backfill.incremental, cfg.backfill.force)
+    for j, (action, why) in actions.items():
+        log.info("backfill: space %d: %s (%s)", j, action, why)
+    result = BackfillResult(run_id, False, 0, plan.spaces, actions, source_delta_version=source.delta_version)
+    quarantine = cfg.backfill.quarantine_location
+    if dry_run:
+        result.dry_run = True
+        return result
+    if all(a == SKIP for a, _ in actions.values()):
+        if quarantine and not _quarantine_current(spark, quarantine, state.lineage):
+            _write_full_quarantine(spark, cfg, source, plan, run_id)
+            result.commits = 1
+        result.skipped = True
+        result.seconds = time.time() - started
+        log.info("backfill: %s already holds version %d (Delta v%d) in spaces %s through the same chains; "
                  "nothing to do (backfill.force rewrites)", out_location, plan.source_version,
                  source.delta_version, plan.spaces)
-        return BackfillResult(run_id, True, 0, plan.spaces, time.time() - started)
+        return result
+
+    _check_dimension(source, plan)
+    # the gate: every space whose chain is new to the output is measured before anything is written
+    gated = {j: plan.chains[j] for j, (a, _) in actions.items()
+             if a != SKIP and (state.space(j) or {}).get("chain_id") != plan.chain_ids[j]}
+    if gated:
+        result.gate = run_gate(spark, cfg, plan.source_version, gated)
+        if result.gate.rejected and cfg.gate.enforce:
+            record_verdicts(spark, cfg, run_id, result.gate)  # the verdict is the only thing this run writes
+        raise_if_rejected(result.gate)  # GateRejectedError when enforced; otherwise logs and goes on
+
+    n_source = source.df.count()
+    if n_source == 0:
+        raise EmptySourceError(f"version {plan.source_version} at '{source.location}' (Delta v{source.delta_version}) "
+                               "has no rows; nothing was written (an empty source never replaces published spaces)")
+    changes = None
+    incremental = [j for j, (a, _) in actions.items() if a == INCREMENTAL]
+    if incremental:
+        changes = _changes_or_fallback(spark, cfg, source, state, incremental, actions, n_source)
+    full = [j for j, (a, _) in actions.items() if a == FULL]
+    incremental = [j for j, (a, _) in actions.items() if a == INCREMENTAL]
+    current_rows = space_rows(spark, out_location) if state.exists else {}
+
+    # validation before any write: ids, dimension, quarantine count, shrink guard
+    bad = None
     df = source.df
-    quarantined = 0
-    if cfg.backfill.quarantine_location:
-        loc = cfg.backfill.quarantine_location
-        quarantined = write_quarantine(spark, df, loc, plan.source_version, plan.kernel.dim_in)
-        log.info("backfill: %d unusable row(s) of version %d quarantined in %s", quarantined, plan.source_version, loc)
-        df = df.where(validity_filter(plan.kernel.dim_in))
-    else:
-        _check_dimension(source, plan)
-    if cfg.backfill.output_partitions:
-        df = df.repartition(cfg.backfill.output_partitions)
+    if quarantine:
+        bad = _bad_rows(df, plan)
+        df = df.where(_good(plan))
+    if full:
+        check_unique_ids(df, source.location, plan.source_version)
+        n_bad = bad.count() if bad is not None else 0
+        result.quarantined = n_bad
+        if n_bad == n_source:
+            raise EmptySourceError(f"version {plan.source_version} at '{source.location}': all {n_source} rows are "
+                                   f"unusable (see the quarantine reasons); nothing was written")
+        _shrink_guard(cfg, full, current_rows, n_source - n_bad, allow_shrink, "rewrite")
+    if incremental:
+        upserts = changes.df.where("_op = 'upsert'")
+        check_unique_ids(df, source.location, plan.source_version, only_ids=upserts)
+        if not quarantine and changes.df.where("id IS NULL").limit(1).count():
+            raise NullIdError(f"version {plan.source_version} at '{source.location}': the changes since Delta "
+                              f"v{changes.from_delta_version - 1} hold rows with a null id")
+        for j in incremental:
+            if current_rows.get(j, 0) and changes.deletes > cfg.backfill.max_shrink * current_rows[j] \
+                    and not allow_shrink:
+                raise ShrinkGuardError(
+                    f"space {j} would lose up to {changes.deletes} of its {current_rows[j]} rows "
+                    f"(> backfill.max_shrink = {cfg.backfill.max_shrink:.0%}) from deletes in version "
+                    f"{plan.source_version}'s changes; nothing was written. If intended, run with --allow-shrink")
+
+    # the commits: full rewrites, then merged changes; each carries the state of every space after it
+    spaces_state = dict(state.spaces) if not state.foreign else {}
+    written_rows = 0
+    write_started = time.time()
     batch_rows = cfg.backfill.arrow_batch_rows or arrow_batch_rows(plan.kernel.dim_in, plan.dims_out,
                                                                    cfg.backfill.target_batch_mb)
     out_row_bytes = 4 * max(plan.dims_out) + 48  # vector plus id, space, chain id, timestamp
     file_rows = max(10_000, cfg.backfill.target_file_mb * 2**20 // out_row_bytes)
-    log.info("backfill: version %d (Delta v%d, dim %d) -> spaces %s (%s kernel, %d rows/Arrow batch) into %s",
-             plan.source_version, source.delta_version, plan.kernel.dim_in, plan.spaces,
-             "fused one-GEMM" if plan.kernel.fused else "sequential", batch_rows, out_location)
-    write_started = time.time()
-    with session_conf(spark, backfill_write_conf(batch_rows, len(plan.spaces))), reraise_executor_errors():
-        rows = write_spaces(spark, df.transform(to_spaces(plan)), out_location, plan.spaces, lineage, file_rows)
-    result = BackfillResult(run_id, False, rows, plan.spaces, time.time() - started, time.time() - write_started,
-                            quarantined)
-    log.info("backfill: wrote %d rows (%d per space x %d spaces) in one commit in %.1fs",
-             rows, rows // max(len(plan.spaces), 1), len(plan.spaces), result.seconds)
+    gate_note = {str(v.space): "passed" if v.passed else "rejected (gate.enforce false)"
+                 for v in (result.gate.verdicts if result.gate else [])}
+    base = state
+    if full:
+        sub = plan.restricted(full)
+        spaces_state.update({str(j): desired[j] for j in full})
+        lineage = _lineage(run_id, "full", full, source, None, spaces_state, gate_note, quarantine)
+        txn = _txn(out_location, FULL, sub, base, source.delta_version)
+        lineage["txn"] = list(txn)
+        src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
+        log.info("backfill: version %d (Delta v%d, dim %d) -> spaces %s (%s kernel, %d rows/Arrow batch): full rewrite",
+                 plan.source_version, source.delta_version, plan.kernel.dim_in, full,
+                 "fused one-GEMM" if sub.kernel.fused else "sequential", batch_rows)
+        with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
+            written_rows += write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn)
+        result.commits += 1
+        base = read_output_state(spark, out_location)
+    if incremental:
+        sub = plan.restricted(incremental)
+        spaces_state.update({str(j): desired[j] for j in incremental})
+        lineage = _lineage(run_id, "incremental", incremental, source, changes, spaces_state, gate_note, quarantine)
+        txn = _txn(out_location, INCREMENTAL, sub, base, source.delta_version)
+        lineage["txn"] = list(txn)
+        log.info("backfill: version %d Delta v%d..v%d: %d upserts, %d deletes -> spaces %s (one MERGE)",
+                 plan.source_version, changes.from_delta_version, changes.to_delta_version, changes.upserts,
+                 changes.deletes, incremental)
+        change_rows = _change_rows(changes.df, sub, quarantine is not None)
+        with session_conf(spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
+            written_rows += merge_changes(spark, change_rows, out_location, incremental, lineage, txn)
+        result.commits += 1
+    result.write_seconds = time.time() - write_started
+
+    # side tables, after the output commit(s): quarantine, gate verdicts, per-space views
+    if quarantine:
+        if full or not _quarantine_current(spark, quarantine, {"source": {"delta_version": source.delta_version}}):
+            result.quarantined = _write_full_quarantine(spark, cfg, source, plan, run_id)
+            result.commits += 1
+    if result.gate is not None:
+        record_verdicts(spark, cfg, run_id, result.gate)
+    if not is_path(out_location):
+        create_space_views(spark, out_location, plan.spaces)
+    result.rows = written_rows
+    result.seconds = time.time() - started
+    log.info("backfill: %d rows written in %d commit(s) in %.1fs", written_rows, result.commits, result.seconds)
     return result
+
+
+def _lineage(run_id: str, mode: str, written: list[int], source: VersionRead, changes, spaces_state: dict,
+             gate: dict, quarantine: Optional[str]) -> dict:
+    from bclib.tables.output import LINEAGE_FORMAT
+
+    src = {"location": source.location, "version": source.version, "delta_version": source.delta_version}
+    if changes is not None:
+        src["from_delta_version"] = changes.from_delta_version
+    return {"bcemb": "backfill", "format": LINEAGE_FORMAT, "run_id": run_id, "mode": mode, "written": written,
+            "source": src, "spaces": dict(sorted(spaces_state.items())), "gate": gate,
+            "quarantine": quarantine}
+
+
+def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: OutputState, spaces: list[int],
+                         actions: dict, n_source: int):
+    """The change set for the incremental spaces, or (auto) their actions turned into full rewrites."""
+    start = min(int(state.space(j)["source_delta_version"]) for j in spaces) + 1
+    try:
+        changes = read_changes(spark, cfg, source.version, source.location, start, source.delta_version)
+    except ChangesUnavailable as exc:
+        if cfg.backfill.incremental == "require":
+            raise IncrementalUnavailableError(
+                f"backfill.incremental is 'require' but {exc.reason}; nothing was written. Enable the change "
+                "data feed on the source table, or set backfill.incremental: auto to rewrite in full") from None
+        for j in spaces:
+            actions[j] = (FULL, f"{exc.reason}: full rewrite instead")
+        log.warning("backfill: %s; spaces %s are rewritten in full", exc.reason, spaces)
+        return None
+    changed = changes.upserts + changes.deletes
+    if changed > cfg.backfill.incremental_max_fraction * n_source:
+        for j in spaces:
+            actions[j] = (FULL, f"{changed} changed rows > backfill.incremental_max_fraction of {n_source}: "
+                                "a full rewrite is cheaper")
+        log.info("backfill: %d changed rows of %d: full rewrite of %s", changed, n_source, spaces)
+        return None
+    return changes
+
+
+def _good(plan: BackfillPlan):
+    from pyspark.sql import functions as F
+
+    return F.col("id").isNotNull() & validity_filter(plan.kernel.dim_in)
+
+
+def _bad_rows(df, plan: BackfillPlan):
+    """Unusable rows (null id, null/short/long/non-finite vector) with the reason, for the quarantine table."""
+    from pyspark.sql import functions as F
+
+    null_ids = df.where(F.col("id").isNull()).select(
+        "id", "vector", F.lit(plan.source_version).cast("int").alias("source_version"),
+        F.lit("null id").alias("reason"), F.current_timestamp().alias("quarantined_at"))
+    return quarantine_rows(df.where(F.col("id").isNotNull()), plan.source_version, plan.kernel.dim_in) \
+        .unionByName(null_ids)
+
+
+def _quarantine_current(spark, location: str, lineage: Optional[dict]) -> bool:
+    """True when the quarantine table already reflects the source Delta version the output holds."""
+    q = quarantine_state(spark, location)
+    if lineage is None or q is None:
+        return lineage is None
+    return q.get("source_delta_version") == (lineage.get("source") or {}).get("delta_version")
+
+
+def _write_full_quarantine(spark, cfg: JobConfig, source: VersionRead, plan: BackfillPlan, run_id: str) -> int:
+    """Replace this source version's quarantine rows with the bad rows of the pinned source (one commit)."""
+    loc = cfg.backfill.quarantine_location
+    bad = _bad_rows(source.df, plan)
+    meta = {"bcemb": "quarantine", "run_id": run_id, "source_version": plan.source_version,
+            "source_delta_version": source.delta_version, "source_location": source.location}
+    write_quarantine(spark, bad, loc, plan.source_version, meta)
+    from bclib.tables.output import quarantine_count
+
+    n = quarantine_count(spark, loc, plan.source_version)
+    log.info("backfill: %d unusable row(s) of version %d (Delta v%d) in quarantine %s", n, plan.source_version,
+             source.delta_version, loc)
+    return n
+
+
+def _change_rows(changes, plan: BackfillPlan, quarantine: bool):
+    """The MERGE source: transformed upserts per space, and a delete per space for deleted (or now bad) ids."""
+    from pyspark.sql import functions as F
+
+    upserts = changes.where(F.col("_op") == F.lit("upsert"))
+    deletes = changes.where(F.col("_op") == F.lit("delete"))
+    if quarantine:  # a row that became unusable leaves the output (a full rewrite would not hold it either)
+        deletes = deletes.unionByName(upserts.where(~_good(plan)))
+        upserts = upserts.where(_good(plan))
+    transformed = upserts.select("id", "vector").transform(to_spaces(plan)).withColumn("_op", F.lit("upsert"))
+    spaces = F.explode(F.array(*[F.lit(s) for s in plan.spaces]))
+    removed = deletes.select(
+        "id", F.lit(None).cast("array<float>").alias("vector"), spaces.alias("space_version"),
+        F.lit(plan.source_version).cast("int").alias("source_version"), F.lit(None).cast("string").alias("chain_id"),
+        F.current_timestamp().alias("produced_at"), F.lit("delete").alias("_op"))
+    return transformed.unionByName(removed)
+
+
+def _shrink_guard(cfg: JobConfig, spaces: list[int], current: dict[int, int], new_rows: int, allow: bool,
+                  what: str) -> None:
+    for j in spaces:
+        before = current.get(j, 0)
+        if before and new_rows < (1 - cfg.backfill.max_shrink) * before and not allow:
+            raise ShrinkGuardError(
+                f"space {j} would shrink from {before} to {new_rows} rows (-{1 - new_rows / before:.1%}, more than "
+                f"backfill.max_shrink = {cfg.backfill.max_shrink:.0%}) by this {what}; nothing was written. "
+                "If the source really lost those rows, run with --allow-shrink")
+
+
+def create_space_views(spark, output_name: str, spaces: list[int]) -> list[str]:
+    """For a catalog output table, `<output>_space_<j>` views (id, vector of one space); returns their names."""
+    from bclib.tables.delta import quoted_identifier
+
+    names = []
+    for j in spaces:
+        view = f"{output_name}_space_{int(j)}"
+        spark.sql(f"CREATE OR REPLACE VIEW {quoted_identifier(view)} AS SELECT id, vector FROM "
+                  f"{quoted_identifier(output_name)} WHERE space_version = {int(j)}")
+        names.append(view)
+    log.info("backfill: views %s", names)
+    return names

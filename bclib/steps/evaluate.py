@@ -19,14 +19,14 @@ from typing import Optional
 import numpy as np
 
 from bclib.config import JobConfig
-from bclib.numerics.metrics import mean_cosine, neighbour_recall, probe_retention, relative_l2
+from bclib.numerics.metrics import cross_space_recall, mean_cosine, neighbour_recall, probe_retention, relative_l2
 from bclib.numerics.records import chain_id, chain_records
 from bclib.numerics.samples import Sample, align_samples
 from bclib.numerics.transforms import apply_chain, truncate_or_pad
 from bclib.steps.fit import FIT_WINDOW_END
 from bclib.steps.report import format_table, write_report
 from bclib.tables.delta import read_delta, require_columns, require_table, table_exists
-from bclib.tables.embeddings import collect_window, hash_window, read_versions, sample_versions
+from bclib.tables.embeddings import collect_sample, hash_window, read_embedding_version, sample_versions
 from bclib.tables.metrics_table import append_metrics
 from bclib.tables.registry import active_transforms
 
@@ -59,23 +59,56 @@ class EvaluateResult:
                 f"report in {self.report_dir}")
 
 
-def _output_sample(spark, cfg: JobConfig, source_version: int, space: int, lo: float, hi: float) -> Optional[Sample]:
-    """The backfilled z~_space rows of the evaluation window, if the output table holds them."""
+@dataclass
+class HeldOut:
+    """The evaluation window's entities on the driver: every version's sample, and labels if configured."""
+
+    samples: dict[int, Sample]
+    labels: Optional[Sample]
+    window: tuple[float, float]
+    delta_versions: dict[int, int]
+
+
+def evaluation_window() -> tuple[float, float]:
+    """[lo, cap) of the id hash that evaluation and the gate sample from (disjoint from the fit window)."""
+    return FIT_WINDOW_END, 1.0
+
+
+def held_out(spark, cfg: JobConfig, versions: Optional[list[int]] = None, labels: bool = True) -> HeldOut:
+    """Sample the evaluation window of `versions` (default: all configured), one scan each, plus labels."""
+    wanted = sorted(versions or cfg.embeddings.versions)
+    reads = {v: read_embedding_version(spark, cfg, v) for v in wanted}
+    lo, cap = evaluation_window()
+    samples, hi = sample_versions(reads, cfg.fit.salt, cfg.evaluate.sample_size, lo, cap=cap - lo,
+                                  drop_invalid=cfg.backfill.quarantine_location is not None)
+    label_sample = _labels_for(spark, cfg, lo, hi) if labels else None
+    return HeldOut(samples, label_sample, (lo, hi), {v: r.delta_version for v, r in reads.items()})
+
+
+def _output_sample(spark, cfg: JobConfig, source_version: int, space: int, lo: float, hi: float):
+    """The backfilled z~_space rows of the evaluation window and the chain ids stored on them, if any."""
     from pyspark.sql import functions as F
 
     if not table_exists(spark, cfg.output_location):
-        return None
+        return None, []
     df = read_delta(spark, cfg.output_location).where(
         (F.col("space_version") == F.lit(int(space))) & (F.col("source_version") == F.lit(int(source_version)))
     )
-    sample = collect_window(df.select("id", "vector"), cfg.fit.salt, lo, hi, f"vector of output space {space}")
-    return sample if len(sample) else None
+    window = hash_window(df.select("id", "vector", "chain_id"), "id", cfg.fit.salt, lo, hi)
+    sample = collect_sample(window, column=f"vector of output space {space}")
+    chains = sorted(r.chain_id for r in window.select("chain_id").distinct().collect())
+    return (sample if len(sample) else None), chains
 
 
 def pair_metrics(
     pred: np.ndarray, true: np.ndarray, source: np.ndarray, settings, labels: Optional[np.ndarray] = None,
 ) -> dict[str, float]:
-    """Every metric for one pair, transformed and untransformed (source truncated/padded)."""
+    """Every metric for one pair, transformed and untransformed (source truncated/padded).
+
+    pred, true: (n, d_j) mapped and true vectors of the same n held-out entities; source: (n, d_k).
+    `neighbour_recall_at_K` is the cross-space recall (what an old index returns for mapped queries),
+    `within_space_recall_at_K` the overlap of neighbourhoods inside the mapped space with the true ones.
+    """
     baseline = truncate_or_pad(source, true.shape[1])
     out = {
         "relative_l2": relative_l2(pred, true),
@@ -85,8 +118,11 @@ def pair_metrics(
     }
     k = settings.neighbours_k
     if len(true) > k + 1:
-        out[f"neighbour_recall_at_{k}"] = neighbour_recall(pred, true, k, settings.neighbours_sample)
-        out[f"baseline_neighbour_recall_at_{k}"] = neighbour_recall(baseline, true, k, settings.neighbours_sample)
+        n = settings.neighbours_sample
+        out[f"neighbour_recall_at_{k}"] = cross_space_recall(pred, true, k, n)
+        out[f"baseline_neighbour_recall_at_{k}"] = cross_space_recall(baseline, true, k, n)
+        out[f"within_space_recall_at_{k}"] = neighbour_recall(pred, true, k, n)
+        out[f"baseline_within_space_recall_at_{k}"] = neighbour_recall(baseline, true, k, n)
     if labels is not None:
         known = ~np.isnan(labels)
         if len(np.unique(labels[known])) >= 2 and known.sum() >= 20:
@@ -95,6 +131,14 @@ def pair_metrics(
             out.update(probe)
             out["baseline_probe_retention"] = base["probe_retention"]
     return out
+
+
+def chain_metrics(records, heldout: HeldOut, source: int, space: int, settings) -> tuple[int, dict[str, float]]:
+    """A registry chain source -> space applied on the driver to the held-out entities: (n, metrics)."""
+    src, true = heldout.samples[source], heldout.samples[space]
+    ids, src_v, true_v, _ = align_samples(src, true)
+    pred = apply_chain([r.transform for r in records], src_v)
+    return len(ids), pair_metrics(pred, true_v, src_v, settings, _lookup_labels(heldout.labels, ids))
 
 
 def _labels_for(spark, cfg: JobConfig, lo: float, hi: float) -> Optional[Sample]:
@@ -126,34 +170,40 @@ def _lookup_labels(labels: Optional[Sample], ids: np.ndarray) -> Optional[np.nda
 
 
 def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> EvaluateResult:
-    """Evaluate every (source, space) pair on held-out entities; write and print the figures."""
+    """Evaluate every (source, space) pair on held-out entities; write and print the figures.
+
+    For the pairs the output table holds, the vectors are read back from it (what consumers get) and
+    the chain id reported is the one stored on those rows; other pairs apply the active registry chain.
+    """
     started = time.time()
     run_id = run_id or uuid.uuid4().hex[:12]
-    reads = read_versions(spark, cfg)
-    versions = sorted(reads)
-    salt = cfg.fit.salt
-    lo = FIT_WINDOW_END
-    samples, hi = sample_versions(reads, cfg.fit.salt, cfg.evaluate.sample_size, lo, cap=1.0 - FIT_WINDOW_END)
+    heldout = held_out(spark, cfg)
+    lo, hi = heldout.window
+    versions = sorted(heldout.samples)
     active = active_transforms(spark, cfg.registry_location)
-    labels = _labels_for(spark, cfg, lo, hi)
     results: list[PairResult] = []
     for s in versions[1:]:
         for j in [v for v in versions if v < s]:
             records = chain_records(active, versions, s, j)
-            src, true = samples[s], samples[j]
-            out = None
+            src, true = heldout.samples[s], heldout.samples[j]
+            out, stored_chains = None, []
             if s == cfg.source_version and j in cfg.target_spaces:
-                out = _output_sample(spark, cfg, s, j, lo, hi)
+                out, stored_chains = _output_sample(spark, cfg, s, j, lo, hi)
             if out is not None:
                 # what consumers get: the rows the backfill wrote (restricted to entities still in the source)
-                out = Sample(*(a[np.isin(out.ids, src.ids)] for a in (out.ids, out.vectors, out.hashes)))
+                out = out.subset(np.isin(out.ids, src.ids))
                 ids, pred, true_v, _ = align_samples(out, true)
                 src_v = src.vectors[np.searchsorted(src.ids, ids)]
+                pair_chain = ",".join(stored_chains)
+                if pair_chain != chain_id(records):
+                    log.warning("evaluate: space %d of the output holds chain %s, the registry's active chain is %s "
+                                "(the output is stale until the next backfill)", j, pair_chain, chain_id(records))
             else:
                 ids, src_v, true_v, _ = align_samples(src, true)
                 pred = apply_chain([r.transform for r in records], src_v)
-            metrics = pair_metrics(pred, true_v, src_v, cfg.evaluate, _lookup_labels(labels, ids))
-            results.append(PairResult(s, j, chain_id(records), len(ids), metrics, out is not None))
+                pair_chain = chain_id(records)
+            metrics = pair_metrics(pred, true_v, src_v, cfg.evaluate, _lookup_labels(heldout.labels, ids))
+            results.append(PairResult(s, j, pair_chain, len(ids), metrics, out is not None))
     append_metrics(spark, cfg.metrics_location, run_id, [
         (r.source_version, r.space_version, name, value, r.sample_size, r.chain_id)
         for r in results for name, value in sorted(r.metrics.items())

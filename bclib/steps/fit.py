@@ -1,8 +1,12 @@
-"""The fit step: pin input versions, sample, fit every edge on the driver, register (one commit).
+"""The fit step: fit the edges that have no active transform (or that someone asked to refit), register them.
+
+Edges are published, then frozen: an active transform stays active until someone decides otherwise
+(`--refit K:J`, `--refit all`, `bcemb registry retire/activate`). A transform registered from outside
+(joint training, an import) is never replaced implicitly: `--refit all` skips it, `--refit K:J` names it.
 
 Sampling is one scan per version table with a hash filter inside the scan; the samples meet on the
 driver (a sorted-id intersection), so no shuffle and no Spark join. Edges are fitted oldest first so
-multi-step objectives can use the already fitted (frozen) earlier transforms.
+multi-step objectives can use the frozen earlier transforms. Nothing is read when nothing needs fitting.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
 
 from bclib import __version__
 from bclib.config import JobConfig
+from bclib.errors import ConfigError, FitRejectedError
 from bclib.numerics.fitting import fit_one_edge
 from bclib.numerics.records import TransformRecord
-from bclib.tables.embeddings import read_versions, sample_versions
+from bclib.tables.embeddings import read_embedding_version, sample_versions
 from bclib.tables.registry import active_transforms, register
 
 log = logging.getLogger(__name__)
@@ -27,17 +33,60 @@ FIT_WINDOW_END = 0.5  # fit samples hash in [0, 0.5); evaluation in [0.5, 1)
 
 @dataclass
 class FitResult:
-    """What `run_fit` did: every edge's record (fitted or kept), which edges it fitted, which it kept."""
+    """What `run_fit` did per edge: fitted (why), kept (why), and the ids the registry commit activated."""
 
     records: list[TransformRecord]
     fitted: list[tuple[int, int]] = field(default_factory=list)
     kept: list[tuple[int, int]] = field(default_factory=list)
-    committed: list[str] = field(default_factory=list)  # transform ids the registry commit activated
+    committed: list[str] = field(default_factory=list)
+    decisions: dict[tuple[int, int], str] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> str:
         return (f"fit: {len(self.records)} edge(s): fitted {self.fitted or 'none'}, kept {self.kept or 'none'}; "
                 f"{len(self.committed)} transform(s) activated in {self.seconds:.1f}s")
+
+
+def parse_refit(specs: Sequence[str], edges: Sequence[tuple[int, int]]) -> tuple[set[tuple[int, int]], bool]:
+    """`--refit` values -> (edges named explicitly, all posthoc edges?). 'all' or 'K:J' (an edge K -> J).
+
+    Raises ConfigError naming the value and the configured edges when a value is not one of them.
+    """
+    named: set[tuple[int, int]] = set()
+    every = False
+    for spec in specs:
+        if spec.strip().lower() == "all":
+            every = True
+            continue
+        try:
+            k, j = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise ConfigError(f"--refit expects 'all' or SOURCE:TARGET (e.g. 3:2), found {spec!r}") from None
+        if (k, j) not in edges:
+            raise ConfigError(f"--refit {spec}: no edge {k} -> {j} among the configured edges {list(edges)}")
+        named.add((k, j))
+    return named, every
+
+
+def plan_fit(existing: dict[tuple[int, int], TransformRecord], edges: Sequence[tuple[int, int]],
+             refit: Sequence[str] = ()) -> dict[tuple[int, int], str]:
+    """Per edge: 'fit: ...' or 'keep: ...' with the reason (pure; what `--dry-run` prints)."""
+    named, every = parse_refit(refit, edges)
+    decisions = {}
+    for edge in edges:
+        rec = existing.get(edge)
+        if rec is None:
+            decisions[edge] = "fit: no active transform (new version)"
+        elif edge in named:
+            decisions[edge] = f"fit: refit asked (--refit {edge[0]}:{edge[1]}; replaces {rec.origin} {rec.transform_id})"
+        elif every and rec.origin == "posthoc":
+            decisions[edge] = f"fit: refit asked (--refit all; replaces {rec.transform_id})"
+        elif every:
+            decisions[edge] = (f"keep: {rec.origin} transform {rec.transform_id} is never replaced by --refit all "
+                               f"(name it: --refit {edge[0]}:{edge[1]})")
+        else:
+            decisions[edge] = f"keep: active {rec.origin} transform {rec.transform_id} (published edges stay frozen)"
+    return decisions
 
 
 def _transform_id(edge: tuple[int, int], cfg: JobConfig, inputs: dict[str, int], frozen_ids: list[str]) -> str:
@@ -49,42 +98,69 @@ def _transform_id(edge: tuple[int, int], cfg: JobConfig, inputs: dict[str, int],
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def run_fit(spark, cfg: JobConfig) -> FitResult:
-    """Fit B_k for every consecutive pair of configured versions and register them (one commit)."""
+def run_fit(spark, cfg: JobConfig, refit: Sequence[str] = (), actor: Optional[str] = None) -> FitResult:
+    """Fit the edges `plan_fit` selects and register them in one commit; keep every other active transform.
+
+    Raises FitRejectedError (nothing registered) when a fitted transform's held-out error is worse than
+    the untransformed baseline's.
+    """
     started = time.time()
-    reads = read_versions(spark, cfg)
-    versions = sorted(reads)
-    samples, _ = sample_versions(reads, cfg.fit.salt, cfg.fit.sample_size, 0.0, FIT_WINDOW_END)
+    versions = sorted(cfg.embeddings.versions)
+    edges = [(versions[i], versions[i - 1]) for i in range(1, len(versions))]
     existing = active_transforms(spark, cfg.registry_location)
-    result = FitResult(records=[])
-    fitted: dict[int, TransformRecord] = {}  # by source version, the records this run will activate
+    decisions = plan_fit(existing, edges, refit)
+    for edge, why in decisions.items():
+        log.info("fit: edge %d -> %d: %s", edge[0], edge[1], why)
+    result = FitResult(records=[], decisions=decisions)
+    to_fit = [e for e in edges if decisions[e].startswith("fit")]
+    if not to_fit:
+        result.records = [existing[e] for e in edges]
+        result.kept = list(edges)
+        result.seconds = time.time() - started
+        return result
     multi = cfg.transform.objective != "single_step"
+    needed = versions[: max(versions.index(k) for k, _ in to_fit) + 1]
+    needed = needed if multi else sorted({v for e in to_fit for v in e})
+    reads = {v: read_embedding_version(spark, cfg, v) for v in needed}
+    samples, _ = sample_versions(reads, cfg.fit.salt, cfg.fit.sample_size, 0.0, FIT_WINDOW_END,
+                                 drop_invalid=cfg.backfill.quarantine_location is not None)
+    chosen: dict[int, TransformRecord] = {}  # by source version: what each edge will be after this run
     for i in range(1, len(versions)):
-        k, prev = versions[i], versions[i - 1]
-        edge = (k, prev)
-        frozen_ids = [fitted[versions[m]].transform_id for m in range(i - 1, 0, -1)] if multi else []
-        used = versions[: i + 1] if multi else [prev, k]  # the tables this edge's fit reads
-        inputs = {reads[v].location: reads[v].delta_version for v in used}
-        tid = _transform_id(edge, cfg, inputs, frozen_ids)
-        if edge in existing and existing[edge].transform_id == tid:
-            log.info("fit: edge %d -> %d up to date (transform %s), not refitted", k, prev, tid)
-            fitted[k] = existing[edge]
+        k, prev = edge = versions[i], versions[i - 1]
+        if edge not in to_fit:  # kept: also the frozen link later multi-step edges are fitted through
+            chosen[k] = existing[edge]
             result.records.append(existing[edge])
             result.kept.append(edge)
             continue
+        frozen_ids = [chosen[versions[m]].transform_id for m in range(i - 1, 0, -1)] if multi else []
+        used = versions[: i + 1] if multi else [prev, k]  # the tables this edge's fit reads
+        inputs = {reads[v].location: reads[v].delta_version for v in used}
+        tid = _transform_id(edge, cfg, inputs, frozen_ids)
         transform, metrics = fit_one_edge(
-            samples, versions, i, {v: r.transform for v, r in fitted.items()}, cfg.transform, cfg.fit,
+            samples, versions, i, {v: r.transform for v, r in chosen.items()}, cfg.transform, cfg.fit,
         )
+        if metrics["holdout_relative_l2"] >= metrics["holdout_baseline_relative_l2"]:
+            raise FitRejectedError(
+                f"edge {k} -> {prev}: the fitted {cfg.transform.kind} transform's held-out relative L2 "
+                f"{metrics['holdout_relative_l2']:.4f} is not better than no transform "
+                f"({metrics['holdout_baseline_relative_l2']:.4f}) on {int(metrics['holdout_rows'])} held-out pairs "
+                f"({int(metrics['train_rows'])} training pairs for dimension {transform.dim_in}); nothing was "
+                "registered. Fit on more pairs (fit.sample_size) or regularise (transform.ridge)"
+            )
         record = TransformRecord(
             transform_id=tid, source_version=k, target_version=prev, kind=cfg.transform.kind,
             objective=cfg.transform.objective, transform=transform,
             fit_config={"transform": asdict(cfg.transform), "fit": asdict(cfg.fit), "frozen": frozen_ids},
             sample_size=int(metrics["train_rows"]), input_delta_versions=inputs, fit_metrics=metrics,
+            origin="posthoc",
         )
-        fitted[k] = record
+        chosen[k] = record
         result.records.append(record)
         result.fitted.append(edge)
-    result.committed = register(spark, cfg.registry_location, result.records)
+    fitted_records = [r for r in result.records if r.edge in result.fitted]
+    result.committed = register(spark, cfg.registry_location, fitted_records, actor=actor,
+                                reason="; ".join(f"{e[0]}->{e[1]} {decisions[e]}" for e in result.fitted),
+                                attempts=cfg.backfill.max_retries)
     result.seconds = time.time() - started
-    log.info("fit: %d edge(s) done in %.1fs", len(result.records), result.seconds)
+    log.info("fit: %d edge(s) fitted, %d kept, in %.1fs", len(result.fitted), len(result.kept), result.seconds)
     return result

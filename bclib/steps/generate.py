@@ -7,14 +7,15 @@ block numbers to rows on the executors (`mapInArrow`) and writes one Delta table
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 from bclib.config import JobConfig
-from bclib.errors import ConfigError
+from bclib.errors import ConfigError, ForeignTableError
 from bclib.numerics.arrow import matrix_to_list
 from bclib.numerics.synthetic import DriftModel, block_labels, generate_block, make_drift_model
-from bclib.tables.delta import read_delta, save, table_exists
+from bclib.tables.delta import delta_table, is_path, read_delta, save, table_exists
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,60 @@ def check_demo_config(cfg: JobConfig) -> None:
         raise ConfigError("the demo generator writes one table per version; unset 'embeddings.version_column'")
 
 
+GENERATED_PROPERTY = "bcemb.generated"
+
+
+def _prepare_table(spark, cfg: JobConfig, location: str, schema, what: str) -> bool:
+    """Create `location` marked as generate's own (CDF on), or decide about an existing table; True = write it.
+
+    An existing table that generate did not create (no `bcemb.generated` table property) is never
+    overwritten unless demo.overwrite is true (ForeignTableError); demo.overwrite false keeps any table.
+    """
+    from delta.tables import DeltaTable
+
+    if table_exists(spark, location):
+        props = dict(delta_table(spark, location).detail().first().properties or {})
+        ours = props.get(GENERATED_PROPERTY) == "true"
+        if cfg.demo.overwrite is False:
+            return False
+        if not ours and cfg.demo.overwrite is not True:
+            raise ForeignTableError(
+                f"{what} table '{location}' exists and was not created by `bcemb generate` (no table property "
+                f"{GENERATED_PROPERTY}); generate never overwrites data it does not own. Point the config at "
+                "another location, or pass --set demo.overwrite=true to replace it"
+            )
+        return True
+    builder = DeltaTable.createIfNotExists(spark).addColumns(schema)
+    if is_path(location):
+        builder = builder.location(location if "://" in location else os.path.abspath(location))
+    else:
+        builder = builder.tableName(location)
+    (builder.property(GENERATED_PROPERTY, "true").property("delta.enableChangeDataFeed", "true").execute())
+    return True
+
+
 def run_generate(spark, cfg: JobConfig) -> GenerateResult:
-    """Write every configured version as a Delta table (and the label table); returns rows per version."""
+    """Write every configured version as a Delta table (and the label table); returns rows per version.
+
+    Tables are created with the change data feed on (incremental backfills read it) and marked with
+    the `bcemb.generated` table property; raises ForeignTableError rather than overwrite another table.
+    """
     import pyarrow as pa
+    from pyspark.sql.types import ArrayType, FloatType, LongType, StructField, StructType
 
     t0 = time.time()
     check_demo_config(cfg)
     model = make_drift_model(cfg.demo)
     id_col, vec_col = cfg.embeddings.id_column, cfg.embeddings.vector_column
+    # schemas as objects, never DDL strings built from config names
+    schema = StructType([StructField(id_col, LongType()), StructField(vec_col, ArrayType(FloatType()))])
     counts: dict[int, int] = {}
     for index, version in enumerate(sorted(cfg.embeddings.versions)):
         location = cfg.version_location(version)
-        if table_exists(spark, location) and not cfg.demo.overwrite:
+        if not _prepare_table(spark, cfg, location, schema, f"embedding version {version}"):
             counts[version] = read_delta(spark, location).count()
-            log.info("generate: version %d exists at %s (%d rows), kept", version, location, counts[version])
+            log.info("generate: version %d exists at %s (%d rows), kept (demo.overwrite false)",
+                     version, location, counts[version])
             continue
         started = time.time()
 
@@ -64,9 +105,7 @@ def run_generate(spark, cfg: JobConfig) -> GenerateResult:
                     yield pa.RecordBatch.from_arrays([pa.array(ids), matrix_to_list(vectors)], names=[id_col, vec_col])
 
         n_parts = max(1, min(model.n_blocks, spark.sparkContext.defaultParallelism * 2))
-        df = spark.range(0, model.n_blocks, numPartitions=n_parts).mapInArrow(
-            blocks_to_rows, f"{id_col} long, {vec_col} array<float>"
-        )
+        df = spark.range(0, model.n_blocks, numPartitions=n_parts).mapInArrow(blocks_to_rows, schema)
         save(df.write.format("delta").mode("overwrite").option("overwriteSchema", "true"), location)
         counts[version] = read_delta(spark, location).count()
         log.info(
@@ -80,8 +119,10 @@ def run_generate(spark, cfg: JobConfig) -> GenerateResult:
 
 def _write_labels(spark, cfg: JobConfig, model: DriftModel) -> None:
     import pyarrow as pa
+    from pyspark.sql.types import IntegerType, LongType, StructField, StructType
 
     label_col = cfg.evaluate.label_column
+    schema = StructType([StructField("id", LongType()), StructField(label_col, IntegerType())])
 
     def blocks_to_labels(batches):
         for batch in batches:
@@ -89,9 +130,10 @@ def _write_labels(spark, cfg: JobConfig, model: DriftModel) -> None:
                 ids, labels = block_labels(model, int(block))
                 yield pa.RecordBatch.from_arrays([pa.array(ids), pa.array(labels)], names=["id", label_col])
 
-    df = spark.range(0, model.n_blocks, numPartitions=max(1, min(model.n_blocks, 4))).mapInArrow(
-        blocks_to_labels, f"id long, {label_col} int")
     loc = cfg.evaluate.label_location
+    if not _prepare_table(spark, cfg, loc, schema, "label"):
+        return
+    df = spark.range(0, model.n_blocks, numPartitions=max(1, min(model.n_blocks, 4))).mapInArrow(
+        blocks_to_labels, schema)
     save(df.write.format("delta").mode("overwrite").option("overwriteSchema", "true"), loc)
     log.info("generate: labels for %d entities -> %s", model.pool_size, loc)
-

@@ -7,11 +7,16 @@ write in bcemb goes through `save` so paths and catalog tables behave the same.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import random
+import re
+import time
+from typing import Callable, Optional, TypeVar
 
 from bclib.errors import MissingColumnError, MissingTableError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def is_path(location: str) -> bool:
@@ -65,9 +70,64 @@ def require_columns(df, columns: list[str], table: str) -> None:
         )
 
 
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def quoted_identifier(name: str) -> str:
+    """A catalog name (table, db.table, catalog.db.table) quoted for Spark SQL, each part validated.
+
+    Raises ConfigError unless every part is a plain identifier ([A-Za-z_][A-Za-z0-9_]*): names from a
+    config never reach SQL unchecked.
+    """
+    from bclib.errors import ConfigError
+
+    parts = name.split(".")
+    if not 1 <= len(parts) <= 3 or not all(_IDENTIFIER.match(p) for p in parts):
+        raise ConfigError(f"{name!r} is not a catalog table name: expected up to three dot-separated identifiers "
+                          "of letters, digits and underscores")
+    return ".".join(f"`{p}`" for p in parts)
+
+
 def save(writer, location: str) -> None:
     """Run a configured `DataFrameWriter` into a Delta path (`save`) or a catalog table (`saveAsTable`)."""
     if is_path(location):
         writer.save(location)
     else:
         writer.saveAsTable(location)
+
+
+# --------------------------------------------------------------------------- concurrent writers
+
+
+def conflict_exceptions() -> tuple[type, ...]:
+    """Delta's typed concurrent-modification exceptions (delta.exceptions), raised by py4j as Python classes."""
+    from delta.exceptions import DeltaConcurrentModificationException
+
+    return (DeltaConcurrentModificationException,)
+
+
+def retry_on_conflict(action: Callable[[], T], what: str, attempts: int = 3, backoff_s: float = 1.0) -> T:
+    """Run `action`; on a Delta concurrent-modification exception, wait and run it again (it re-plans).
+
+    Only Delta's typed conflict exceptions (ConcurrentAppendException, ConcurrentWriteException,
+    MetadataChangedException, ... — all subclasses of DeltaConcurrentModificationException) are retried,
+    `attempts` times in all with exponential backoff plus jitter; then ConcurrentRunError names `what`.
+    """
+    from bclib.errors import ConcurrentRunError
+
+    kinds = conflict_exceptions()
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except kinds as exc:
+            name = type(exc).__name__
+            if attempt == attempts:
+                raise ConcurrentRunError(
+                    f"{what}: another writer committed first {attempts} time(s) in a row (last: {name}); "
+                    "the table is consistent (Delta rejected this run's commit); run again when the other run ends"
+                ) from exc
+            wait = backoff_s * 2 ** (attempt - 1) * (1 + random.random())
+            log.warning("%s: %s on attempt %d of %d; retrying in %.1fs (re-planning first)",
+                        what, name, attempt, attempts, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 
-from bclib.errors import MissingColumnError
-from bclib.numerics.arrow import list_to_matrix
+from bclib.errors import DuplicateIdError, MissingColumnError, NullIdError
+from bclib.numerics.arrow import list_to_matrix, usable_rows
 from bclib.numerics.samples import Sample
 from bclib.tables.delta import current_delta_version, read_delta, require_columns, require_table
 
@@ -36,34 +37,46 @@ class VersionRead:
     df: object  # pyspark DataFrame with columns (id, vector)
 
 
-def read_embedding_version(spark, cfg, version: int, delta_version: Optional[int] = None) -> VersionRead:
-    """Select one version as (id, vector array<float>), pinned to a Delta version (the current one if None).
+def select_version(df, cfg, version: int, location: str, extra: Sequence[str] = ()):
+    """(id, vector array<float>, *extra) of one version from a raw table DataFrame, columns checked.
 
-    Raises MissingTableError if the table does not exist, MissingColumnError if the id/vector/version
-    column is missing or the vector column is not array<float|double>.
+    Raises MissingColumnError naming the missing column (and the available ones), or the vector
+    column's actual type when it is not array<float|double> (a VectorUDT column: use vector_to_array).
     """
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType, DoubleType, FloatType
 
     emb = cfg.embeddings
-    location = cfg.version_location(version)
-    require_table(spark, location, f"embedding version {version}")
-    if delta_version is None:
-        delta_version = current_delta_version(spark, location)
-    df = read_delta(spark, location, delta_version)
     needed = [emb.id_column, emb.vector_column] + ([emb.version_column] if emb.version_column else [])
     require_columns(df, needed, location)
     vtype = df.schema[emb.vector_column].dataType
     if not (isinstance(vtype, ArrayType) and isinstance(vtype.elementType, (FloatType, DoubleType))):
+        hint = ""
+        if type(vtype).__name__ == "VectorUDT":
+            hint = ("; it is a Spark ML vector: convert it with pyspark.ml.functions.vector_to_array("
+                    f"'{emb.vector_column}', 'float32') into an array<float> column")
         raise MissingColumnError(
-            f"table '{location}' column '{emb.vector_column}' must be array<float>, found {vtype.simpleString()}"
+            f"table '{location}' column '{emb.vector_column}' must be array<float>, found {vtype.simpleString()}{hint}"
         )
     if emb.version_column:
         df = df.where(F.col(emb.version_column) == F.lit(version))
     vec = F.col(emb.vector_column)
     if isinstance(vtype.elementType, DoubleType):
         vec = vec.cast("array<float>")
-    df = df.select(F.col(emb.id_column).alias("id"), vec.alias("vector"))
+    return df.select(F.col(emb.id_column).alias("id"), vec.alias("vector"), *extra)
+
+
+def read_embedding_version(spark, cfg, version: int, delta_version: Optional[int] = None) -> VersionRead:
+    """Select one version as (id, vector array<float>), pinned to a Delta version (the current one if None).
+
+    Raises MissingTableError if the table does not exist, MissingColumnError if the id/vector/version
+    column is missing or the vector column is not array<float|double>.
+    """
+    location = cfg.version_location(version)
+    require_table(spark, location, f"embedding version {version}")
+    if delta_version is None:
+        delta_version = current_delta_version(spark, location)
+    df = select_version(read_delta(spark, location, delta_version), cfg, version, location)
     return VersionRead(version, location, delta_version, df)
 
 
@@ -99,20 +112,45 @@ def hash_window(df, id_column: str, salt: str, lo: float, hi: float):
     )
 
 
-def collect_sample(df, column: str = "vector", expected_dim: Optional[int] = None) -> Sample:
-    """Collect (id, vector, hash) as Arrow (not pandas rows), validated, sorted by id."""
-    table = df.select("id", "vector", HASH_COLUMN).toArrow()
-    ids_arrow = table.column("id").combine_chunks()
-    matrix = list_to_matrix(table.column("vector"), expected_dim, ids_arrow, column=column)
+def collect_sample(df, column: str = "vector", expected_dim: Optional[int] = None, table: str = "",
+                   drop_invalid: bool = False) -> Sample:
+    """Collect (id, vector, hash) as Arrow (not pandas rows), validated, sorted by id.
+
+    Ids never pass through float: a null id raises NullIdError, a repeated id DuplicateIdError (both name
+    `table`, the count and a few ids), before any pairing. With `drop_invalid` (quarantine configured)
+    rows with a null id or an unusable vector are left out of the sample (and counted in the log)
+    instead of failing it.
+    """
+    table_arrow = df.select("id", "vector", HASH_COLUMN).toArrow()
+    if drop_invalid and table_arrow.num_rows:
+        mask, _ = usable_rows(table_arrow.column("vector"))
+        mask &= np.asarray(table_arrow.column("id").combine_chunks().is_valid())
+        if not mask.all():
+            log.info("sample: %d unusable row(s) of %s left out (quarantine configured)", int((~mask).sum()),
+                     table or column)
+            table_arrow = table_arrow.filter(pa.array(mask))
+    ids_arrow = table_arrow.column("id").combine_chunks()
+    where = f" in {table}" if table else ""
+    if ids_arrow.null_count:
+        raise NullIdError(f"{ids_arrow.null_count} row(s) with a null id{where} ({column}); "
+                          "ids must be non-null (filter them out upstream)")
+    matrix = list_to_matrix(table_arrow.column("vector"), expected_dim, ids_arrow, column=column)
     ids = ids_arrow.to_numpy(zero_copy_only=False)
-    hashes = table.column(HASH_COLUMN).to_numpy()
+    hashes = table_arrow.column(HASH_COLUMN).to_numpy()
     order = np.argsort(ids, kind="stable")
-    return Sample(ids[order], np.ascontiguousarray(matrix[order]), hashes[order])
+    ids = ids[order]
+    repeated = ids[1:][ids[1:] == ids[:-1]]
+    if len(repeated):
+        shown = [x.item() if hasattr(x, "item") else x for x in np.unique(repeated)[:5]]
+        raise DuplicateIdError(f"{len(np.unique(repeated))} id(s) occur more than once{where} ({column}), "
+                               f"e.g. {shown}; every id must be unique within a version")
+    return Sample(ids, np.ascontiguousarray(matrix[order]), hashes[order])
 
 
-def collect_window(df, salt: str, lo: float, hi: float, label: str = "vector") -> Sample:
+def collect_window(df, salt: str, lo: float, hi: float, label: str = "vector", table: str = "",
+                   drop_invalid: bool = False) -> Sample:
     """One scan of an (id, vector) DataFrame: the rows whose id hash lies in [lo, hi), on the driver."""
-    return collect_sample(hash_window(df, "id", salt, lo, hi), column=label)
+    return collect_sample(hash_window(df, "id", salt, lo, hi), column=label, table=table, drop_invalid=drop_invalid)
 
 
 def window_fraction(wanted: int, available: int, cap: float = 0.5, slack: float = 1.25) -> float:
@@ -121,7 +159,7 @@ def window_fraction(wanted: int, available: int, cap: float = 0.5, slack: float 
 
 
 def sample_versions(
-    reads: dict[int, VersionRead], salt: str, wanted: int, lo: float, cap: float,
+    reads: dict[int, VersionRead], salt: str, wanted: int, lo: float, cap: float, drop_invalid: bool = False,
 ) -> tuple[dict[int, Sample], float]:
     """The same hash window of every version (same ids wherever present), one scan each; and the window's end."""
     smallest = min(r.df.count() for r in reads.values())  # Delta answers counts from its log
@@ -129,7 +167,35 @@ def sample_versions(
     samples = {}
     for v, read in reads.items():
         started = time.time()
-        samples[v] = collect_window(read.df, salt, lo, lo + width, f"vector of version {v}")
+        samples[v] = collect_window(read.df, salt, lo, lo + width, f"vector of version {v}", read.location,
+                                    drop_invalid)
         log.info("sample: version %d: %d rows (hash window [%.4f, %.4f)) in %.1fs",
                  v, len(samples[v]), lo, lo + width, time.time() - started)
     return samples, lo + width
+
+
+def check_unique_ids(df, location: str, version: int, only_ids=None) -> None:
+    """One aggregation over the id column: NullIdError / DuplicateIdError naming the table, count and ids.
+
+    `only_ids` (a DataFrame with an `id` column, small) restricts the check to those ids (a broadcast
+    semi-join: the incremental path checks only the ids its changes touch).
+    """
+    from pyspark.sql import functions as F
+
+    ids = df.select("id")
+    if only_ids is not None:
+        ids = ids.join(F.broadcast(only_ids.select("id").distinct()), "id", "left_semi")
+    nulls = ids.where(F.col("id").isNull()).limit(1).count()
+    if nulls:
+        n = ids.where(F.col("id").isNull()).count()
+        raise NullIdError(f"version {version} at '{location}' has {n} row(s) with a null id; ids must be non-null "
+                          "(filter them out upstream, or set backfill.quarantine_location to set them aside)")
+    dups = ids.groupBy("id").count().where(F.col("count") > 1)
+    found = dups.orderBy(F.col("count").desc(), F.col("id")).limit(5).collect()
+    if found:
+        total = dups.count()
+        raise DuplicateIdError(
+            f"version {version} at '{location}' holds {total} id(s) more than once, e.g. "
+            + ", ".join(f"{r.id!r} x{r['count']}" for r in found)
+            + "; every id must be unique within a version (deduplicate upstream)"
+        )

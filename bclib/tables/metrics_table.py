@@ -1,32 +1,80 @@
-"""The metrics Delta table: one append per evaluate run.
+"""The metrics Delta table: one append per evaluate run or gate decision.
 
 Schema (METRICS_DDL): run_id, source_version, space_version, metric, value, sample_size, chain_id,
-computed_at (UTC).
+computed_at (UTC), detail (JSON, gate rows only). Each append is one commit whose userMetadata names
+the step and run id.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Iterable, Optional
 
-from bclib.tables.delta import save
+from bclib.spark import commit_conf, session_conf
+from bclib.tables.delta import read_delta, save, table_exists
 
 log = logging.getLogger(__name__)
 
 METRICS_DDL = (
     "run_id STRING, source_version INT, space_version INT, metric STRING, value DOUBLE, "
-    "sample_size BIGINT, chain_id STRING, computed_at TIMESTAMP"
+    "sample_size BIGINT, chain_id STRING, computed_at TIMESTAMP, detail STRING"
 )
 
 
-def append_metrics(spark, location: str, run_id: str, rows: Iterable[tuple[int, int, str, float, int, str]]) -> int:
-    """Append (source_version, space_version, metric, value, sample_size, chain_id) rows in one commit.
+def append_metrics(spark, location: str, run_id: str, rows: Iterable[tuple], step: str = "evaluate") -> int:
+    """Append (source_version, space_version, metric, value, sample_size, chain_id[, detail]) rows in one commit.
 
-    Every row gets `run_id` and one computed_at (naive UTC); returns the number of rows appended.
+    Every row gets `run_id` and one computed_at (naive UTC, the session time zone is UTC); an older
+    metrics table without `detail` gains the column (schema merge). Returns the number of rows.
     """
     now = datetime.now(timezone.utc).replace(tzinfo=None)
-    data = [(run_id, int(s), int(j), str(m), float(v), int(n), str(c), now) for s, j, m, v, n, c in rows]
-    save(spark.createDataFrame(data, METRICS_DDL).write.format("delta").mode("append"), location)
+    data = []
+    for row in rows:
+        s, j, m, v, n, c, *rest = row
+        data.append((run_id, int(s), int(j), str(m), float(v), int(n), str(c), now, rest[0] if rest else None))
+    meta = json.dumps({"bcemb": step, "run_id": run_id, "rows": len(data)}, sort_keys=True)
+    with session_conf(spark, commit_conf(meta)):
+        save(spark.createDataFrame(data, METRICS_DDL).write.format("delta").mode("append")
+             .option("mergeSchema", "true"), location)
     log.info("metrics: %d rows appended to %s (run %s)", len(data), location, run_id)
     return len(data)
+
+
+def gate_verdicts(spark, location: str) -> dict[str, dict]:
+    """Per transform id, the latest gate verdict of a chain holding it: {passed, space, run_id, computed_at, why}.
+
+    A transform in several chains judged in the same run is 'rejected' if any of them was.
+    """
+    from pyspark.sql import functions as F
+
+    if not table_exists(spark, location):
+        return {}
+    df = read_delta(spark, location)
+    if "detail" not in df.columns:
+        return {}
+    rows = df.where(F.col("metric") == F.lit("gate")).select(
+        "run_id", "space_version", "computed_at", "detail").collect()
+    out: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: (r.computed_at, r.run_id)):
+        detail = json.loads(row.detail or "{}")
+        for tid in detail.get("transforms", []):
+            prev = out.get(tid)
+            same_run = prev is not None and prev["run_id"] == row.run_id
+            passed = bool(detail.get("passed")) and (prev["passed"] if same_run else True)
+            why = detail.get("why", "") if not detail.get("passed") else (prev["why"] if same_run else "")
+            out[tid] = {"passed": passed, "space": row.space_version, "run_id": row.run_id,
+                        "computed_at": row.computed_at, "why": why}
+    return out
+
+
+def last_metric_run(spark, location: str) -> Optional[tuple[str, datetime]]:
+    """(run_id, computed_at) of the newest evaluate rows, if any."""
+    from pyspark.sql import functions as F
+
+    if not table_exists(spark, location):
+        return None
+    row = (read_delta(spark, location).where(~F.col("metric").startswith("gate"))
+           .orderBy(F.col("computed_at").desc()).select("run_id", "computed_at").first())
+    return (row.run_id, row.computed_at) if row else None

@@ -1,69 +1,140 @@
-"""The compatible-embeddings output table: lineage, the up-to-date check, the one commit, quarantine.
+"""The compatible-embeddings output table: its state, the two kinds of commit, quarantine.
 
 Schema: id, vector array<float>, space_version int (partition column), source_version int, chain_id,
-produced_at timestamp. A backfill replaces exactly the spaces it owns (`replaceWhere`) in one Delta
-commit whose `userMetadata` holds the lineage JSON (source table and Delta version, transform ids and
-checksums per space, run id); `DESCRIBE HISTORY` shows it per commit.
+produced_at timestamp (UTC). Every bcemb commit on it carries the lineage JSON in userMetadata: the
+state of *every* space after the commit (source table, version and Delta version, chain id, transform
+ids and checksums) plus the run id, the mode and the spaces the commit wrote. The table's state is
+read from its latest commit only (`read_output_state`): any commit that is not bcemb's (RESTORE,
+DELETE, a manual write) makes the table "foreign" and the next run rewrites every space.
+
+Commits: `write_full` replaces whole spaces (replaceWhere), `merge_changes` applies a change set to
+some spaces (MERGE); both carry a Delta transaction id (txnAppId/txnVersion), so a retried commit of
+the same work is skipped by Delta itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from bclib.errors import OutputLocationError
 from bclib.numerics.records import TransformRecord, chain_id
-from bclib.tables.delta import delta_table, read_delta, save, table_exists
+from bclib.spark import commit_conf, session_conf
+from bclib.tables.delta import delta_table, is_path, read_delta, save, table_exists
 
 log = logging.getLogger(__name__)
 
+LINEAGE_FORMAT = 2
+OUTPUT_COLUMNS = {"id": None, "vector": "array<float>", "space_version": "int", "source_version": "int",
+                  "chain_id": "string", "produced_at": "timestamp"}
 
 
+# --------------------------------------------------------------------------- state
 
-def backfill_lineage(
-    source_location: str, source_version: int, source_delta_version: int,
-    chains: dict[int, Sequence[TransformRecord]], run_id: str,
-) -> dict:
-    """The lineage JSON a backfill commit carries in userMetadata (keys sorted when serialised)."""
+
+@dataclass(frozen=True)
+class OutputState:
+    """What the output table holds now, from its latest commit."""
+
+    exists: bool
+    delta_version: Optional[int] = None
+    lineage: Optional[dict] = None  # the latest commit's bcemb lineage (None: no table, or foreign)
+    operation: str = ""  # the latest commit's Delta operation (WRITE, MERGE, RESTORE, DELETE, ...)
+
+    @property
+    def foreign(self) -> bool:
+        """The latest commit is not bcemb's: the spaces' content is unknown."""
+        return self.exists and self.lineage is None
+
+    def space(self, j: int) -> Optional[dict]:
+        return (self.lineage or {}).get("spaces", {}).get(str(j))
+
+    @property
+    def spaces(self) -> dict[str, dict]:
+        return dict((self.lineage or {}).get("spaces", {}))
+
+
+def space_state(source_location: str, source_version: int, source_delta_version: int,
+                chain: Sequence[TransformRecord]) -> dict:
+    """The lineage entry of one space: where its rows come from and through which transforms."""
     return {
-        "bcemb": "backfill",
-        "run_id": run_id,
-        "source": {"location": source_location, "version": source_version, "delta_version": source_delta_version},
-        "spaces": {
-            str(s): {
-                "chain_id": chain_id(chain),
-                "transforms": [{"id": r.transform_id, "checksum": r.checksum} for r in chain],
-            }
-            for s, chain in sorted(chains.items())
-        },
+        "source_location": source_location, "source_version": int(source_version),
+        "source_delta_version": int(source_delta_version), "chain_id": chain_id(chain),
+        "transforms": [{"id": r.transform_id, "checksum": r.checksum} for r in chain],
     }
 
 
-def last_lineage(spark, location: str) -> Optional[dict]:
-    """userMetadata of the newest bcemb backfill commit on the output table, if any."""
+def _check_location(spark, location: str) -> None:
+    """OutputLocationError when a path holds files but no Delta table (a Parquet dataset, anything else)."""
+    if not is_path(location):
+        return
+    jvm = spark._jvm
+    path = jvm.org.apache.hadoop.fs.Path(location)
+    fs = path.getFileSystem(spark._jsc.hadoopConfiguration())
+    if not fs.exists(path):
+        return
+    if not fs.getFileStatus(path).isDirectory():
+        raise OutputLocationError(f"output location '{location}' is a file, not a Delta table directory")
+    names = [s.getPath().getName() for s in fs.listStatus(path)]
+    if names:
+        shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
+        raise OutputLocationError(
+            f"output location '{location}' is not empty and is not a Delta table ({len(names)} entries: {shown}); "
+            "bcemb never writes over data it does not own: move it away or set output_location elsewhere"
+        )
+
+
+def check_output_schema(spark, location: str, id_type: str) -> None:
+    """OutputLocationError when an existing output table lacks a column or has another type for one."""
+    df = read_delta(spark, location)
+    found = dict(df.dtypes)
+    expected = {**OUTPUT_COLUMNS, "id": id_type}
+    wrong = {c: (t, found.get(c)) for c, t in expected.items() if found.get(c) != t}
+    if wrong:
+        detail = ", ".join(f"{c}: expected {t}, found {f or 'missing'}" for c, (t, f) in wrong.items())
+        raise OutputLocationError(
+            f"output table '{location}' has another schema ({detail}); bcemb writes "
+            f"{', '.join(f'{c} {t}' for c, t in expected.items())}: point output_location at a new table"
+        )
+
+
+def read_output_state(spark, location: str) -> OutputState:
+    """The output's current state from its latest commit (a non-Delta, non-empty path: OutputLocationError)."""
     if not table_exists(spark, location):
-        return None
-    for row in delta_table(spark, location).history(50).select("userMetadata").collect():
-        if row.userMetadata:
-            try:
-                meta = json.loads(row.userMetadata)
-            except json.JSONDecodeError:
-                continue
-            if meta.get("bcemb") == "backfill":
-                return meta
-    return None
+        _check_location(spark, location)
+        return OutputState(exists=False)
+    row = delta_table(spark, location).history(1).select("version", "operation", "userMetadata").first()
+    meta = None
+    if row.userMetadata:
+        try:
+            parsed = json.loads(row.userMetadata)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and parsed.get("bcemb") in ("backfill", "maintain") \
+                and parsed.get("format") == LINEAGE_FORMAT and isinstance(parsed.get("spaces"), dict):
+            meta = parsed
+    return OutputState(True, int(row.version), meta, row.operation)
 
 
-def same_lineage(a: Optional[dict], b: dict) -> bool:
-    """True when lineage `a` covers the same source (table, version, Delta version) and chains as `b`."""
-    return a is not None and a.get("source") == b["source"] and a.get("spaces") == b["spaces"]
+def space_rows(spark, location: str) -> dict[int, int]:
+    """Rows per space of the output now (reads only the partition column: file footers)."""
+    if not table_exists(spark, location):
+        return {}
+    return {int(r.space_version): int(r["count"]) for r in
+            read_delta(spark, location).groupBy("space_version").count().collect()}
 
 
-def write_spaces(spark, df, location: str, spaces: Sequence[int], lineage: dict, max_records_per_file: int) -> int:
+# --------------------------------------------------------------------------- commits
+
+
+def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, max_records_per_file: int,
+               txn: tuple[str, int]) -> int:
     """Replace `spaces` of the output with `df` in one Delta commit (replaceWhere); returns rows written.
 
-    df: (id, vector, space_version, source_version, chain_id, produced_at), partitioned on write by
-    space_version; the commit's userMetadata is `lineage` as JSON.
+    df has the output schema; the commit's userMetadata is `lineage` as JSON and (txnAppId, txnVersion)
+    = `txn` (Delta skips the commit if that application id already reached that version).
     """
     spaces_sql = ", ".join(str(int(s)) for s in spaces)
     writer = (
@@ -71,11 +142,51 @@ def write_spaces(spark, df, location: str, spaces: Sequence[int], lineage: dict,
         .option("maxRecordsPerFile", int(max_records_per_file))
         .option("replaceWhere", f"space_version IN ({spaces_sql})")
         .option("userMetadata", json.dumps(lineage, sort_keys=True))
+        .option("txnAppId", txn[0]).option("txnVersion", int(txn[1]))
         .partitionBy("space_version")
     )
     save(writer, location)
-    metrics = delta_table(spark, location).history(1).select("operationMetrics").first()[0] or {}
-    return int(metrics.get("numOutputRows", 0))
+    return _last_commit_rows(spark, location, lineage)
+
+
+def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict, txn: tuple[str, int]) -> int:
+    """Apply a change set to `spaces` in one MERGE commit; returns rows inserted + updated + deleted.
+
+    changes: output columns plus `_op` ('upsert' | 'delete') with one row per (id, space_version);
+    matched upserts update, unmatched upserts insert, matched deletes delete.
+    """
+    from pyspark.sql import functions as F
+
+    spaces_sql = ", ".join(str(int(s)) for s in spaces)
+    columns = [c for c in OUTPUT_COLUMNS]
+    with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])):
+        (
+            delta_table(spark, location).alias("t")
+            .merge(changes.alias("s"),
+                   f"t.space_version IN ({spaces_sql}) AND t.space_version = s.space_version AND t.id = s.id")
+            .whenMatchedDelete("s._op = 'delete'")
+            .whenMatchedUpdate("s._op = 'upsert'", {c: F.col(f"s.{c}") for c in columns})
+            .whenNotMatchedInsert("s._op = 'upsert'", {c: F.col(f"s.{c}") for c in columns})
+            .execute()
+        )
+    return _last_commit_rows(spark, location, lineage)
+
+
+def _last_commit_rows(spark, location: str, lineage: dict) -> int:
+    """Rows the latest commit wrote, if it is this run's commit (0 when Delta skipped it by transaction id)."""
+    row = delta_table(spark, location).history(1).select("userMetadata", "operationMetrics").first()
+    try:
+        ours = json.loads(row.userMetadata or "{}").get("run_id") == lineage.get("run_id")
+    except json.JSONDecodeError:
+        ours = False
+    if not ours:
+        log.info("output: Delta skipped the commit (transaction id %s already recorded): an earlier attempt "
+                 "of this run committed the same work", lineage.get("txn"))
+        return 0
+    m = row.operationMetrics or {}
+    if "numOutputRows" in m and "numTargetRowsInserted" not in m:
+        return int(m["numOutputRows"])
+    return sum(int(m.get(k, 0)) for k in ("numTargetRowsInserted", "numTargetRowsUpdated", "numTargetRowsDeleted"))
 
 
 # --------------------------------------------------------------------------- quarantine
@@ -92,23 +203,44 @@ def validity_filter(dim: int):
     )
 
 
-def write_quarantine(spark, df, location: str, source_version: int, dim: int) -> int:
-    """Replace this source version's rows of the quarantine table with df's unusable rows; returns their count."""
+def quarantine_rows(df, source_version: int, dim: int):
+    """df's unusable rows with the reason, naming which problem and the first bad element's index."""
     from pyspark.sql import functions as F
 
     valid = validity_filter(dim)
-    bad = df.where(~F.coalesce(valid, F.lit(False))).select(
-        "id", "vector", F.lit(source_version).cast("int").alias("source_version"),
-        F.when(F.col("vector").isNull(), "null vector")
+    elems = F.transform("vector", lambda x, i: F.when(x.isNull(), F.concat(F.lit("null element at index "), i))
+                        .when(F.isnan(x), F.concat(F.lit("NaN element at index "), i))
+                        .when(F.abs(x) == F.lit(float("inf")), F.concat(F.lit("Inf element at index "), i)))
+    first_bad = F.element_at(F.filter(elems, lambda r: r.isNotNull()), 1)
+    return df.where(~F.coalesce(valid, F.lit(False))).select(
+        "id", "vector", F.lit(int(source_version)).alias("source_version").cast("int"),
+        F.when(F.col("vector").isNull(), F.lit("null vector"))
         .when(F.size("vector") != dim,
               F.concat(F.lit("expected dimension %d, found " % dim), F.size("vector").cast("string")))
-        .otherwise("null, NaN or Inf element").alias("reason"),
+        .otherwise(first_bad).alias("reason"),
         F.current_timestamp().alias("quarantined_at"),
     )
+
+
+def write_quarantine(spark, bad, location: str, source_version: int, lineage: dict) -> None:
+    """Replace this source version's rows of the quarantine table with `bad` (one commit, lineage attached)."""
     writer = (bad.write.format("delta").mode("overwrite")
-              .option("replaceWhere", f"source_version = {int(source_version)}").partitionBy("source_version"))
+              .option("replaceWhere", f"source_version = {int(source_version)}")
+              .option("userMetadata", json.dumps(lineage, sort_keys=True))
+              .partitionBy("source_version"))
     save(writer, location)
-    return quarantine_count(spark, location, source_version)
+
+
+def quarantine_state(spark, location: str) -> Optional[dict]:
+    """The lineage of the quarantine table's latest commit (None: no table, or not bcemb's)."""
+    if not table_exists(spark, location):
+        return None
+    row = delta_table(spark, location).history(1).select("userMetadata").first()
+    try:
+        meta = json.loads(row.userMetadata or "{}")
+    except json.JSONDecodeError:
+        return None
+    return meta if meta.get("bcemb") == "quarantine" else None
 
 
 def quarantine_count(spark, location: str, source_version: int) -> int:
