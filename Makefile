@@ -3,6 +3,10 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 JAR_CACHE ?= $(HOME)/.cache/bcemb/jars
 CONFIG ?= conf/local.yaml
+# the Spark/Delta pair CI runs on (pyproject.toml allows ranges); override to test another pair
+TESTED_PYSPARK ?= 4.2.0
+TESTED_DELTA ?= 4.4.0
+EXTRAS ?= dev,bench,torch,report
 export OPENBLAS_NUM_THREADS ?= 1
 
 .DEFAULT_GOAL := help
@@ -11,8 +15,8 @@ export OPENBLAS_NUM_THREADS ?= 1
 help: ## list the targets with their one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
-install: ## pip-install bcemb with its pinned Spark/Delta pair into the current Python, then cache the Delta jars
-	$(PIP) install --quiet --disable-pip-version-check -e ".[dev,bench]"
+install: ## pip-install bcemb (all extras) with the tested Spark/Delta pair into the current Python, then cache the Delta jars
+	$(PIP) install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]" "pyspark==$(TESTED_PYSPARK)" "delta-spark==$(TESTED_DELTA)"
 	@$(MAKE) --no-print-directory jars
 
 jars: ## fetch the Delta jars matching delta-spark into $(JAR_CACHE) with mvn (else Spark falls back to Ivy)

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-import delta
 from pyspark.sql import SparkSession
 
 from bclib.config import SparkSettings
@@ -36,15 +35,37 @@ def delta_version() -> str:
     return version("delta-spark")
 
 
+def spark_version() -> str:
+    """The pyspark pip package's version (the driver's Spark)."""
+    import pyspark
+
+    return pyspark.__version__
+
+
+def delta_artifact(delta: str | None = None, spark: str | None = None) -> str:
+    """Delta's Maven artifact name, derived the way delta-spark's own `pip_utils` derives it.
+
+    Delta >= 4.1 publishes one artifact per Spark minor version, `delta-spark_<spark major.minor>_2.13`
+    (e.g. delta-spark_4.2_2.13 for Delta 4.4 on Spark 4.2); earlier releases `delta-spark_2.13`.
+    """
+    delta = delta or delta_version()
+    spark = spark or spark_version()
+    major, minor = (int(x) for x in delta.split(".")[:2])
+    if (major, minor) >= (4, 1):
+        return f"delta-spark_{'.'.join(spark.split('.')[:2])}_{SCALA_VERSION}"
+    return f"delta-spark_{SCALA_VERSION}"
+
+
 def delta_jar_names() -> list[str]:
     """File names `mvn dependency:copy` gives the two Delta jars."""
     v = delta_version()
-    return [f"delta-spark_{SCALA_VERSION}-{v}.jar", f"delta-storage-{v}.jar"]
+    return [f"{delta_artifact(v)}-{v}.jar", f"delta-storage-{v}.jar"]
 
 
 def delta_maven_coordinates() -> list[str]:
+    """group:artifact:version of the Delta jars matching the installed delta-spark and pyspark."""
     v = delta_version()
-    return [f"io.delta:delta-spark_{SCALA_VERSION}:{v}", f"io.delta:delta-storage:{v}"]
+    return [f"io.delta:{delta_artifact(v)}:{v}", f"io.delta:delta-storage:{v}"]
 
 
 def running_under_spark_submit() -> bool:
@@ -109,7 +130,9 @@ def _with_delta_jars(builder: SparkSession.Builder, settings: SparkSettings, sub
         log.info("Delta jars: local cache %s", settings.jar_cache_dir)
         return builder.config("spark.jars", ",".join(jars))
     log.info("Delta jars: Ivy (%s)", ", ".join(delta_maven_coordinates()))
-    return delta.configure_spark_with_delta_pip(builder)
+    # Ivy resolves both jars from the coordinates (delta-spark's pom depends on delta-storage); the same
+    # coordinates delta's configure_spark_with_delta_pip would add, without importing delta here
+    return builder.config("spark.jars.packages", delta_maven_coordinates()[0])
 
 
 def get_or_create(settings: SparkSettings) -> SparkSession:

@@ -42,11 +42,11 @@ def test_cached_jars_are_used_without_ivy(monkeypatch, tmp_path):
 
 
 def test_without_cache_ivy_resolves_the_matching_version(monkeypatch, tmp_path):
-    from bclib.spark import delta_version
+    from bclib.spark import delta_artifact, delta_version
 
     monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
     opts = _options(session_builder(SparkSettings(master="local[1]", jar_cache_dir=str(tmp_path / "empty"))))
-    assert f"io.delta:delta-spark_2.13:{delta_version()}" in opts["spark.jars.packages"]
+    assert f"io.delta:{delta_artifact()}:{delta_version()}" in opts["spark.jars.packages"]
 
 
 def test_cache_mode_without_jars_is_a_named_error(monkeypatch, tmp_path):
@@ -59,3 +59,25 @@ def test_warehouse_dir_is_made_absolute(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     opts = _options(session_builder(SparkSettings(master="local[1]", warehouse_dir="./wh", jar_cache_dir=str(tmp_path))))
     assert Path(opts["spark.sql.warehouse.dir"]) == tmp_path / "wh"
+
+
+@pytest.mark.parametrize("delta, spark, artifact", [
+    ("4.0.1", "4.0.1", "delta-spark_2.13"),
+    ("4.1.0", "4.1.2", "delta-spark_4.1_2.13"),
+    ("4.4.0", "4.2.0", "delta-spark_4.2_2.13"),
+])
+def test_jar_coordinates_follow_deltas_own_naming(delta, spark, artifact):
+    """Delta >= 4.1 names its jar per Spark minor version, as delta-spark's pip_utils derives it."""
+    from bclib.spark import delta_artifact
+
+    assert delta_artifact(delta, spark) == artifact
+
+
+def test_the_session_module_imports_without_delta():
+    """`import delta` is needed only for Ivy resolution, and bclib.spark no longer needs it at all."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "bclib" / "spark.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m == "delta" or m.startswith("delta.") for m in imported)

@@ -49,18 +49,73 @@ def knn_indices(x: np.ndarray, queries: np.ndarray, k: int, batch: int = 1024) -
     return out
 
 
+def _top_k(queries_x: np.ndarray, base: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the k largest dot products of each (normalised) query row with every (normalised) base row.
+
+    Exact. Uses torch.topk when torch is installed (about 20x faster than numpy's row-wise argpartition
+    on the driver), numpy otherwise; the two agree up to the order within the top k (sets are compared).
+    """
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    out = np.empty((len(queries_x), k), dtype=np.int64)
+    for start in range(0, len(queries_x), 1024):
+        sims = queries_x[start:start + 1024] @ base.T
+        if exclude is not None:
+            sims[np.arange(len(sims)), exclude[start:start + 1024]] = -np.inf
+        if torch is not None:
+            out[start:start + len(sims)] = torch.topk(torch.from_numpy(sims), k, dim=1).indices.numpy()
+        else:
+            out[start:start + len(sims)] = np.argpartition(sims, len(base) - k, axis=1)[:, -k:]
+    return out
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean |a_i ∩ b_i| / k over rows (each row: k distinct indices)."""
+    both = np.concatenate([a, b], axis=1)
+    both.sort(axis=1)
+    return float(np.mean(np.sum(both[:, 1:] == both[:, :-1], axis=1)) / k)
+
+
+class RecallReference:
+    """The true space's neighbourhoods, computed once, to score several candidate spaces against.
+
+    true: (n, d) true old vectors of n held-out entities; `queries` are n_queries of them (seeded).
+    `within(pred)`: overlap of pred's own K-NN sets with the true K-NN sets (self excluded) — the
+    neighbourhood structure inside the mapped space. `cross(pred)`: pred[i] searched among the *true*
+    vectors, overlap with true[i]'s K nearest true vectors (itself included) — what an index of old
+    vectors returns for mapped queries. Both cosine, exact; 1 = identical.
+    """
+
+    def __init__(self, true: np.ndarray, k: int = 10, n_queries: int = 2000, seed: int = 0) -> None:
+        if k >= len(true):
+            raise ValueError(f"k = {k} needs more than {len(true)} rows")
+        self.k, self.n = k, len(true)
+        rng = np.random.default_rng(seed)
+        self.queries = np.sort(rng.choice(len(true), size=min(n_queries, len(true)), replace=False))
+        self.true_n = _normalise(true)
+        self.within_ref = _top_k(self.true_n[self.queries], self.true_n, k, exclude=self.queries)
+        self.cross_ref = _top_k(self.true_n[self.queries], self.true_n, k)
+
+    def within(self, pred: np.ndarray) -> float:
+        _check_same_shape(pred[:, :0], self.true_n[:, :0])
+        pn = _normalise(pred)
+        return _overlap(_top_k(pn[self.queries], pn, self.k, exclude=self.queries), self.within_ref, self.k)
+
+    def cross(self, pred: np.ndarray) -> float:
+        _check_same_shape(pred, self.true_n)
+        pn = _normalise(pred)
+        return _overlap(_top_k(pn[self.queries], self.true_n, self.k), self.cross_ref, self.k)
+
+
 def neighbour_recall(pred: np.ndarray, true: np.ndarray, k: int = 10, n_queries: int = 2000, seed: int = 0) -> float:
     """Mean overlap |kNN_pred(i) ∩ kNN_true(i)| / k over sampled queries (1 = same neighbourhoods).
 
-    The true space's overlap with itself is exactly 1, so this is already
-    the ratio to it. Neighbours are searched among all rows (exact, cosine).
+    Within-space recall: neighbours of pred[i] among pred, of true[i] among true (self excluded), exact
+    cosine. The true space's overlap with itself is exactly 1, so this is already the ratio to it.
     """
-    _check_same_shape(pred[:, :0], true[:, :0])
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(len(true), size=min(n_queries, len(true)), replace=False))
-    a, b = knn_indices(pred, queries, k), knn_indices(true, queries, k)
-    overlap = [len(np.intersect1d(r1, r2, assume_unique=True)) for r1, r2 in zip(a, b)]
-    return float(np.mean(overlap) / k)
+    return RecallReference(true, k, n_queries, seed).within(pred)
 
 
 def cross_space_recall(pred: np.ndarray, true: np.ndarray, k: int = 10, n_queries: int = 2000,
@@ -72,19 +127,9 @@ def cross_space_recall(pred: np.ndarray, true: np.ndarray, k: int = 10, n_querie
     true[i] (itself included: an index of old vectors queried with the old vector returns it first);
     the mean overlap / K. Untransformed vectors of another model score near K / n; a perfect map 1.
     """
-    _check_same_shape(pred, true)
     if k > len(true):
         raise ValueError(f"k = {k} needs at least {k} rows, found {len(true)}")
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(len(true), size=min(n_queries, len(true)), replace=False))
-    tn, pn = _normalise(true), _normalise(pred)
-    overlap = np.empty(len(queries))
-    for start in range(0, len(queries), 1024):
-        q = queries[start:start + 1024]
-        got = np.argpartition(-(pn[q] @ tn.T), k - 1, axis=1)[:, :k]
-        ref = np.argpartition(-(tn[q] @ tn.T), k - 1, axis=1)[:, :k]
-        overlap[start:start + len(q)] = [len(np.intersect1d(a, b, assume_unique=True)) for a, b in zip(got, ref)]
-    return float(np.mean(overlap) / k)
+    return RecallReference(true, k, n_queries, seed).cross(pred)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:

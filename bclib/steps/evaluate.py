@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from bclib.config import JobConfig
-from bclib.numerics.metrics import cross_space_recall, mean_cosine, neighbour_recall, probe_retention, relative_l2
+from bclib.numerics.metrics import RecallReference, mean_cosine, probe_retention, relative_l2
 from bclib.numerics.records import chain_id, chain_records
 from bclib.numerics.samples import Sample, align_samples
 from bclib.numerics.transforms import apply_chain, truncate_or_pad
@@ -102,12 +102,14 @@ def _output_sample(spark, cfg: JobConfig, source_version: int, space: int, lo: f
 
 def pair_metrics(
     pred: np.ndarray, true: np.ndarray, source: np.ndarray, settings, labels: Optional[np.ndarray] = None,
+    within: bool = True,
 ) -> dict[str, float]:
     """Every metric for one pair, transformed and untransformed (source truncated/padded).
 
     pred, true: (n, d_j) mapped and true vectors of the same n held-out entities; source: (n, d_k).
     `neighbour_recall_at_K` is the cross-space recall (what an old index returns for mapped queries),
-    `within_space_recall_at_K` the overlap of neighbourhoods inside the mapped space with the true ones.
+    `within_space_recall_at_K` the overlap of neighbourhoods inside the mapped space with the true ones
+    (skipped with `within=False`: the gate does not need it).
     """
     baseline = truncate_or_pad(source, true.shape[1])
     out = {
@@ -118,11 +120,12 @@ def pair_metrics(
     }
     k = settings.neighbours_k
     if len(true) > k + 1:
-        n = settings.neighbours_sample
-        out[f"neighbour_recall_at_{k}"] = cross_space_recall(pred, true, k, n)
-        out[f"baseline_neighbour_recall_at_{k}"] = cross_space_recall(baseline, true, k, n)
-        out[f"within_space_recall_at_{k}"] = neighbour_recall(pred, true, k, n)
-        out[f"baseline_within_space_recall_at_{k}"] = neighbour_recall(baseline, true, k, n)
+        ref = RecallReference(true, k, settings.neighbours_sample)
+        out[f"neighbour_recall_at_{k}"] = ref.cross(pred)
+        out[f"baseline_neighbour_recall_at_{k}"] = ref.cross(baseline)
+        if within:
+            out[f"within_space_recall_at_{k}"] = ref.within(pred)
+            out[f"baseline_within_space_recall_at_{k}"] = ref.within(baseline)
     if labels is not None:
         known = ~np.isnan(labels)
         if len(np.unique(labels[known])) >= 2 and known.sum() >= 20:
@@ -133,12 +136,13 @@ def pair_metrics(
     return out
 
 
-def chain_metrics(records, heldout: HeldOut, source: int, space: int, settings) -> tuple[int, dict[str, float]]:
+def chain_metrics(records, heldout: HeldOut, source: int, space: int, settings,
+                  within: bool = True) -> tuple[int, dict[str, float]]:
     """A registry chain source -> space applied on the driver to the held-out entities: (n, metrics)."""
     src, true = heldout.samples[source], heldout.samples[space]
     ids, src_v, true_v, _ = align_samples(src, true)
     pred = apply_chain([r.transform for r in records], src_v)
-    return len(ids), pair_metrics(pred, true_v, src_v, settings, _lookup_labels(heldout.labels, ids))
+    return len(ids), pair_metrics(pred, true_v, src_v, settings, _lookup_labels(heldout.labels, ids), within)
 
 
 def _labels_for(spark, cfg: JobConfig, lo: float, hi: float) -> Optional[Sample]:

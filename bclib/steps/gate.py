@@ -118,7 +118,7 @@ def run_gate(spark, cfg: JobConfig, source_version: int, chains: dict[int, Seque
                                   labels=cfg.gate.min_probe_retention is not None)
     verdicts = []
     for space, records in sorted(chains.items()):
-        n, metrics = chain_metrics(records, heldout, source_version, space, cfg.evaluate)
+        n, metrics = chain_metrics(records, heldout, source_version, space, cfg.evaluate, within=False)
         verdict = GateVerdict(source_version, space, chain_id(records), [r.transform_id for r in records], n,
                               gate_checks(metrics, cfg.gate, cfg.evaluate.neighbours_k))
         log.info("gate: %d -> %d (chain %s, %d held-out entities): %s", source_version, space, verdict.chain_id, n,
