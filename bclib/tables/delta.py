@@ -100,17 +100,24 @@ def save(writer, location: str) -> None:
 
 
 def conflict_exceptions() -> tuple[type, ...]:
-    """Delta's typed concurrent-modification exceptions (delta.exceptions), raised by py4j as Python classes."""
-    from delta.exceptions import DeltaConcurrentModificationException
+    """Delta's typed concurrent-modification exceptions (`delta.exceptions`), as py4j raises them in Python.
 
-    return (DeltaConcurrentModificationException,)
+    Named one by one: in delta-spark 4.4 they no longer share the DeltaConcurrentModificationException
+    base class in Python (each subclasses PySparkException; the raised objects are
+    delta.exceptions.captured.* subclasses of these).
+    """
+    from delta import exceptions as dx
+
+    return (dx.DeltaConcurrentModificationException, dx.ConcurrentWriteException, dx.MetadataChangedException,
+            dx.ProtocolChangedException, dx.ConcurrentAppendException, dx.ConcurrentDeleteReadException,
+            dx.ConcurrentDeleteDeleteException, dx.ConcurrentTransactionException)
 
 
 def retry_on_conflict(action: Callable[[], T], what: str, attempts: int = 3, backoff_s: float = 1.0) -> T:
     """Run `action`; on a Delta concurrent-modification exception, wait and run it again (it re-plans).
 
     Only Delta's typed conflict exceptions (ConcurrentAppendException, ConcurrentWriteException,
-    MetadataChangedException, ... — all subclasses of DeltaConcurrentModificationException) are retried,
+    MetadataChangedException, ProtocolChangedException, ...; `conflict_exceptions`) are retried,
     `attempts` times in all with exponential backoff plus jitter; then ConcurrentRunError names `what`.
     """
     from bclib.errors import ConcurrentRunError

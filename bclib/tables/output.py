@@ -145,8 +145,9 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
         .option("txnAppId", txn[0]).option("txnVersion", int(txn[1]))
         .partitionBy("space_version")
     )
+    before = _version_or_none(spark, location)
     save(writer, location)
-    return _last_commit_rows(spark, location, lineage)
+    return _committed_rows(spark, location, before, lineage)
 
 
 def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict, txn: tuple[str, int]) -> int:
@@ -159,6 +160,7 @@ def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage:
 
     spaces_sql = ", ".join(str(int(s)) for s in spaces)
     columns = [c for c in OUTPUT_COLUMNS]
+    before = _version_or_none(spark, location)
     with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])):
         (
             delta_table(spark, location).alias("t")
@@ -169,19 +171,21 @@ def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage:
             .whenNotMatchedInsert("s._op = 'upsert'", {c: F.col(f"s.{c}") for c in columns})
             .execute()
         )
-    return _last_commit_rows(spark, location, lineage)
+    return _committed_rows(spark, location, before, lineage)
 
 
-def _last_commit_rows(spark, location: str, lineage: dict) -> int:
-    """Rows the latest commit wrote, if it is this run's commit (0 when Delta skipped it by transaction id)."""
-    row = delta_table(spark, location).history(1).select("userMetadata", "operationMetrics").first()
-    try:
-        ours = json.loads(row.userMetadata or "{}").get("run_id") == lineage.get("run_id")
-    except json.JSONDecodeError:
-        ours = False
-    if not ours:
+def _version_or_none(spark, location: str) -> Optional[int]:
+    if not table_exists(spark, location):
+        return None
+    return int(delta_table(spark, location).history(1).select("version").first()[0])
+
+
+def _committed_rows(spark, location: str, before: Optional[int], lineage: dict) -> int:
+    """Rows the commit just made wrote; 0 when Delta skipped it (its transaction id was already recorded)."""
+    row = delta_table(spark, location).history(1).select("version", "operationMetrics").first()
+    if before is not None and int(row.version) == before:
         log.info("output: Delta skipped the commit (transaction id %s already recorded): an earlier attempt "
-                 "of this run committed the same work", lineage.get("txn"))
+                 "committed the same work", lineage.get("txn"))
         return 0
     m = row.operationMetrics or {}
     if "numOutputRows" in m and "numTargetRowsInserted" not in m:

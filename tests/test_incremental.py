@@ -1,0 +1,213 @@
+"""Incremental backfills from the change data feed, exactly-once commits, concurrent writers, maintenance.
+
+Every incremental result is compared with what a full rewrite of the same source gives.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from bclib.errors import IncrementalUnavailableError, ShrinkGuardError
+from bclib.steps.backfill import run_backfill
+from bclib.steps.fit import run_fit
+from bclib.steps.generate import run_generate
+from bclib.tables.delta import current_delta_version, delta_table
+
+from conftest import small_config
+
+
+def _space(spark, location, space):
+    rows = sorted(spark.read.format("delta").load(location).where(f"space_version = {space}")
+                  .select("id", "vector", "chain_id").collect(), key=lambda r: r.id)
+    return (np.array([r.id for r in rows]), np.array([r.vector for r in rows], dtype=np.float64),
+            {r.chain_id for r in rows})
+
+
+def _same_content(spark, a, b, spaces=(0, 1)):
+    for j in spaces:
+        ia, va, ca = _space(spark, a, j)
+        ib, vb, cb = _space(spark, b, j)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(va, vb)  # the same kernel on the same rows: bitwise equal
+        assert ca == cb and len(ca) == 1
+
+
+@pytest.fixture(scope="module")
+def published(spark, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("incr")
+    cfg = small_config(tmp, evaluate={"label_location": None})
+    run_generate(spark, cfg)
+    run_fit(spark, cfg)
+    run_backfill(spark, cfg)
+    return tmp, cfg
+
+
+def _change_source(spark, cfg, seed: int, re_insert: bool = True):
+    """Updates, inserts and deletes on version 2 over several commits (also delete-then-re-insert of one id)."""
+    rng = np.random.default_rng(seed)
+    loc = cfg.version_location(2)
+    t = delta_table(spark, loc)
+    ids = np.array(sorted(r.id for r in spark.read.format("delta").load(loc).select("id").collect()))
+    dim = cfg.demo.dims[2]
+    upd = spark.createDataFrame([(int(i), rng.normal(size=dim).astype(np.float32).tolist()) for i in ids[:7]],
+                                "id long, vector array<float>")
+    t.alias("t").merge(upd.alias("s"), "t.id = s.id").whenMatchedUpdateAll().execute()
+    upd2 = spark.createDataFrame([(int(ids[0]), rng.normal(size=dim).astype(np.float32).tolist())],
+                                 "id long, vector array<float>")  # the same id updated twice in the range
+    t.alias("t").merge(upd2.alias("s"), "t.id = s.id").whenMatchedUpdateAll().execute()
+    base = int(ids.max()) + 1000 * (seed + 1)
+    new = spark.createDataFrame([(base + i, rng.normal(size=dim).astype(np.float32).tolist()) for i in range(4)],
+                                "id long, vector array<float>")
+    new.write.format("delta").mode("append").save(loc)
+    t.delete(f"id IN ({int(ids[20])}, {int(ids[21])}, {base})")  # an old id, and one inserted in this range
+    if re_insert:  # deleted in the range, then inserted again with another vector
+        again = spark.createDataFrame([(int(ids[20]), rng.normal(size=dim).astype(np.float32).tolist())],
+                                      "id long, vector array<float>")
+        again.write.format("delta").mode("append").save(loc)
+
+
+def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark, published, tmp_path):
+    tmp, cfg = published
+    _change_source(spark, cfg, seed=1)
+    before = current_delta_version(spark, cfg.output_location)
+    result = run_backfill(spark, cfg)
+    assert {a for a, _ in result.actions.values()} == {"incremental"} and result.commits == 1
+    assert current_delta_version(spark, cfg.output_location) == before + 1
+    last = delta_table(spark, cfg.output_location).history(1).first()
+    meta = json.loads(last.userMetadata)
+    assert last.operation == "MERGE" and meta["mode"] == "incremental"
+    assert meta["source"]["from_delta_version"] < meta["source"]["delta_version"]
+    full_cfg = small_config(tmp, output_location=str(tmp_path / "full"), evaluate={"label_location": None})
+    run_backfill(spark, full_cfg)
+    _same_content(spark, cfg.output_location, full_cfg.output_location)
+    # and a rerun does nothing
+    assert run_backfill(spark, cfg).skipped and current_delta_version(spark, cfg.output_location) == before + 1
+
+
+def test_a_retried_commit_is_skipped_by_delta_itself(spark, published, tmp_path):
+    """Exactly once: the same work committed twice under one transaction id lands once."""
+    from bclib.steps.backfill import plan_backfill, to_spaces
+    from bclib.tables.embeddings import read_embedding_version
+    from bclib.tables.output import write_full
+
+    tmp, cfg = published
+    out = str(tmp_path / "txn")
+    plan = plan_backfill(spark, cfg)
+    source = read_embedding_version(spark, cfg, 2)
+    df = source.df.transform(to_spaces(plan))
+    lineage = {"bcemb": "backfill", "run_id": "r1", "spaces": {}}
+    txn = ("bcemb-test-app", source.delta_version)
+    first = write_full(spark, df, out, plan.spaces, lineage, 10_000, txn)
+    version = current_delta_version(spark, out)
+    again = write_full(spark, df, out, plan.spaces, lineage, 10_000, txn)
+    assert first == 2 * source.df.count() and again == 0
+    assert current_delta_version(spark, out) == version
+    assert spark.read.format("delta").load(out).count() == first
+
+
+def test_without_change_data_feed_auto_rewrites_and_require_refuses(spark, tmp_path, caplog):
+    import logging
+
+    cfg = small_config(tmp_path, evaluate={"label_location": None})
+    run_generate(spark, cfg)
+    loc = cfg.version_location(2)
+    spark.sql(f"ALTER TABLE delta.`{loc}` SET TBLPROPERTIES (delta.enableChangeDataFeed = false)")
+    run_fit(spark, cfg)
+    run_backfill(spark, cfg)
+    _change_source(spark, cfg, seed=2, re_insert=False)
+    before = current_delta_version(spark, cfg.output_location)
+    required = small_config(tmp_path, evaluate={"label_location": None}, backfill={"incremental": "require"})
+    with pytest.raises(IncrementalUnavailableError, match=r"backfill.incremental is 'require' but change data feed "
+                                                          r"is not enabled on '.*v2'.*nothing was written"):
+        run_backfill(spark, required)
+    assert current_delta_version(spark, cfg.output_location) == before
+    with caplog.at_level(logging.WARNING, logger="bclib.steps.backfill"):
+        result = run_backfill(spark, cfg)
+    assert {a for a, _ in result.actions.values()} == {"full"}
+    assert any("change data feed is not enabled" in r.message and "rewritten in full" in r.message
+               for r in caplog.records)
+
+
+def test_deletes_beyond_max_shrink_are_refused_unless_allowed(spark, tmp_path):
+    cfg = small_config(tmp_path, evaluate={"label_location": None})
+    run_generate(spark, cfg)
+    run_fit(spark, cfg)
+    run_backfill(spark, cfg)
+    delta_table(spark, cfg.version_location(2)).delete("id % 4 = 0")  # a quarter of the rows
+    before = current_delta_version(spark, cfg.output_location)
+    with pytest.raises(ShrinkGuardError, match=r"space \d would lose up to \d+ of its \d+ rows .*--allow-shrink"):
+        run_backfill(spark, cfg)
+    assert current_delta_version(spark, cfg.output_location) == before
+    result = run_backfill(spark, cfg, allow_shrink=True)
+    assert result.commits == 1
+    n_src = spark.read.format("delta").load(cfg.version_location(2)).count()
+    assert {r.space_version: r["count"] for r in spark.read.format("delta").load(cfg.output_location)
+            .groupBy("space_version").count().collect()} == {0: n_src, 1: n_src}
+
+
+def test_two_concurrent_backfills_one_wins_the_other_replans(spark, tmp_path):
+    cfg = small_config(tmp_path, evaluate={"label_location": None})
+    run_generate(spark, cfg)
+    run_fit(spark, cfg)
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(run_backfill(spark, cfg))
+        except Exception as exc:  # noqa: BLE001 - the test inspects whatever happened
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    from bclib.errors import ConcurrentRunError
+
+    assert all(isinstance(e, ConcurrentRunError) for e in errors), errors
+    assert len(results) + len(errors) == 2 and results
+    # whatever the interleaving: the table holds each space once, with the source's rows
+    n_src = spark.read.format("delta").load(cfg.version_location(2)).count()
+    counts = {r.space_version: r["count"] for r in spark.read.format("delta").load(cfg.output_location)
+              .groupBy("space_version").count().collect()}
+    assert counts == {0: n_src, 1: n_src}
+    dup = spark.read.format("delta").load(cfg.output_location).groupBy("space_version", "id").count() \
+        .where("count > 1").count()
+    assert dup == 0
+    writes = [h for h in delta_table(spark, cfg.output_location).history().collect() if h.operation == "WRITE"]
+    assert len(writes) == 1  # the loser re-planned and found nothing to do (or failed by name)
+
+
+def test_maintain_compacts_and_vacuums_and_the_output_stays_up_to_date(spark, tmp_path):
+    from bclib.steps.maintain import run_maintain
+
+    cfg = small_config(tmp_path, evaluate={"label_location": None},
+                       backfill={"arrow_batch_rows": 100, "output_partitions": 8, "force": True},
+                       maintenance={"vacuum_retention_hours": 0, "time_travel_hours": 0, "optimize_min_files": 2,
+                                    "optimize_small_file_mb": 1})
+    run_generate(spark, cfg)
+    run_fit(spark, cfg)
+    run_backfill(spark, cfg)
+    run_backfill(spark, cfg)  # forced: a second set of files, the first now unreferenced
+    before = _space(spark, cfg.output_location, 0)
+    result = run_maintain(spark, cfg)
+    assert set(result.optimized) == {0, 1} and all(m["numRemovedFiles"] >= 2 for m in result.optimized.values())
+    assert result.vacuumed_files > 0 and result.vacuumed_bytes > 0
+    after = _space(spark, cfg.output_location, 0)
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+    plain = small_config(tmp_path, evaluate={"label_location": None})
+    assert run_backfill(spark, plain).skipped  # maintenance commits carry the lineage forward
+
+
+def test_vacuum_shorter_than_the_promised_time_travel_is_a_config_error():
+    from bclib.config import config_from_dict
+    from bclib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'maintenance.vacuum_retention_hours' = 24 is shorter than "
+                                          r"maintenance.time_travel_hours = 168"):
+        config_from_dict({"maintenance": {"vacuum_retention_hours": 24}})
