@@ -128,6 +128,23 @@ def test_condition_number_against_known_singular_values():
     assert t.meta["condition_number"] == pytest.approx(np.linalg.cond(x + 4.0 - (x + 4.0).mean(axis=0)), rel=1e-9)
 
 
+def test_ill_conditioned_ridge_zero_is_logged_and_auto_shrinks(caplog):
+    """Two inputs equal up to 1e-7 noise: condition number ~1.8e7; ridge 0 puts ~1e5 weights on their difference."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6))
+    x[:, 5] = x[:, 4] + 1e-7 * rng.normal(size=200)
+    y = x[:, :4] @ rng.normal(size=(4, 3)) + 0.1 * rng.normal(size=(200, 3))
+    exact = condition_number(x - x.mean(axis=0))
+    assert exact > 1e7
+    with caplog.at_level("WARNING", logger="bclib.numerics.closed_form"):
+        plain = fit_linear(x, y, ridge=0.0, bias=True)
+    assert "condition number" in caplog.text and "transform.ridge: auto" in caplog.text
+    assert plain.meta["condition_number"] == pytest.approx(exact, rel=0.1)  # from XᵀX's eigenvalues
+    auto = fit_linear(x, y, ridge="auto", bias=True)
+    assert auto.meta["condition_number"] == pytest.approx(exact, rel=1e-6)  # from the SVD GCV uses
+    assert np.abs(plain.weight).max() > 1e3 and np.abs(auto.weight).max() < 10
+
+
 # --------------------------------------------------------------------------- anchored: K-fold ridge and weights
 
 

@@ -28,7 +28,7 @@ Ridge = Union[float, str]  # a scale-free value >= 0, or "auto"
 # "auto" chooses from 0 and 14 log-spaced values 1e-6 .. 10 (scale-free: × the mean eigenvalue of XᵀX)
 RIDGE_GRID: tuple[float, ...] = (0.0,) + tuple(float(v) for v in np.logspace(-6, 1, 14))
 ANCHOR_W0 = (0.5, 0.75, 0.9)  # 1-hop weights tried besides uniform 1/m by the anchored "auto" (rest spread evenly)
-ILL_CONDITIONED = 1e8  # an unregularised fit of a design this ill-conditioned is logged (ridge: auto is suggested)
+ILL_CONDITIONED = 1e6  # an unregularised fit of a design this ill-conditioned is logged (ridge: auto is suggested)
 UNRELIABLE_SOLVE = 1e10  # GCV does not offer ridge 0 when the design's condition number exceeds this
 UNIT_NORM_TOL = 1e-3  # space_geometry: a row is unit-norm when | ||y|| - 1 | <= this ...
 UNIT_NORM_FRACTION = 0.99  # ... and a space is when at least this fraction of its rows are
@@ -77,6 +77,15 @@ def _condition(s: np.ndarray) -> float:
     if not len(s) or s[-1] <= 0:
         return math.inf
     return float(s[0] / s[-1])
+
+
+def _gram_condition(gram: np.ndarray) -> float:
+    """sqrt(λ_max / λ_min) of XᵀX: X's condition number without another pass over the rows.
+
+    Accurate while it is well below 1/sqrt(machine epsilon) (~1e7); beyond that it only says "large" (or inf).
+    """
+    e = np.linalg.eigvalsh(gram)
+    return math.sqrt(e[-1] / e[0]) if len(e) and e[0] > 0 else math.inf
 
 
 def space_geometry(y: np.ndarray) -> dict:
@@ -133,9 +142,9 @@ def ridge_penalty(gram: np.ndarray, ridge: float) -> float:
     return float(ridge) * float(np.trace(gram)) / max(gram.shape[0], 1)
 
 
-def _ridge_solve(xc: np.ndarray, yc: np.ndarray, ridge: float) -> np.ndarray:
+def _ridge_solve(xc: np.ndarray, yc: np.ndarray, ridge: float, gram: Optional[np.ndarray] = None) -> np.ndarray:
     """W minimising ||Xc W - Yc||² + λ||W||² with λ = ridge_penalty(XᵀX, ridge), via the normal equations."""
-    gram = xc.T @ xc
+    gram = xc.T @ xc if gram is None else gram.copy()
     if ridge:
         gram[np.diag_indices_from(gram)] += ridge_penalty(gram, ridge)
     return _solve_spd(gram, xc.T @ yc)
@@ -233,7 +242,7 @@ def _require_determined(n: int, d_in: int, bias: bool, what: str) -> None:
 
 
 def _ridge_for(xc: np.ndarray, yc: np.ndarray, ridge: Ridge, bias: bool, what: str,
-               grid: Optional[Sequence[float]]) -> tuple[float, dict]:
+               grid: Optional[Sequence[float]], gram: np.ndarray) -> tuple[float, dict]:
     """The ridge to solve with, and the meta recording how it was chosen (GCV curve for 'auto')."""
     if isinstance(ridge, str) and ridge == "auto":
         g = ridge_grid(grid)
@@ -243,7 +252,7 @@ def _ridge_for(xc: np.ndarray, yc: np.ndarray, ridge: Ridge, bias: bool, what: s
         return chosen, {"ridge": chosen, "ridge_mode": "auto", "ridge_grid": [float(v) for v in g],
                         "gcv": [json_float(v) for v in curve], "condition_number": json_float(cond)}
     chosen = _fixed_ridge(ridge)
-    cond = condition_number(xc)
+    cond = _gram_condition(gram) if xc.shape[0] >= xc.shape[1] else math.inf
     if chosen == 0:
         _require_determined(xc.shape[0], xc.shape[1], bias, what)
         if cond > ILL_CONDITIONED:
@@ -267,8 +276,9 @@ def fit_linear(
     """
     _check_pairs(x, y)
     xc, yc, mx, my = _center(x, y, bias)
-    chosen, meta = _ridge_for(xc, yc, ridge, bias, "fit_linear", grid)
-    weight = _ridge_solve(xc, yc, chosen)
+    gram = xc.T @ xc
+    chosen, meta = _ridge_for(xc, yc, ridge, bias, "fit_linear", grid, gram)
+    weight = _ridge_solve(xc, yc, chosen, gram)
     return _affine(weight, mx, my, bias, "linear", {**meta, "bias": bias})
 
 
@@ -302,8 +312,9 @@ def fit_lowrank(
             f"rank must be in [1, {min(x.shape[1], y.shape[1])}] for {x.shape[1]}->{y.shape[1]}, found {rank}"
         )
     xc, yc, mx, my = _center(x, y, bias)
-    chosen, meta = _ridge_for(xc, yc, ridge, bias, "fit_lowrank", grid)
-    w_ols = _ridge_solve(xc, yc, chosen)
+    gram = xc.T @ xc
+    chosen, meta = _ridge_for(xc, yc, ridge, bias, "fit_lowrank", grid, gram)
+    w_ols = _ridge_solve(xc, yc, chosen, gram)
     fitted = xc @ w_ols
     # top right-singular vectors of the fitted values = top eigenvectors of fittedᵀfitted
     evals, evecs = np.linalg.eigh(fitted.T @ fitted)
@@ -407,8 +418,9 @@ def fit_anchored_linear(
     else:
         ridge_value, w = _fixed_ridge(ridge), _step_weights(weights, len(targets))
         meta.update({"ridge": ridge_value, "ridge_mode": "fixed", "anchor_weights": [float(v) for v in w]})
-    meta["condition_number"] = json_float(condition_number(x64))
-    weight = _AnchoredSystem.of(x64, targets, maps).solve(w, [ridge_value])[0]
+    system = _AnchoredSystem.of(x64, targets, maps)
+    meta["condition_number"] = json_float(_gram_condition(system.gram) if x64.shape[0] >= x64.shape[1] else math.inf)
+    weight = system.solve(w, [ridge_value])[0]
     return AffineTransform(weight, None, kind="linear", meta=meta)
 
 
