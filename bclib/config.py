@@ -57,13 +57,24 @@ class EmbeddingSource:
 
 @dataclass(frozen=True)
 class TransformSettings:
-    """Which transform family and objective `fit` uses."""
+    """Which transform family and objective `fit` uses.
 
-    kind: Literal["linear", "orthogonal", "lowrank", "mlp"] = "linear"
+    ridge: scale-free (× the mean eigenvalue of XᵀX) or "auto" (GCV for linear/lowrank/local, K-fold on the
+    anchored objective, which then also chooses the step weights within `anchor_tolerance` of the
+    single-step 1-hop error). output_norm: "auto" renormalises the transform's output rows when the target
+    space is unit-norm, "unit" always, "none" never. clusters/temperature: the local family's k and
+    softmax temperature (None: chosen from the data).
+    """
+
+    kind: Literal["linear", "orthogonal", "lowrank", "mlp", "local"] = "linear"
     objective: Literal["single_step", "multi_step", "anchored"] = "single_step"
-    ridge: float = 0.0
+    ridge: Union[float, Literal["auto"]] = "auto"
     bias: bool = False
+    output_norm: Literal["auto", "unit", "none"] = "auto"
     rank: Optional[int] = None
+    clusters: Optional[int] = None
+    temperature: Optional[float] = None
+    anchor_tolerance: float = 0.02
     scale: bool = True
     hidden: int = 256
     epochs: int = 200
@@ -198,6 +209,8 @@ class JobConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -209,7 +222,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        problems = []
+        for member in inner:  # the first member that accepts the value wins
+            try:
+                return _coerce(value, member, key)
+            except ConfigError as exc:
+                problems.append(str(exc).removeprefix(f"config key '{key}': "))
+        raise ConfigError(f"config key '{key}': {value!r} matches none of "
+                          f"{', '.join(_type_name(m) for m in inner)} ({'; '.join(problems)})")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(args)}")
@@ -310,7 +332,7 @@ def _validate(cfg: JobConfig) -> None:
         raise ConfigError(f"config key 'fit.holdout_fraction' must be in (0, 0.5), found {cfg.fit.holdout_fraction}")
     if cfg.fit.sample_size < cfg.fit.min_pairs:
         raise ConfigError(f"config key 'fit.sample_size' ({cfg.fit.sample_size}) is below fit.min_pairs ({cfg.fit.min_pairs})")
-    if cfg.transform.kind in ("orthogonal", "lowrank") and cfg.transform.objective != "single_step":
+    if cfg.transform.kind in ("orthogonal", "lowrank", "local") and cfg.transform.objective != "single_step":
         raise ConfigError(
             f"config key 'transform.objective': '{cfg.transform.objective}' is available for kinds 'linear' and "
             f"'mlp'; '{cfg.transform.kind}' fits single_step only"
@@ -352,7 +374,8 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),
     "maintenance.optimize_min_files": (2, None), "maintenance.optimize_small_file_mb": (1, None),
     "transform.hidden": (1, None), "transform.epochs": (1, None), "transform.batch_size": (1, None),
-    "transform.patience": (1, None), "spark.shuffle_partitions": (1, None),
+    "transform.patience": (1, None), "transform.clusters": (1, None), "transform.anchor_tolerance": (0.0, None),
+    "spark.shuffle_partitions": (1, None),
     "demo.n_entities": (1, None), "demo.block_rows": (1, 10_000_000),
 }
 
@@ -376,6 +399,9 @@ def _check_bounds(cfg: JobConfig) -> None:
         )
     if cfg.transform.ridge != "auto" and isinstance(cfg.transform.ridge, (int, float)) and cfg.transform.ridge < 0:
         raise ConfigError(f"config key 'transform.ridge' = {cfg.transform.ridge} must be >= 0 (or 'auto')")
+    if cfg.transform.temperature is not None and not cfg.transform.temperature > 0:
+        raise ConfigError(f"config key 'transform.temperature' = {cfg.transform.temperature} must be > 0 "
+                          "(or unset: chosen from the data)")
 
 
 def config_from_dict(data: dict[str, Any]) -> JobConfig:

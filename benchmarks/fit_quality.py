@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 COMBOS = [
     ("linear", "single_step"), ("linear", "multi_step"), ("linear", "anchored"),
     ("orthogonal", "single_step"), ("lowrank", "single_step"),
-    ("mlp", "single_step"), ("mlp", "multi_step"), ("mlp", "anchored"),
+    ("mlp", "single_step"), ("mlp", "multi_step"), ("mlp", "anchored"), ("local", "single_step"),
 ]
 
 

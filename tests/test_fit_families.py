@@ -133,13 +133,15 @@ def test_multi_step_linear_closed_form_is_stationary_for_the_paper_loss():
     x, rng = _data(d_in=20)
     links = _frozen_chain(rng, [16, 12, 8])
     y = np.tanh(x @ rng.normal(size=(20, 16)) / 3)
-    settings = TransformSettings(kind="linear", objective="multi_step")
-    t = fit_edge(x, y, settings, frozen_chains=[links[:1], links])
     chains = [[], links[:1], links]
     targets = [apply_chain(c, y) if c else y for c in chains]
-    _, grad = anchored_objective(t.weight, x, targets, chains)
-    _, scale = anchored_objective(np.zeros_like(t.weight), x, targets, chains)
-    assert np.abs(grad).max() < 1e-8 * np.abs(scale).max()
+    for ridge in (0.0, "auto"):  # "auto" picks the ridge by K-fold; the fit is stationary at the ridge it records
+        t = fit_edge(x, y, TransformSettings(kind="linear", objective="multi_step", ridge=ridge),
+                     frozen_chains=[links[:1], links])
+        assert t.meta["anchor_weights"] == [1 / 3] * 3  # multi_step keeps the paper's uniform step weights
+        _, grad = anchored_objective(t.weight, x, targets, chains, ridge=t.meta["ridge"])
+        _, scale = anchored_objective(np.zeros_like(t.weight), x, targets, chains, ridge=t.meta["ridge"])
+        assert np.abs(grad).max() < 1e-8 * np.abs(scale).max()
 
 
 def _demo_versions(n=6000, seed=7):
@@ -151,8 +153,8 @@ def _demo_versions(n=6000, seed=7):
     return train, test
 
 
-def _fit_chain(train, objective):
-    settings = TransformSettings(kind="linear", objective=objective)
+def _fit_chain(train, objective, ridge=0.0):
+    settings = TransformSettings(kind="linear", objective=objective, ridge=ridge)
     fitted = []  # B_1, B_2, ...
     for k in range(1, 5):
         frozen = [list(reversed(fitted[j:])) for j in range(k - 2, -1, -1)]  # to spaces k-2 .. 0

@@ -1,12 +1,16 @@
 """Fitting one edge B_k (version k -> k-1): family/objective dispatch and the per-edge seam (pure numpy/torch).
 
-`fit_edge` picks the closed form (`bclib.numerics.closed_form`) or the torch fit
-(`bclib.numerics.torch_fit`, imported only when needed). `fit_one_edge` is the seam the Spark fit step
-and the benchmarks share: driver-side samples in, a transform and its held-out metrics out.
+`fit_edge` picks the closed form (`bclib.numerics.closed_form`), the local fit
+(`bclib.numerics.local_fit`) or the torch fit (`bclib.numerics.torch_fit`, imported only when needed),
+in the geometry consumers use: when the target space is unit-norm (detected with `output_norm: auto`,
+or forced with `unit`) the fit sees unit-norm inputs and targets and the transform renormalises its
+output rows (meta output_norm 'unit'). `fit_one_edge` is the seam the Spark fit step and the
+benchmarks share: driver-side samples in, a transform and its held-out metrics out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Sequence
@@ -14,10 +18,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from bclib.errors import InsufficientDataError
-from bclib.numerics.closed_form import fit_anchored_linear, fit_linear, fit_lowrank, fit_orthogonal
+from bclib.numerics.closed_form import fit_anchored_linear, fit_linear, fit_lowrank, fit_orthogonal, space_geometry
+from bclib.numerics.local_fit import fit_local
 from bclib.numerics.metrics import mean_cosine, relative_l2
 from bclib.numerics.samples import Sample, align_samples
-from bclib.numerics.transforms import AffineTransform, Transform, apply_chain, truncate_or_pad
+from bclib.numerics.transforms import AffineTransform, Transform, apply_chain, normalize_rows, truncate_or_pad
 
 if TYPE_CHECKING:  # settings are duck-typed: numerics never imports the config layer
     from bclib.config import FitSettings, TransformSettings
@@ -34,14 +39,44 @@ def fit_edge(
 ) -> Transform:
     """Fit B_k for one edge with the configured family and objective.
 
-    frozen_chains[i] maps space k-1 to an earlier space j_i (the already
-    fitted B_{k-1}, ..., B_{j_i+1}); anchors[i] holds the true z_{j_i} for
-    the same rows (anchored objective only). With no earlier transforms the
-    multi-step objectives reduce to single-step.
+    x: (n, d_k) and y: (n, d_{k-1}) paired rows, any float dtype. frozen_chains[i] maps space k-1 to an
+    earlier space j_i (the already fitted B_{k-1}, ..., B_{j_i+1}); anchors[i] holds the true z_{j_i}
+    for the same rows (anchored objective only). With no earlier transforms the multi-step objectives
+    reduce to single-step. `settings` is duck-typed (TransformSettings): kind, objective, ridge, bias,
+    rank, scale, output_norm, clusters, temperature, anchor_tolerance, seed and the torch fields.
+    Output geometry (`output_geometry`): for a unit-norm target space y (and x, when its space is
+    unit-norm) is renormalised before the fit and meta gets output_norm 'unit', so the forward pass
+    renormalises; meta also records both spaces' `space_geometry`. The closed forms fit the affine
+    part to the unit-norm targets (the renormalisation is applied after); the torch fits train through it.
+    Raises ValueError for an unknown kind/objective or missing anchors, and what the fits raise.
     """
+    unit, geometry = output_geometry(x, y, settings.output_norm)
+    if unit:
+        y = normalize_rows(y.astype(np.float64))
+        if geometry["source"]["unit_norm"]:
+            x = normalize_rows(x.astype(np.float64))
+    t = _fit_objective(x, y, settings, frozen_chains, anchors, unit)
+    return dataclasses.replace(t, meta={**t.meta, "output_norm": "unit" if unit else "none", "geometry": geometry})
+
+
+def output_geometry(x: np.ndarray, y: np.ndarray, output_norm: str) -> tuple[bool, dict]:
+    """Whether the fitted map renormalises its output, and both spaces' geometry (JSON-able).
+
+    output_norm: "unit" (always), "none" (never) or "auto" (when y's space is unit-norm by
+    `space_geometry`: 99 % of rows within 1e-3 of norm 1). x: (n, d_k), y: (n, d_{k-1}).
+    Raises ValueError for another output_norm.
+    """
+    if output_norm not in ("auto", "unit", "none"):
+        raise ValueError(f"output_norm must be 'auto', 'unit' or 'none', found {output_norm!r}")
+    geometry = {"source": space_geometry(x), "target": space_geometry(y)}
+    unit = output_norm == "unit" or (output_norm == "auto" and geometry["target"]["unit_norm"])
+    return unit, geometry
+
+
+def _fit_objective(x, y, settings, frozen_chains, anchors, unit: bool) -> Transform:
     kind, objective = settings.kind, settings.objective
     if objective == "single_step" or not frozen_chains:
-        return _fit_single(x, y, settings)
+        return _fit_single(x, y, settings, unit)
     chains = [[]] + [list(c) for c in frozen_chains]
     if objective == "multi_step":
         targets = [y] + [apply_chain(c, y.astype(np.float64)) for c in frozen_chains]
@@ -51,16 +86,19 @@ def fit_edge(
         targets = [y] + list(anchors)
     else:
         raise ValueError(f"unknown objective {objective!r}")
-    all_linear = all(link.is_affine and link.bias is None for c in frozen_chains for link in c)
+    all_linear = all(link.is_affine and link.bias is None and not link.unit_output for c in frozen_chains for link in c)
     if kind == "linear" and not settings.bias and all_linear:
-        t = fit_anchored_linear(x, targets, chains, ridge=settings.ridge)
+        # multi_step keeps the paper's uniform step weights; anchored may choose them (ridge: auto)
+        weights = [1.0 / len(targets)] * len(targets) if objective == "multi_step" else None
+        t = fit_anchored_linear(x, targets, chains, ridge=settings.ridge, weights=weights,
+                                anchor_tolerance=settings.anchor_tolerance)
         return AffineTransform(t.weight, None, "linear", {**t.meta, "objective": objective})
     from bclib.numerics.torch_fit import fit_multistep_torch
 
-    return fit_multistep_torch(x, targets, chains, settings)
+    return fit_multistep_torch(x, targets, chains, settings, unit_output=unit)
 
 
-def _fit_single(x: np.ndarray, y: np.ndarray, settings) -> Transform:
+def _fit_single(x: np.ndarray, y: np.ndarray, settings, unit: bool = False) -> Transform:
     kind = settings.kind
     if kind == "linear":
         return fit_linear(x, y, ridge=settings.ridge, bias=settings.bias)
@@ -68,10 +106,13 @@ def _fit_single(x: np.ndarray, y: np.ndarray, settings) -> Transform:
         return fit_orthogonal(x, y, scale=settings.scale, bias=settings.bias)
     if kind == "lowrank":
         return fit_lowrank(x, y, rank=settings.rank, ridge=settings.ridge, bias=settings.bias)
+    if kind == "local":
+        return fit_local(x, y, k=settings.clusters, temperature=settings.temperature, ridge=settings.ridge,
+                         seed=settings.seed)
     if kind == "mlp":
         from bclib.numerics.torch_fit import fit_residual_mlp
 
-        return fit_residual_mlp(x, y, settings)
+        return fit_residual_mlp(x, y, settings, unit_output=unit)
     raise ValueError(f"unknown transform kind {kind!r}")
 
 

@@ -2,9 +2,11 @@
 
 Driver side, `MultiSpaceKernel` collapses each chain (a run of affine links becomes one matrix) and,
 when every chain is affine, concatenates the target matrices so one GEMM per Arrow batch serves all
-spaces (DESIGN.md, "The executor kernel"). `make_batch_fn` wraps it into the function executors run
-inside `mapInArrow`: zero-copy list<float> -> (rows, d) float32, vectorised validation, the kernel,
-and list<float> back with int32 offsets. It is tested with numpy and pyarrow alone.
+spaces (DESIGN.md, "The executor kernel"); the rows of the spaces whose last link renormalises
+(meta output_norm 'unit') are renormalised in their slice of that GEMM's output. `make_batch_fn`
+wraps it into the function executors run inside `mapInArrow`: zero-copy list<float> -> (rows, d)
+float32, vectorised validation, the kernel, and list<float> back with int32 offsets. It is tested
+with numpy and pyarrow alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pyarrow as pa
 
 from bclib.errors import DimensionMismatchError
 from bclib.numerics.arrow import list_to_matrix, matrix_to_list
-from bclib.numerics.transforms import Transform, check_chain, check_input, collapse
+from bclib.numerics.transforms import Transform, check_chain, check_input, collapse, normalize_rows
 
 BatchFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
@@ -27,9 +29,11 @@ class MultiSpaceKernel:
     """Maps a batch of source vectors into several target spaces at once.
 
     If every chain collapses to one affine map, all targets are one GEMM on
-    the column-concatenated matrices; otherwise targets are produced nearest
-    first, each continuing from the previous one so no link runs twice.
-    Built on the driver, shipped to executors as plain arrays.
+    the column-concatenated matrices (then, per space whose collapsed map renormalises, its column
+    slice is renormalised row by row); otherwise targets are produced nearest first, each continuing
+    from the previous one so no link runs twice. A link that renormalises in the middle of a chain
+    ends a collapsible run (`collapse`), so such a chain is not fused. Built on the driver, shipped to
+    executors as plain arrays. Calling it maps x (rows, dim_in) to {space: (rows, dim_space) float32}.
     """
 
     def __init__(self, dim_in: int, chains: dict[int, Sequence[Transform]], dtype=np.float32) -> None:
@@ -58,6 +62,7 @@ class MultiSpaceKernel:
             )
             bounds = np.cumsum([0] + [self.dims[s] for s in self.spaces])
             self.slices = {s: slice(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(self.spaces)}
+            self.unit_spaces = [s for s in self.spaces if collapsed[s][0].unit_output]
         else:
             # each step continues from the previous target's output
             self.steps: list[tuple[int, list[Transform]]] = []
@@ -82,6 +87,8 @@ class MultiSpaceKernel:
             y = x @ self.weight
             if self.bias is not None:
                 y += self.bias
+            for s in self.unit_spaces:
+                normalize_rows(y[:, self.slices[s]])
             return {s: np.ascontiguousarray(y[:, sl]) for s, sl in self.slices.items()}
         out: dict[int, np.ndarray] = {}
         cur = x

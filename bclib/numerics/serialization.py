@@ -15,13 +15,17 @@ from typing import Optional
 import numpy as np
 
 from bclib.errors import ChecksumError, TransformFormatError
-from bclib.numerics.transforms import AffineTransform, ResidualMLPTransform, Transform
+from bclib.numerics.transforms import AffineTransform, LocalAffineTransform, ResidualMLPTransform, Transform
 
 FORMAT_VERSION = 1
 
 
 def transform_to_bytes(t: Transform) -> bytes:
-    """npz bytes (no pickle): the arrays plus a JSON header with kind, dims and format version."""
+    """npz bytes (no pickle): the arrays (float64) plus a JSON header with class, kind, dims, meta and format version.
+
+    `t.meta` must be JSON-able (the fits record plain floats, lists and strings; non-finite floats as None).
+    Raises TypeError for a meta that is not.
+    """
     header = {
         "format_version": FORMAT_VERSION,
         "kind": t.kind,
@@ -48,7 +52,11 @@ def checksum(data: bytes) -> str:
 
 
 def transform_from_bytes(data: bytes, expected_checksum: Optional[str] = None) -> Transform:
-    """Load a transform; the checksum is verified first, and no pickle is ever allowed."""
+    """Load a transform (AffineTransform, ResidualMLPTransform or LocalAffineTransform, by the header's class, with
+    its meta); the checksum is verified first, and no pickle is ever allowed.
+
+    Raises ChecksumError for a checksum mismatch, TransformFormatError for bytes that are not a bcemb transform.
+    """
     if expected_checksum is not None and checksum(data) != expected_checksum:
         raise ChecksumError(
             f"transform bytes have checksum {checksum(data)[:16]}…, expected {expected_checksum[:16]}…; "
@@ -76,6 +84,9 @@ def transform_from_bytes(data: bytes, expected_checksum: Optional[str] = None) -
         elif cls_name == "ResidualMLPTransform":
             t = ResidualMLPTransform(**{k: arrays[k] for k in ("weight", "bias", "w1", "b1", "w2", "b2")},
                                      kind=header["kind"], meta=header["meta"])
+        elif cls_name == "LocalAffineTransform":
+            t = LocalAffineTransform(arrays["centroids"], float(arrays["temperature"].reshape(-1)[0]), arrays["weight"],
+                                     arrays["bias"], kind=header["kind"], meta=header["meta"])
         else:
             raise TransformFormatError(f"unknown transform class {cls_name!r}")
     except KeyError as exc:
