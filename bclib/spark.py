@@ -106,6 +106,8 @@ def session_builder(settings: SparkSettings) -> SparkSession.Builder:
     if not submitted and settings.master and settings.master.startswith("local"):
         defaults["spark.driver.memory"] = "4g"
         defaults["spark.ui.enabled"] = "false"
+        # local tables are small: Delta's default of 50 partitions to rebuild a snapshot costs seconds per read
+        defaults["spark.databricks.delta.snapshotPartitions"] = "4"
         # local-mode Python workers inherit the driver's environment
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     for key, value in {**defaults, **settings.conf}.items():

@@ -23,25 +23,26 @@ import yaml
 from bclib.config import load_config
 from bclib.tables.delta import current_delta_version, delta_table, read_delta
 
-from conftest import REPO
+from conftest import JIT_FOR_TESTS, REPO
 
 pytestmark = pytest.mark.slow
 
 KILLS = 5
 
 
-def _config(tmp: Path, out: str = "out") -> Path:
+def _config(tmp: Path, out: str = "out", jvm: str = JIT_FOR_TESTS, registry: str = "registry") -> Path:
     data = {
-        "spark": {"master": "local[2]", "shuffle_partitions": 2, "conf": {"spark.ui.enabled": "false"}},
+        "spark": {"master": "local[2]", "shuffle_partitions": 2,
+                  "conf": {"spark.ui.enabled": "false", "spark.driver.extraJavaOptions": jvm}},
         "embeddings": {"location": str(tmp / "emb" / "v{version}"), "versions": [0, 1, 2]},
-        "registry_location": str(tmp / "registry"), "output_location": str(tmp / out),
+        "registry_location": str(tmp / registry), "output_location": str(tmp / out),
         "metrics_location": str(tmp / "metrics"),
         "fit": {"min_pairs": 50},
         "evaluate": {"label_location": None, "report_dir": str(tmp / "reports")},
         "backfill": {"output_partitions": 4, "target_file_mb": 1},
-        "demo": {"n_entities": 30_000, "dims": [32, 48, 64], "block_rows": 2048},
+        "demo": {"n_entities": 10_000, "dims": [32, 48, 64], "block_rows": 2048},
     }
-    path = tmp / f"{out}.yaml"
+    path = tmp / f"{out}-{registry}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -117,13 +118,13 @@ def _change(spark, cfg, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(spark, tmp_path_factory):
+def world(spark, tmp_path_factory, subprocess_jvm_options):
     from bclib.steps.backfill import run_backfill
     from bclib.steps.fit import run_fit
     from bclib.steps.generate import run_generate
 
     tmp = tmp_path_factory.mktemp("crash")
-    conf = _config(tmp)
+    conf = _config(tmp, jvm=subprocess_jvm_options)
     cfg = load_config(conf)
     run_generate(spark, cfg)
     run_fit(spark, cfg)
@@ -131,7 +132,25 @@ def world(spark, tmp_path_factory):
     return tmp, conf, cfg
 
 
-def test_kill_minus_9_during_full_and_incremental_backfills_and_fit(spark, world, capsys):
+def _fit_kills(spark, tmp: Path, jvm: str, delays, results: dict) -> None:
+    """kill -9 during `bcemb fit --refit all` on a registry of its own; after each: one active per edge."""
+    conf = _config(tmp, jvm=jvm, registry="registry_fit")
+    cfg = load_config(conf)
+    _run_to_end(["fit", "--config", str(conf)])
+    killed, checked = 0, 0
+    for i, delay in enumerate(delays):
+        args = ["fit", "--config", str(conf), "--refit", "all", "--set", f"transform.ridge={0.001 * (i + 1)}"]
+        killed += _kill_at(args, float(delay))
+        active = read_delta(spark, cfg.registry_location).where("status = 'active'") \
+            .groupBy("source_version", "target_version").count().collect()
+        assert sorted((r.source_version, r.target_version, r["count"]) for r in active) == [(1, 0, 1), (2, 1, 1)]
+        checked += 1
+    results.update(killed=killed, checked=checked)
+
+
+def test_kill_minus_9_during_full_and_incremental_backfills_and_fit(spark, world, capsys, subprocess_jvm_options):
+    import threading
+
     from bclib.steps.backfill import run_backfill
 
     tmp, conf, cfg = world
@@ -139,14 +158,20 @@ def test_kill_minus_9_during_full_and_incremental_backfills_and_fit(spark, world
     tally = {"tried": 0, "killed": 0, "converged": 0, "lost": 0, "duplicated": 0}
     full_args = ["backfill", "--config", str(conf), "--set", "backfill.force=true"]
     duration = _run_to_end(full_args)  # an uninterrupted forced rewrite, timed: kills are spread over it
-    for delay in rng.uniform(0.3 * duration, 1.05 * duration, KILLS):
+    # the fit's kills run beside the backfill's (another registry, the same version tables)
+    fit_results: dict = {}
+    fit_thread = threading.Thread(target=_fit_kills, args=(spark, tmp, subprocess_jvm_options,
+                                                           rng.uniform(0.5 * duration, 1.3 * duration, KILLS),
+                                                           fit_results))
+    fit_thread.start()
+    for delay in rng.uniform(0.35 * duration, 1.0 * duration, KILLS):
         before, counts = current_delta_version(spark, cfg.output_location), _counts(spark, cfg)
         tally["tried"] += 1
         tally["killed"] += _kill_at(full_args, float(delay))
         _check_output(spark, cfg, before, counts, tally)
 
     incr_args = ["backfill", "--config", str(conf)]
-    for i, delay in enumerate(rng.uniform(0.3 * duration, 1.05 * duration, KILLS)):
+    for i, delay in enumerate(rng.uniform(0.35 * duration, 1.0 * duration, KILLS)):
         _change(spark, cfg, seed=i)
         before, counts = current_delta_version(spark, cfg.output_location), _counts(spark, cfg)
         tally["tried"] += 1
@@ -158,19 +183,13 @@ def test_kill_minus_9_during_full_and_incremental_backfills_and_fit(spark, world
     got, want = _space_checksums(spark, cfg.output_location), _space_checksums(spark, reference.output_location)
     assert got == want
     tally["converged"] = 2 * KILLS
-
-    fit_killed = 0
-    for i, delay in enumerate(rng.uniform(0.3 * duration, 1.0 * duration, KILLS)):
-        args = ["fit", "--config", str(conf), "--refit", "all", "--set", f"transform.ridge={0.001 * (i + 1)}"]
-        fit_killed += _kill_at(args, float(delay))
-        active = read_delta(spark, cfg.registry_location).where("status = 'active'") \
-            .groupBy("source_version", "target_version").count().collect()
-        assert sorted((r.source_version, r.target_version, r["count"]) for r in active) == [(1, 0, 1), (2, 1, 1)]
+    fit_thread.join()
+    assert fit_results.get("checked") == KILLS, fit_results  # the thread's assertions all held
     tally["tried"] += KILLS
-    tally["killed"] += fit_killed
+    tally["killed"] += fit_results["killed"]
     tally["converged"] += KILLS
     with capsys.disabled():
         print(f"\ncrash test: {tally['tried']} kills tried ({tally['killed']} hit a running process), "
               f"{tally['converged']} converged, rows lost {tally['lost']}, rows duplicated {tally['duplicated']}")
     assert tally["lost"] == 0 and tally["duplicated"] == 0
-    assert tally["killed"] >= KILLS  # the delays really hit running processes
+    assert tally["killed"] >= 2 * KILLS  # the delays really hit running processes

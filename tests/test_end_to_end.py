@@ -103,7 +103,8 @@ def test_metrics_match_a_numpy_reference(spark, pipeline):
     pair = next(r for r in results if (r.source_version, r.space_version) == (2, 0))
     assert pair.from_output_table
     # the figures consumers get equal what the numpy least-squares chain fitted on the fit window gives
-    w21, w10 = (_numpy_lstsq(spark, cfg, k) for k in (2, 1))
+    records = {r.source_version: r for r in pipeline[2]}
+    w21, w10 = (_numpy_lstsq(spark, cfg, k, records[k].transform.meta["ridge"]) for k in (2, 1))
     s_full = src[np.searchsorted(ids_src, common)]
     assert got["relative_l2"] == pytest.approx(np.sqrt((((s_full @ w21 @ w10) - t) ** 2).sum() / (t ** 2).sum()),
                                                rel=1e-4)
@@ -114,11 +115,11 @@ def test_metrics_match_a_numpy_reference(spark, pipeline):
     assert (Path(cfg.evaluate.report_dir) / "eval-1" / "compat.png").stat().st_size > 10_000
 
 
-def _numpy_lstsq(spark, cfg, k):
-    """B_k by numpy least squares on the fit step's training pairs, rebuilt with plain Spark SQL and numpy.
+def _numpy_lstsq(spark, cfg, k, ridge=0.0):
+    """B_k by numpy (ridge) least squares on the fit step's training pairs, rebuilt with Spark SQL and numpy.
 
     The fit window is hash in [0, 0.5) (the whole window at this size); the top 10 % of its pairs by hash
-    are the fit's own holdout.
+    are the fit's own holdout. `ridge` is scale-free: λ = ridge × mean eigenvalue of XᵀX.
     """
     salt = cfg.fit.salt
     h = f"pmod(xxhash64('{salt}', id), {1 << 52}) / {float(1 << 52)}"
@@ -129,13 +130,17 @@ def _numpy_lstsq(spark, cfg, k):
     train = rows[:-n_hold]
     x = np.array([r.x for r in train], dtype=np.float64)
     y = np.array([r.y for r in train], dtype=np.float64)
-    return np.linalg.lstsq(x, y, rcond=None)[0]
+    gram = x.T @ x
+    lam = ridge * np.trace(gram) / x.shape[1]
+    return np.linalg.solve(gram + lam * np.eye(x.shape[1]), x.T @ y)
 
 
 def test_registered_transforms_equal_numpy_least_squares_on_the_fit_window(spark, pipeline):
     cfg, _, records, _, _ = pipeline
     for r in records:
-        ref = _numpy_lstsq(spark, cfg, r.source_version)
+        chosen = r.transform.meta["ridge"]  # ridge: auto records its GCV choice
+        assert r.transform.meta["ridge_mode"] == "auto" and chosen in r.transform.meta["ridge_grid"]
+        ref = _numpy_lstsq(spark, cfg, r.source_version, ridge=chosen)
         np.testing.assert_allclose(r.transform.weight, ref, rtol=1e-6, atol=1e-8 * np.abs(ref).max())
 
 

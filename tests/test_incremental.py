@@ -186,7 +186,7 @@ def test_maintain_compacts_and_vacuums_and_the_output_stays_up_to_date(spark, tm
     from bclib.steps.maintain import run_maintain
 
     cfg = small_config(tmp_path, evaluate={"label_location": None},
-                       backfill={"arrow_batch_rows": 100, "output_partitions": 8, "force": True},
+                       backfill={"arrow_batch_rows": 1000, "output_partitions": 6, "force": True},
                        maintenance={"vacuum_retention_hours": 0, "time_travel_hours": 0, "optimize_min_files": 2,
                                     "optimize_small_file_mb": 1})
     run_generate(spark, cfg)
