@@ -114,6 +114,10 @@ class BackfillSettings:
     max_retries: int = 3  # bounded retries on Delta's concurrent-modification exceptions
     # a source_version older than the newest configured version must be asked for explicitly
     allow_older_source: bool = False
+    # auto: the arrow engine for plain path tables it can read and commit to, else spark (logged, with why)
+    engine: Literal["auto", "spark", "arrow"] = "auto"
+    arrow_task_mb: int = 128  # arrow engine: row groups per Spark task, about this many MB of input
+    storage_options: dict[str, str] = field(default_factory=dict)  # arrow engine: object-store credentials
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "backfill.arrow_batch_rows": (1, 1_000_000), "backfill.target_batch_mb": (1, 1024),
     "backfill.target_file_mb": (1, 4096), "backfill.output_partitions": (1, 1_000_000),
     "backfill.incremental_max_fraction": (0.0, 1.0), "backfill.max_shrink": (0.0, 1.0),
-    "backfill.max_retries": (1, 20),
+    "backfill.max_retries": (1, 20), "backfill.arrow_task_mb": (1, 4096),
     "evaluate.sample_size": (1, None), "evaluate.neighbours_k": (1, 1000), "evaluate.neighbours_sample": (1, None),
     "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),
     "maintenance.optimize_min_files": (2, None), "maintenance.optimize_small_file_mb": (1, None),

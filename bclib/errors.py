@@ -94,6 +94,10 @@ class ForeignTableError(BcembError, ValueError):
     """`generate` would overwrite a table it did not create."""
 
 
+class EngineUnavailableError(BcembError):
+    """`backfill.engine: arrow` for a table the arrow engine cannot read or commit to (the reason is named)."""
+
+
 class MissingDependencyError(BcembError, ImportError):
     """A feature needs an optional extra (`pip install bcemb[torch]`, `bcemb[report]`, ...)."""
 

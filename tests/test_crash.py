@@ -164,10 +164,11 @@ def test_kill_minus_9_during_full_and_incremental_backfills_and_fit(spark, world
                                                            rng.uniform(0.5 * duration, 1.3 * duration, KILLS),
                                                            fit_results))
     fit_thread.start()
-    for delay in rng.uniform(0.35 * duration, 1.0 * duration, KILLS):
+    for i, delay in enumerate(rng.uniform(0.35 * duration, 1.0 * duration, KILLS)):
+        engine = ("arrow", "spark")[i % 2]  # both engines' full rewrites are killed
         before, counts = current_delta_version(spark, cfg.output_location), _counts(spark, cfg)
         tally["tried"] += 1
-        tally["killed"] += _kill_at(full_args, float(delay))
+        tally["killed"] += _kill_at(full_args + ["--set", f"backfill.engine={engine}"], float(delay))
         _check_output(spark, cfg, before, counts, tally)
 
     incr_args = ["backfill", "--config", str(conf)]

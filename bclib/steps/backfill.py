@@ -83,6 +83,8 @@ class BackfillResult:
     gate: Optional[GateResult] = None
     source_delta_version: Optional[int] = None
     dry_run: bool = False
+    engine: str = ""  # the engine of the full rewrite (spark | arrow), and why
+    engine_reason: str = ""
 
     def summary(self) -> str:
         if self.dry_run:
@@ -91,8 +93,9 @@ class BackfillResult:
         if self.skipped:
             return f"backfill: nothing to do, spaces {self.spaces} are up to date (run {self.run_id})"
         done = {a: [j for j, (x, _) in self.actions.items() if x == a] for a in (FULL, INCREMENTAL, SKIP)}
+        engine = f" ({self.engine} engine)" if done[FULL] and self.engine else ""
         return (f"backfill: {self.rows} rows in {self.commits} commit(s) in {self.seconds:.1f}s: rewrote "
-                f"{done[FULL] or 'none'}, merged changes into {done[INCREMENTAL] or 'none'}, up to date "
+                f"{done[FULL] or 'none'}{engine}, merged changes into {done[INCREMENTAL] or 'none'}, up to date "
                 f"{done[SKIP] or 'none'} (run {self.run_id}" + (f", {self.quarantined} quarantined)" if
                                                               self.quarantined else ")"))
 
@@ -293,12 +296,20 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
         lineage = _lineage(run_id, "full", full, source, None, spaces_state, gate_note, quarantine)
         txn = _txn(out_location, FULL, sub, base, source.delta_version)
         lineage["txn"] = list(txn)
-        src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
-        log.info("backfill: version %d (Delta v%d, dim %d) -> spaces %s (%s kernel, %d rows/Arrow batch): full rewrite",
+        result.engine, result.engine_reason = choose_engine(cfg, source, out_location)
+        lineage["engine"] = result.engine
+        log.info("backfill: version %d (Delta v%d, dim %d) -> spaces %s (%s kernel): full rewrite, %s engine (%s)",
                  plan.source_version, source.delta_version, plan.kernel.dim_in, full,
-                 "fused one-GEMM" if sub.kernel.fused else "sequential", batch_rows)
-        with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
-            written_rows += write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn)
+                 "fused one-GEMM" if sub.kernel.fused else "sequential", result.engine, result.engine_reason)
+        if result.engine == "arrow":
+            with reraise_executor_errors():
+                written_rows += _write_full_arrow(spark, cfg, sub, source, out_location, lineage, txn, base,
+                                                  quarantine is not None, file_rows)
+        else:
+            src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
+            with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
+                written_rows += write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage,
+                                           file_rows, txn)
         result.commits += 1
         base = read_output_state(spark, out_location)
     if incremental:
@@ -329,6 +340,93 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     result.seconds = time.time() - started
     log.info("backfill: %d rows written in %d commit(s) in %.1fs", written_rows, result.commits, result.seconds)
     return result
+
+
+def arrow_blockers(cfg: JobConfig, source: VersionRead, out_location: str) -> list[str]:
+    """Why the arrow engine cannot serve this backfill (empty: it can)."""
+    from bclib.tables import delta_rs
+
+    missing = delta_rs.available()
+    if missing:
+        return [missing]
+    if not is_path(source.location) or not is_path(out_location):
+        return ["a catalog table name (the arrow engine reads and writes Delta paths)"]
+    from deltalake.exceptions import DeltaError, TableNotFoundError
+
+    from bclib.tables.parquet_files import _fs_and_path
+
+    opts = cfg.backfill.storage_options or None
+    try:
+        reasons = delta_rs.source_blockers(delta_rs.open_table(source.location, source.delta_version, opts))
+        _fs_and_path(out_location, opts)
+        if delta_rs_table_exists(out_location, opts):
+            reasons += delta_rs.target_blockers(delta_rs.open_table(out_location, storage_options=opts))
+    except (OSError, ValueError, DeltaError, TableNotFoundError) as exc:  # a filesystem or table they cannot open
+        return [f"pyarrow/delta-rs cannot open the tables ({type(exc).__name__}: {exc})"]
+    return reasons
+
+
+def delta_rs_table_exists(location: str, storage_options: Optional[dict]) -> bool:
+    from deltalake import DeltaTable
+
+    from bclib.tables import delta_rs
+
+    return DeltaTable.is_deltatable(delta_rs.table_uri(location), storage_options=storage_options)
+
+
+def choose_engine(cfg: JobConfig, source: VersionRead, out_location: str) -> tuple[str, str]:
+    """(spark | arrow, why) for a full rewrite; EngineUnavailableError names why `engine: arrow` cannot run."""
+    from bclib.errors import EngineUnavailableError
+
+    mode = cfg.backfill.engine
+    if mode == "spark":
+        return "spark", "backfill.engine: spark"
+    reasons = arrow_blockers(cfg, source, out_location)
+    if not reasons:
+        return "arrow", "plain Delta paths that pyarrow reads and delta-rs commits to"
+    if mode == "arrow":
+        raise EngineUnavailableError("backfill.engine is 'arrow' but " + "; ".join(reasons)
+                                     + "; use backfill.engine: auto (or spark)")
+    return "spark", "auto: " + "; ".join(reasons)
+
+
+def _arrow_id_type(df):
+    import pyarrow as pa
+    from pyspark.sql.types import IntegerType, LongType, StringType
+
+    t = df.schema["id"].dataType
+    return {LongType: pa.int64(), IntegerType: pa.int32(), StringType: pa.string()}.get(type(t), pa.int64())
+
+
+def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionRead, out_location: str,
+                      lineage: dict, txn: tuple[str, int], base: OutputState, drop_invalid: bool,
+                      file_rows: int) -> int:
+    """The arrow engine: executors read row groups and write Parquet with pyarrow; one delta-rs commit."""
+    from datetime import datetime, timezone
+
+    from bclib.tables import delta_rs
+    from bclib.tables.parquet_files import make_task_fn, plan_tasks
+
+    opts = cfg.backfill.storage_options or None
+    read_version = base.delta_version
+    if not base.exists:
+        delta_rs.create_output_table(out_location, _arrow_id_type(source.df), opts)
+        read_version = 0
+    src = delta_rs.open_table(source.location, source.delta_version, opts)
+    tasks = plan_tasks(delta_rs.snapshot_files(src), cfg.backfill.arrow_task_mb * 2**20, opts)
+    produced_at = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
+    emb = cfg.embeddings
+    root = delta_rs.table_uri(out_location)
+    fn = make_task_fn(plan.kernel, plan.chain_ids, plan.source_version, produced_at, root, emb.id_column,
+                      emb.vector_column, emb.version_column, source.version, drop_invalid, file_rows, opts)
+    log.info("backfill: arrow engine: %d task(s) over %d row groups of Delta v%d", len(tasks),
+             sum(len(g) for t in tasks for _, g in t.parts), source.delta_version)
+    texts = [t.to_json() for t in tasks]
+    adds = [json.loads(a) for a in (spark.sparkContext.parallelize(texts, len(texts)).mapPartitions(fn).collect()
+                                    if texts else [])]
+    committed = delta_rs.commit_replace(out_location, read_version, adds, plan.spaces,
+                                        json.dumps(lineage, sort_keys=True), txn, opts)
+    return sum(int(a["rows"]) for a in adds) if committed else 0
 
 
 def _lineage(run_id: str, mode: str, written: list[int], source: VersionRead, changes, spaces_state: dict,

@@ -108,9 +108,17 @@ def conflict_exceptions() -> tuple[type, ...]:
     """
     from delta import exceptions as dx
 
-    return (dx.DeltaConcurrentModificationException, dx.ConcurrentWriteException, dx.MetadataChangedException,
-            dx.ProtocolChangedException, dx.ConcurrentAppendException, dx.ConcurrentDeleteReadException,
-            dx.ConcurrentDeleteDeleteException, dx.ConcurrentTransactionException)
+    kinds: tuple[type, ...] = (
+        dx.DeltaConcurrentModificationException, dx.ConcurrentWriteException, dx.MetadataChangedException,
+        dx.ProtocolChangedException, dx.ConcurrentAppendException, dx.ConcurrentDeleteReadException,
+        dx.ConcurrentDeleteDeleteException, dx.ConcurrentTransactionException)
+    try:  # the arrow engine commits through delta-rs, which names a lost commit race CommitFailedError
+        from deltalake.exceptions import CommitFailedError
+
+        kinds += (CommitFailedError,)
+    except ImportError:
+        pass
+    return kinds
 
 
 def retry_on_conflict(action: Callable[[], T], what: str, attempts: int = 3, backoff_s: float = 1.0) -> T:

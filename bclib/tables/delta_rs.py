@@ -1,0 +1,160 @@
+"""The arrow engine's driver side: Delta snapshots and the one commit, through delta-rs (`deltalake`).
+
+Why delta-rs: it is the maintained non-JVM Delta implementation, its Python API commits externally
+written files (`DeltaTable.create_write_transaction`: add actions, partition overwrite with the matching
+remove actions, commitInfo.userMetadata, a `txn` application transaction) in one atomic commit with
+conflict checks against the read version, and Spark reads what it writes (protocol 1/2 tables). We do
+not write `_delta_log` JSON by hand.
+
+What it cannot do safely is checked first (`source_blockers`, `target_blockers`): deletion vectors and
+column mapping on the source (raw Parquet would return deleted rows or physical names), and the writer
+features delta-rs 1.6 refuses or does not maintain on the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional, Sequence
+from urllib.parse import unquote
+
+log = logging.getLogger(__name__)
+
+# writer features delta-rs 1.6 commits to correctly for our append-of-new-files + remove pattern
+SAFE_WRITER_FEATURES = {"appendOnly", "invariants", "changeDataFeed", "timestampNtz", "checkConstraints",
+                        "deletionVectors", "v2Checkpoint"}
+
+
+def available() -> Optional[str]:
+    """None when `deltalake` can be imported, else why not (the extra to install)."""
+    try:
+        import deltalake  # noqa: F401
+    except ImportError:
+        return "the arrow engine needs the deltalake package (pip install 'bcemb[arrow]')"
+    return None
+
+
+def table_uri(location: str) -> str:
+    """delta-rs takes absolute local paths or URIs (Spark's s3a:// is s3:// for it)."""
+    if "://" not in location:
+        return os.path.abspath(location)
+    if location.startswith("s3a://"):
+        return "s3://" + location[len("s3a://"):]
+    return location
+
+
+def open_table(location: str, version: Optional[int] = None, storage_options: Optional[dict] = None):
+    """A pinned delta-rs DeltaTable (a DeltaTable object never advances by itself: reopen to see new commits)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(table_uri(location), version=version, storage_options=storage_options)
+
+
+def source_blockers(dt) -> list[str]:
+    """Why the snapshot's Parquet files cannot be read as they are (empty: they can)."""
+    out = []
+    conf = dt.metadata().configuration or {}
+    proto = dt.protocol()
+    if conf.get("delta.columnMapping.mode", "none") != "none":
+        out.append("the source table uses column mapping (its files hold physical column names)")
+    if "deletionVectors" in (proto.reader_features or []):
+        out.append("the source table has deletion vectors (its files still hold deleted rows)")
+    return out
+
+
+def target_blockers(dt) -> list[str]:
+    """Why delta-rs must not commit to the output table (empty: it may)."""
+    out = []
+    conf = dt.metadata().configuration or {}
+    proto = dt.protocol()
+    if conf.get("delta.columnMapping.mode", "none") != "none":
+        out.append("the output table uses column mapping")
+    if conf.get("delta.appendOnly", "false").lower() == "true":
+        out.append("the output table is append-only (delta.appendOnly)")
+    for feature in proto.writer_features or []:
+        if feature not in SAFE_WRITER_FEATURES:
+            out.append(f"the output table has writer feature '{feature}', which delta-rs does not maintain")
+    if not proto.writer_features and proto.min_writer_version >= 5:
+        out.append(f"the output table needs writer version {proto.min_writer_version} (column mapping / identity)")
+    return out
+
+
+def snapshot_files(dt) -> list[tuple[str, int]]:
+    """(absolute URI or path, size in bytes) of every data file of the pinned snapshot."""
+    import pyarrow as pa
+
+    root = dt.table_uri.rstrip("/")
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    actions = pa.table(dt.get_add_actions(flatten=True)).select(["path", "size_bytes"]).to_pylist()
+    out = []
+    for a in actions:
+        rel = unquote(a["path"])
+        out.append((rel if "://" in rel or rel.startswith("/") else f"{root}/{rel}", int(a["size_bytes"])))
+    return out
+
+
+def create_output_table(location: str, id_type, storage_options: Optional[dict] = None) -> None:
+    """Create the empty output table (protocol 1/2, partitioned by space_version), as Spark would."""
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    from bclib.tables.parquet_files import output_file_schema
+
+    from deltalake import CommitProperties
+
+    schema = output_file_schema(id_type).append(pa.field("space_version", pa.int32()))
+    DeltaTable.create(table_uri(location), schema, partition_by=["space_version"], mode="error",
+                      storage_options=storage_options,
+                      commit_properties=CommitProperties(custom_metadata={
+                          "userMetadata": json.dumps({"bcemb": "create", "engine": "arrow"})}))
+
+
+def commit_replace(location: str, read_version: int, adds: Sequence[dict], spaces: Sequence[int],
+                   user_metadata: str, txn: tuple[str, int], storage_options: Optional[dict] = None) -> bool:
+    """One commit: remove every file of `spaces` in the read snapshot, add `adds`, userMetadata, txn.
+
+    Returns False (nothing committed) when the table already recorded `txn` at that version or later:
+    the same work was committed by an earlier attempt. delta-rs raises CommitFailedError when another
+    writer committed a conflicting change after `read_version` (the step retries from a new plan).
+    """
+    from deltalake import CommitProperties, PostCommitHookProperties, Transaction
+    from deltalake.transaction import AddAction
+
+    latest = open_table(location, storage_options=storage_options)
+    done = latest.transaction_version(txn[0])
+    if done is not None and done >= txn[1]:
+        log.info("arrow engine: transaction %s already at version %s: an earlier attempt committed this work", *txn)
+        return False
+    wanted = {str(int(s)) for s in spaces}
+    bad = [a["path"] for a in adds if a["partition_values"].get("space_version") not in wanted]
+    if bad:
+        raise ValueError(f"files outside the replaced spaces {sorted(wanted)}: {bad[:3]}")
+    dt = open_table(location, version=read_version, storage_options=storage_options)
+    actions = [AddAction(path=a["path"], size=a["size"], partition_values=a["partition_values"],
+                         modification_time=a["modification_time"], data_change=True, stats=a["stats"])
+               for a in adds]
+    rows = sum(int(a["rows"]) for a in adds)
+    dt.create_write_transaction(
+        actions, mode="overwrite", schema=dt.schema(), partition_by=["space_version"],
+        partition_filters=[("space_version", "in", sorted(wanted, key=int))],
+        commit_properties=CommitProperties(
+            custom_metadata={"userMetadata": user_metadata, "readVersion": int(read_version),
+                             "operationMetrics": {"numFiles": str(len(actions)), "numOutputRows": str(rows)}},
+            app_transactions=[Transaction(txn[0], int(txn[1]))],
+        ),
+        # checkpoints are left to Spark's own commits (MERGE, maintain), the format every reader knows
+        post_commithook_properties=PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False),
+    )
+    return True
+
+
+def history_user_metadata(location: str, storage_options: Optional[dict] = None) -> Optional[str]:
+    """userMetadata of the latest commit, as delta-rs reads it (tests: Spark and delta-rs agree)."""
+    entries = open_table(location, storage_options=storage_options).history(1)
+    return entries[0].get("userMetadata") if entries else None
+
+
+def json_dumps(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True)

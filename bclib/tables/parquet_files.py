@@ -1,0 +1,215 @@
+"""Parquet files of a Delta snapshot, read and written with pyarrow: the arrow engine's executor side.
+
+No Spark here: the driver plans tasks (row-group ranges of the pinned snapshot's files, ~`target_bytes`
+each) and Spark only schedules them; each task reads its row groups (the id, vector and, for a
+one-table layout, version columns), validates and transforms them with the numpy kernel, and writes
+one Parquet file per target space (and per ~`file_rows` rows) straight under the output table's
+`space_version=<j>/` directory. It returns each file's Delta `add` metadata; the driver commits them
+all at once (`bclib.tables.delta_rs`). File names carry a fresh uuid, so the files of a retried or
+failed task are never referenced by a commit (VACUUM removes them).
+
+Files are written the way Spark/Delta readers expect: snappy, the compliant `list<element>` layout,
+`produced_at` as INT64 TIMESTAMP(MICROS, UTC), int32 version columns, stats (numRecords, min/max/null
+count of `id` and `source_version`) in the add action.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from bclib.numerics.arrow import usable_rows
+from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn
+
+PARTITION = "space_version"
+
+
+def output_file_schema(id_type: pa.DataType) -> pa.Schema:
+    """The columns of an output data file (the partition column lives in the path and the add action)."""
+    return pa.schema([
+        pa.field("id", id_type),
+        pa.field("vector", pa.list_(pa.float32())),  # written as the compliant list<element> layout
+        pa.field("source_version", pa.int32()),
+        pa.field("chain_id", pa.string()),
+        pa.field("produced_at", pa.timestamp("us", tz="UTC")),
+    ])
+
+
+def _fs_and_path(uri: str, storage_options: Optional[dict] = None):
+    """(pyarrow FileSystem, path inside it) for a local path or an object-store URI.
+
+    Spark's `s3a://` is read as `s3://`. Credentials come from `storage_options` (passed to the
+    filesystem, e.g. access_key/secret_key/region for S3) or the environment, as pyarrow documents.
+    """
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), os.path.abspath(uri)
+    if uri.startswith("file://"):
+        return fs.LocalFileSystem(), uri[len("file://"):]
+    if uri.startswith("s3a://"):
+        uri = "s3://" + uri[len("s3a://"):]
+    if storage_options and uri.startswith("s3://"):
+        bucket_path = uri[len("s3://"):]
+        return fs.S3FileSystem(**storage_options), bucket_path
+    return fs.FileSystem.from_uri(uri)
+
+
+@dataclass
+class Task:
+    """Row groups of one or more files, read by one Spark task."""
+
+    parts: list[tuple[str, list[int]]] = field(default_factory=list)  # (file URI, row-group indices)
+    rows: int = 0
+    bytes: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "Task":
+        d = json.loads(text)
+        return Task([(p, list(rg)) for p, rg in d["parts"]], d["rows"], d["bytes"])
+
+
+def plan_tasks(files: Sequence[tuple[str, int]], target_bytes: int, storage_options: Optional[dict] = None,
+               threads: int = 8) -> list[Task]:
+    """Cut the snapshot's files (URI, size) into tasks of about `target_bytes` of row groups each.
+
+    Footers are read on the driver (threads); big files are split at row-group boundaries, small
+    files are packed together; empty files (no rows) are left out.
+    """
+    def footer(item):
+        uri, _ = item
+        filesystem, path = _fs_and_path(uri, storage_options)
+        import pyarrow.parquet as pq
+
+        with filesystem.open_input_file(path) as f:
+            md = pq.read_metadata(f)
+        return uri, [(i, md.row_group(i).num_rows, md.row_group(i).total_byte_size) for i in range(md.num_row_groups)]
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        footers = list(pool.map(footer, files))
+    tasks: list[Task] = []
+    cur = Task()
+    for uri, groups in footers:
+        for i, rows, size in groups:
+            if rows == 0:
+                continue
+            if cur.bytes and cur.bytes + size > target_bytes:
+                tasks.append(cur)
+                cur = Task()
+            if cur.parts and cur.parts[-1][0] == uri:
+                cur.parts[-1][1].append(i)
+            else:
+                cur.parts.append((uri, [i]))
+            cur.rows += rows
+            cur.bytes += size
+    if cur.parts:
+        tasks.append(cur)
+    return tasks
+
+
+def _stats(table: pa.Table) -> str:
+    import pyarrow.compute as pc
+
+    mins, maxs, nulls = {}, {}, {}
+    for name in ("id", "source_version"):
+        col = table.column(name)
+        nulls[name] = col.null_count
+        if len(col) > col.null_count:
+            mm = pc.min_max(col)
+            mins[name], maxs[name] = mm["min"].as_py(), mm["max"].as_py()
+    return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+def make_task_fn(
+    kernel: MultiSpaceKernel, chain_ids: dict[int, str], source_version: int, produced_at_us: int,
+    out_root: str, id_column: str, vector_column: str, version_column: Optional[str], version: int,
+    drop_invalid: bool, file_rows: int, storage_options: Optional[dict] = None,
+) -> Callable[[Iterator[str]], Iterator[str]]:
+    """The function Spark tasks run: task JSON in, the add-action JSON of every file written out.
+
+    Raises InvalidVectorError (naming the id) for an unusable row unless `drop_invalid`, in which
+    case null-id and unusable rows are left out (the quarantine table gets them from the step).
+    """
+    batch_fn = make_batch_fn(kernel)
+    spaces = list(kernel.spaces)
+
+    def run(task_texts: Iterator[str]) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        out_fs, out_path = _fs_and_path(out_root, storage_options)
+        writers: dict[int, dict] = {}
+
+        def flush(space: int) -> Optional[str]:
+            w = writers.pop(space, None)
+            if not w or not w["tables"]:
+                return None
+            table = pa.concat_tables(w["tables"])
+            name = f"{PARTITION}={space}/part-{uuid.uuid4().hex}-c000.snappy.parquet"
+            full = f"{out_path.rstrip('/')}/{name}"
+            out_fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
+            with out_fs.open_output_stream(full) as sink:
+                pq.write_table(table, sink, compression="snappy", use_compliant_nested_type=True,
+                               coerce_timestamps="us")
+            info = out_fs.get_file_info(full)
+            return json.dumps({"path": name, "size": int(info.size), "partition_values": {PARTITION: str(space)},
+                               "modification_time": int(info.mtime.timestamp() * 1000) if info.mtime else 0,
+                               "stats": _stats(table), "rows": table.num_rows})
+
+        for text in task_texts:
+            task = Task.from_json(text)
+            for uri, groups in task.parts:
+                fs_in, path = _fs_and_path(uri, storage_options)
+                with fs_in.open_input_file(path) as f:
+                    pf = pq.ParquetFile(f)
+                    cols = [id_column, vector_column] + ([version_column] if version_column else [])
+                    data = pf.read_row_groups(groups, columns=cols)
+                if version_column:
+                    import pyarrow.compute as pc
+
+                    data = data.filter(pc.equal(data.column(version_column), version))
+                ids, vectors = data.column(id_column), data.column(vector_column)
+                if pa.types.is_list(vectors.type) and vectors.type.value_type != pa.float32():
+                    vectors = vectors.cast(pa.list_(pa.float32()))
+                if drop_invalid and data.num_rows:
+                    mask, dim = usable_rows(vectors)
+                    mask &= np.asarray(ids.combine_chunks().is_valid())
+                    mask &= dim == kernel.dim_in
+                    keep = pa.array(mask)
+                    ids, vectors = ids.combine_chunks().filter(keep), vectors.combine_chunks().filter(keep)
+                batch = pa.RecordBatch.from_arrays([ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids,
+                                                    vectors.combine_chunks() if isinstance(vectors, pa.ChunkedArray)
+                                                    else vectors], names=["id", "vector"])
+                if batch.num_rows == 0:
+                    continue
+                for out in batch_fn(iter([batch])):
+                    space = int(out.column(2)[0].as_py())
+                    n = out.num_rows
+                    table = pa.Table.from_arrays([
+                        out.column(0), out.column(1),
+                        pa.array(np.full(n, source_version, dtype=np.int32)),
+                        pa.array([chain_ids[space]] * n, pa.string()),
+                        pa.array(np.full(n, produced_at_us, dtype=np.int64)).cast(pa.timestamp("us", tz="UTC")),
+                    ], schema=output_file_schema(out.column(0).type))
+                    w = writers.setdefault(space, {"tables": [], "rows": 0})
+                    w["tables"].append(table)
+                    w["rows"] += n
+                    if w["rows"] >= file_rows:
+                        done = flush(space)
+                        if done:
+                            yield done
+        for space in spaces:
+            done = flush(space)
+            if done:
+                yield done
+
+    return run
