@@ -133,6 +133,8 @@ class GateSettings:
     min_probe_retention: Optional[float] = None
     max_relative_l2: Optional[float] = None
     enforce: bool = True
+    # false: no measurement at all (only for tables without stored historical versions, e.g. benchmarks)
+    enabled: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,17 @@
 """Backfill throughput against its floor: an identity copy of the same Delta table, measured side by side.
 
-    python benchmarks/backfill_throughput.py --rows 2000000 --dim 256 --spaces 1
-    python benchmarks/backfill_throughput.py --sweep --sweep-rows 500000 1000000 2000000 --sweep-dims 128 256 768
+    python benchmarks/backfill_throughput.py --rows 2000000 --dim 256 --spaces 1 --engine spark arrow
+    python benchmarks/backfill_throughput.py --sweep --sweep-rows 1000000 2000000 4000000 --sweep-dims 128 256 768
 
-In one Spark session it alternates A B A B ... (median of --repeats each):
-  A: identity copy: read the source Delta table, write it unchanged to another Delta table;
-  B: `bclib.steps.backfill.run_backfill` into --spaces target spaces (one pass, one commit).
-`ratio` = backfill output rows/s / copy rows/s. Peak RSS of the Python workers (the executors' Arrow
-memory) and of the JVM are sampled from /proc every 50 ms. Writes benchmarks/results/backfill_throughput.json
-(or backfill_sweep.json) and prints a table.
+In one Spark session it alternates, per round, A B C ... (a warm-up round, then median of --repeats each):
+  A: identity copy: read the source Delta table, write it unchanged to another Delta table (Spark);
+  B: `run_backfill` with backfill.engine = spark (mapInArrow over Spark's reader and writer);
+  C: `run_backfill` with backfill.engine = arrow (pyarrow reads/writes on the executors, one delta-rs commit)
+into --spaces target spaces (one pass, one commit). The gate is off (the benchmark has no historical
+versions to measure against); the checks on ids and dimensions run as in production. `ratio` = backfill
+output rows/s / copy rows/s. Peak RSS of the Python workers (the executors' Arrow memory) and of the JVM
+are sampled from /proc every 50 ms. Writes benchmarks/results/backfill_throughput.json (a list `runs`, one
+entry per (engine, rows, dim, spaces)) or backfill_sweep.json, and prints a table.
 """
 
 from __future__ import annotations
@@ -151,13 +154,14 @@ def make_source(spark, path: Path, rows: int, dim: int) -> None:
         .write.format("delta").mode("overwrite").save(str(path))
 
 
-def job_config(root: Path, source: Path, spaces: int, dim: int, batch_rows: int | None):
+def job_config(root: Path, source: Path, spaces: int, dim: int, batch_rows: int | None, engine: str = "spark"):
     versions = list(range(spaces + 1))
     return config_from_dict({
         "embeddings": {"location": str(root / "emb_v{version}"), "versions": versions},
         "registry_location": str(root / "registry"),
-        "output_location": str(root / "out"),
-        "backfill": {"source_version": spaces, "force": True, "arrow_batch_rows": batch_rows},
+        "output_location": str(root / f"out_{engine}"),
+        "backfill": {"force": True, "arrow_batch_rows": batch_rows, "engine": engine},
+        "gate": {"enabled": False},
     }), versions
 
 
@@ -171,65 +175,83 @@ def setup_registry(spark, cfg, versions: list[int], dim: int) -> None:
     register(spark, cfg.registry_location, records)
 
 
-def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: int | None) -> dict:
+def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: int | None,
+            engines: list[str]) -> list[dict]:
+    """One (rows, dim, spaces) point: copy and every engine alternated per round; one result per engine."""
     DATA.mkdir(parents=True, exist_ok=True)
     source = DATA / f"src_{rows}_{dim}"
     make_source(spark, source, rows, dim)
     root = DATA / f"run_{rows}_{dim}_{spaces}"
-    cfg, versions = job_config(root, source, spaces, dim, batch_rows)
+    cfgs = {}
+    for engine in engines:
+        cfgs[engine], versions = job_config(root, source, spaces, dim, batch_rows, engine)
+    first = cfgs[engines[0]]
     # the source version's table is the benchmark table (symlink keeps one copy on disk)
-    link = Path(cfg.version_location(spaces))
+    link = Path(first.version_location(spaces))
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(source.resolve())
-    setup_registry(spark, cfg, versions, dim)
+    setup_registry(spark, first, versions, dim)
     copy_path = str(root / "copy")
-    copy_times, backfill_times, write_times, copy_cpu, backfill_cpu = [], [], [], [], []
-    with RssSampler() as rss:
-        for i in range(repeats + 1):  # the first round warms up (JIT, Python workers) and is not counted
-            # every round starts from empty targets: Delta keeps overwritten files, and the disk is finite
-            shutil.rmtree(copy_path, ignore_errors=True)
+    copy_times, copy_cpu = [], []
+    per = {e: {"times": [], "write": [], "cpu": [], "rss": []} for e in engines}
+    for i in range(repeats + 1):  # the first round warms up (JIT, Python workers) and is not counted
+        # every round starts from empty targets: Delta keeps overwritten files, and the disk is finite
+        shutil.rmtree(copy_path, ignore_errors=True)
+        c0, t = cpu_seconds(), time.perf_counter()
+        spark.read.format("delta").load(str(source)).write.format("delta").mode("overwrite").save(copy_path)
+        a = time.perf_counter() - t
+        c1 = cpu_seconds()
+        shutil.rmtree(copy_path, ignore_errors=True)
+        if i:
+            copy_times.append(a)
+            copy_cpu.append(_delta(c0, c1))
+        line = [f"round {i}: copy {a:.2f}s"]
+        for engine in engines:
+            cfg = cfgs[engine]
             shutil.rmtree(cfg.output_location, ignore_errors=True)
-            c0, t = cpu_seconds(), time.perf_counter()
-            spark.read.format("delta").load(str(source)).write.format("delta").mode("overwrite").save(copy_path)
-            a = time.perf_counter() - t
-            c1, t = cpu_seconds(), time.perf_counter()
-            result = run_backfill(spark, cfg)
-            b = time.perf_counter() - t
-            c2 = cpu_seconds()
-            assert result.rows == rows * spaces, result
+            with RssSampler() as rss:
+                c1, t = cpu_seconds(), time.perf_counter()
+                result = run_backfill(spark, cfg)
+                b = time.perf_counter() - t
+                c2 = cpu_seconds()
+            assert result.rows == rows * spaces and result.engine == engine, result
+            shutil.rmtree(cfg.output_location, ignore_errors=True)
             if i:
-                copy_times.append(a)
-                backfill_times.append(b)
-                write_times.append(result.write_seconds)
-                copy_cpu.append(_delta(c0, c1))
-                backfill_cpu.append(_delta(c1, c2))
-            logging.info("round %d: copy %.2fs, backfill %.2fs", i, a, b)
-    shutil.rmtree(copy_path, ignore_errors=True)
-    shutil.rmtree(cfg.output_location, ignore_errors=True)
-    copy_s, back_s = statistics.median(copy_times), statistics.median(backfill_times)
-    return {
-        "rows": rows, "dim": dim, "spaces": spaces, "repeats": repeats, "cores": os.cpu_count(),
-        "copy_seconds": copy_times, "backfill_seconds": backfill_times,
-        "copy_rows_per_s": rows / copy_s, "backfill_rows_per_s": rows * spaces / back_s,
-        "ratio": (rows * spaces / back_s) / (rows / copy_s),
-        "time_ratio": back_s / copy_s,
-        "write_only_ratio": (rows * spaces / statistics.median(write_times)) / (rows / copy_s),
-        "backfill_write_seconds": write_times,
-        "peak_rss_mb": rss.peak_worker_mb, "peak_jvm_rss_mb": rss.peak_jvm_mb,
-        "arrow_batch_rows": batch_rows or "auto",
-        # CPU seconds (median over rounds) of the JVM and of the Python workers: where the time goes
-        "copy_cpu_seconds": {k: statistics.median(c[k] for c in copy_cpu) for k in copy_cpu[0]},
-        "backfill_cpu_seconds": {k: statistics.median(c[k] for c in backfill_cpu) for k in backfill_cpu[0]},
-    }
+                per[engine]["times"].append(b)
+                per[engine]["write"].append(result.write_seconds)
+                per[engine]["cpu"].append(_delta(c1, c2))
+                per[engine]["rss"].append((rss.peak_worker_mb, rss.peak_jvm_mb))
+            line.append(f"{engine} {b:.2f}s")
+        logging.info(", ".join(line))
+    copy_s = statistics.median(copy_times)
+    out = []
+    for engine in engines:
+        m = per[engine]
+        back_s = statistics.median(m["times"])
+        out.append({
+            "engine": engine, "rows": rows, "dim": dim, "spaces": spaces, "repeats": repeats, "cores": os.cpu_count(),
+            "copy_seconds": copy_times, "backfill_seconds": m["times"],
+            "copy_rows_per_s": rows / copy_s, "backfill_rows_per_s": rows * spaces / back_s,
+            "ratio": (rows * spaces / back_s) / (rows / copy_s),
+            "time_ratio": back_s / copy_s,
+            "write_only_ratio": (rows * spaces / statistics.median(m["write"])) / (rows / copy_s),
+            "backfill_write_seconds": m["write"],
+            "peak_rss_mb": max(r[0] for r in m["rss"]), "peak_jvm_rss_mb": max(r[1] for r in m["rss"]),
+            "arrow_batch_rows": batch_rows or "auto",
+            # CPU seconds (median over rounds) of the JVM and of the Python workers: where the time goes
+            "copy_cpu_seconds": {k: statistics.median(c[k] for c in copy_cpu) for k in copy_cpu[0]},
+            "backfill_cpu_seconds": {k: statistics.median(c[k] for c in m["cpu"]) for k in m["cpu"][0]},
+        })
+    return out
 
 
 def print_rows(rows: list[dict]) -> None:
-    head = f"{'rows':>9} {'dim':>5} {'spaces':>6} {'copy rows/s':>12} {'backfill out rows/s':>20} {'ratio':>6} " \
-           f"{'write-only':>10} {'time B/A':>8} {'worker MB':>9} {'JVM MB':>7}"
+    head = f"{'engine':>6} {'rows':>9} {'dim':>5} {'spaces':>6} {'copy rows/s':>12} {'backfill out rows/s':>20} " \
+           f"{'ratio':>6} {'write-only':>10} {'time B/A':>8} {'worker MB':>9} {'JVM MB':>7}"
     print(head)
     for r in rows:
-        print(f"{r['rows']:>9} {r['dim']:>5} {r['spaces']:>6} {r['copy_rows_per_s']:>12,.0f} "
+        print(f"{r['engine']:>6} {r['rows']:>9} {r['dim']:>5} {r['spaces']:>6} {r['copy_rows_per_s']:>12,.0f} "
               f"{r['backfill_rows_per_s']:>20,.0f} {r['ratio']:>6.3f} {r['write_only_ratio']:>10.3f} {r['time_ratio']:>8.3f} "
               f"{r['peak_rss_mb']:>9.0f} {r['peak_jvm_rss_mb']:>7.0f}")
 
@@ -241,6 +263,7 @@ def main() -> None:
     parser.add_argument("--spaces", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-rows", type=int, default=None, help="Arrow batch rows (default: sized by bcemb)")
+    parser.add_argument("--engine", nargs="+", choices=["spark", "arrow"], default=["spark", "arrow"])
     parser.add_argument("--sweep", action="store_true", help="sweep rows x dims at one space")
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
     parser.add_argument("--sweep-dims", type=int, nargs="+", default=[128, 256, 768])
@@ -260,20 +283,20 @@ def main() -> None:
     if args.sweep:
         for rows in args.sweep_rows:
             for dim in args.sweep_dims:
-                results.append(measure(spark, rows, dim, 1, args.repeats, args.batch_rows))
-                print_rows(results[-1:])
+                results += measure(spark, rows, dim, 1, args.repeats, args.batch_rows, args.engine)
+                print_rows(results[-len(args.engine):])
         name = "backfill_sweep.json"
     else:
         for spaces in args.spaces:
-            results.append(measure(spark, args.rows, args.dim, spaces, args.repeats, args.batch_rows))
-            print_rows(results[-1:])
+            results += measure(spark, args.rows, args.dim, spaces, args.repeats, args.batch_rows, args.engine)
+            print_rows(results[-len(args.engine):])
         name = "backfill_throughput.json"
     if args.drop_data:
         shutil.rmtree(DATA, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     previous = json.loads(path.read_text()).get("runs", []) if path.exists() else []
-    key = lambda r: (r["rows"], r["dim"], r["spaces"])  # noqa: E731
+    key = lambda r: (r.get("engine", "spark"), r["rows"], r["dim"], r["spaces"])  # noqa: E731
     fresh = {key(r) for r in results}
     runs = [r for r in previous if key(r) not in fresh] + results  # one file; a rerun replaces its own rows
     path.write_text(json.dumps({"cores": os.cpu_count(), "runs": runs}, indent=2))

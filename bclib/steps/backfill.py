@@ -232,7 +232,7 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     _check_dimension(source, plan)
     # the gate: every space whose chain is new to the output is measured before anything is written
     gated = {j: plan.chains[j] for j, (a, _) in actions.items()
-             if a != SKIP and (state.space(j) or {}).get("chain_id") != plan.chain_ids[j]}
+             if a != SKIP and (state.space(j) or {}).get("chain_id") != plan.chain_ids[j]} if cfg.gate.enabled else {}
     if gated:
         result.gate = run_gate(spark, cfg, plan.source_version, gated)
         if result.gate.rejected and cfg.gate.enforce:
