@@ -351,6 +351,9 @@ def arrow_blockers(cfg: JobConfig, source: VersionRead, out_location: str) -> li
         return [missing]
     if not is_path(source.location) or not is_path(out_location):
         return ["a catalog table name (the arrow engine reads and writes Delta paths)"]
+    if cfg.backfill.output_partitions:
+        return ["backfill.output_partitions is set (a Spark repartition; the arrow engine writes one file "
+                "per task of backfill.arrow_task_mb)"]
     from deltalake.exceptions import DeltaError, TableNotFoundError
 
     from bclib.tables.parquet_files import _fs_and_path

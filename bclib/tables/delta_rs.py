@@ -104,11 +104,20 @@ def create_output_table(location: str, id_type, storage_options: Optional[dict] 
 
     from deltalake import CommitProperties
 
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
     schema = output_file_schema(id_type).append(pa.field("space_version", pa.int32()))
-    DeltaTable.create(table_uri(location), schema, partition_by=["space_version"], mode="error",
-                      storage_options=storage_options,
-                      commit_properties=CommitProperties(custom_metadata={
-                          "userMetadata": json.dumps({"bcemb": "create", "engine": "arrow"})}))
+    try:
+        DeltaTable.create(table_uri(location), schema, partition_by=["space_version"], mode="error",
+                          storage_options=storage_options,
+                          commit_properties=CommitProperties(custom_metadata={
+                              "userMetadata": json.dumps({"bcemb": "create", "engine": "arrow"})}))
+    except DeltaError as exc:
+        if not DeltaTable.is_deltatable(table_uri(location), storage_options=storage_options):
+            raise
+        # another writer created it between our plan and this call: a lost race, which the step re-plans
+        raise CommitFailedError(f"the output table at {location} was created by another writer meanwhile "
+                                f"({exc})") from exc
 
 
 def commit_replace(location: str, read_version: int, adds: Sequence[dict], spaces: Sequence[int],
