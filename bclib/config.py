@@ -88,8 +88,9 @@ class TransformSettings:
 class FitSettings:
     """The deterministic hash sample the driver fits on."""
 
-    sample_size: int = 100_000
-    holdout_fraction: float = 0.1
+    sample_size: int = 100_000  # caps the fit's rows only
+    holdout: float = 0.05  # the evaluation slice: a fraction (0, 0.5] of the id-hash space, or a row count >= 1
+    holdout_fraction: float = 0.05  # validation part of the fit sample (fit metrics, degenerate-fit check)
     min_pairs: int = 100
     salt: str = "bcemb-fit"
 
@@ -333,7 +334,13 @@ def _validate(cfg: JobConfig) -> None:
             f"config key 'backfill.target_spaces': {bad} must be configured versions older than "
             f"source version {cfg.source_version}"
         )
+    if list(emb.versions) != sorted(set(emb.versions)):
+        raise ConfigError(f"config key 'embeddings.versions' must list each version once, oldest first (increasing), "
+                          f"found {list(emb.versions)}")
     _check_bounds(cfg)
+    if not (0 < cfg.fit.holdout <= 0.5 or (cfg.fit.holdout >= 1 and float(cfg.fit.holdout).is_integer())):
+        raise ConfigError(f"config key 'fit.holdout' must be a fraction in (0, 0.5] of the entities or a whole "
+                          f"number of rows >= 1, found {cfg.fit.holdout}")
     if not 0 < cfg.fit.holdout_fraction < 0.5:
         raise ConfigError(f"config key 'fit.holdout_fraction' must be in (0, 0.5), found {cfg.fit.holdout_fraction}")
     if cfg.fit.sample_size < cfg.fit.min_pairs:

@@ -1,4 +1,5 @@
-"""Bad input gets a named error and leaves every table as it was."""
+"""Bad input gets a named error and leaves every table as it was (the catalogue of kinds, through the CLI:
+test_bad_input_catalogue.py; here the cases that need more than one step)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import pytest
 
 from bclib.steps.backfill import run_backfill
 from bclib.cli import main
-from bclib.errors import DimensionMismatchError, InvalidVectorError, MissingColumnError, MissingTableError
+from bclib.errors import DimensionMismatchError, MissingTableError
 from bclib.steps.fit import run_fit
-from bclib.tables.delta import current_delta_version, table_exists
+from bclib.tables.delta import table_exists
 
 from conftest import small_config
 
@@ -39,37 +40,6 @@ def test_missing_table_is_named_and_nothing_is_written(spark, tmp_path):
     with pytest.raises(MissingTableError, match=r"embedding version 0 table not found: '.*emb/v0'"):
         run_fit(spark, cfg)
     assert not table_exists(spark, cfg.registry_location)
-
-
-def test_missing_column_lists_the_available_ones(spark, tmp_path):
-    cfg = _cfg(tmp_path, embeddings={"vector_column": "embedding"})
-    _write_versions(spark, cfg)
-    with pytest.raises(MissingColumnError, match=r"lacks column\(s\) \['embedding'\]; available columns: \['id', 'vector'\]"):
-        run_fit(spark, cfg)
-
-
-def test_wrong_length_vector_fails_the_backfill_naming_the_id_and_keeps_the_output(spark, tmp_path):
-    cfg = _cfg(tmp_path)
-    _write_versions(spark, cfg)
-    run_fit(spark, cfg)
-    run_backfill(spark, cfg)
-    before = current_delta_version(spark, cfg.output_location)
-    rows_before = spark.read.format("delta").load(cfg.output_location).count()
-    _write_versions(spark, cfg, bad_rows={123: [1.0, 2.0, 3.0]}, seed=0)  # new Delta version of the source
-    with pytest.raises(InvalidVectorError, match=r"column 'vector': id=123 has 3 elements, expected dimension 8"):
-        run_backfill(spark, cfg)
-    assert current_delta_version(spark, cfg.output_location) == before
-    assert spark.read.format("delta").load(cfg.output_location).count() == rows_before
-
-
-def test_nan_vector_names_the_id(spark, tmp_path):
-    cfg = _cfg(tmp_path)
-    _write_versions(spark, cfg)
-    run_fit(spark, cfg)
-    _write_versions(spark, cfg, bad_rows={77: [float("nan")] * DIMS[1]})
-    with pytest.raises(InvalidVectorError, match=r"column 'vector[^']*': id=77 holds NaN or Inf"):
-        run_backfill(spark, cfg)
-    assert not table_exists(spark, cfg.output_location)
 
 
 def test_dimension_change_without_refit_is_caught_before_writing(spark, tmp_path):
@@ -120,12 +90,3 @@ def test_cli_missing_table_is_one_line_nonzero_and_writes_nothing(spark, tmp_pat
     assert not (tmp_path / "registry").exists() and not (tmp_path / "out").exists()
 
 
-def test_missing_label_table_says_how_to_skip_probes(spark, tmp_path):
-    from bclib.steps.evaluate import run_evaluate
-
-    cfg = _cfg(tmp_path, evaluate={"label_location": str(tmp_path / "no_labels")})
-    _write_versions(spark, cfg)
-    run_fit(spark, cfg)
-    with pytest.raises(MissingTableError, match=r"label table not found: .*set evaluate.label_location: null"):
-        run_evaluate(spark, cfg)
-    assert not table_exists(spark, cfg.metrics_location)

@@ -27,7 +27,8 @@ from conftest import JIT_FOR_TESTS, REPO
 
 pytestmark = pytest.mark.slow
 
-KILLS = 5
+# kills per kind (full backfill, incremental backfill, fit); BCEMB_CRASH_KILLS=5 for the 15-kill run
+KILLS = int(os.environ.get("BCEMB_CRASH_KILLS", "3"))
 
 
 def _config(tmp: Path, out: str = "out", jvm: str = JIT_FOR_TESTS, registry: str = "registry") -> Path:
@@ -39,7 +40,8 @@ def _config(tmp: Path, out: str = "out", jvm: str = JIT_FOR_TESTS, registry: str
         "metrics_location": str(tmp / "metrics"),
         "fit": {"min_pairs": 50},
         "evaluate": {"label_location": None, "report_dir": str(tmp / "reports")},
-        "backfill": {"output_partitions": 4, "target_file_mb": 1},
+        # several files per space for both engines (output_partitions would send auto to the spark engine)
+        "backfill": {"target_file_mb": 1, "arrow_task_mb": 1},
         "demo": {"n_entities": 10_000, "dims": [32, 48, 64], "block_rows": 2048},
     }
     path = tmp / f"{out}-{registry}.yaml"

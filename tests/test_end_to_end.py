@@ -79,9 +79,9 @@ def test_output_schema_partitioning_and_lineage(spark, pipeline):
 
 def test_metrics_match_a_numpy_reference(spark, pipeline):
     cfg, _, _, _, results = pipeline
-    # evaluation entities: the ids whose salted xxhash64 falls in [0.5, 1) (the whole window at this size)
+    # evaluation entities: the ids whose salted xxhash64 falls in [1 - fit.holdout, 1) (the whole slice here)
     salt = cfg.fit.salt
-    where = f"pmod(xxhash64('{salt}', id), {1 << 52}) / {float(1 << 52)} >= 0.5"
+    where = f"pmod(xxhash64('{salt}', id), {1 << 52}) / {float(1 << 52)} >= {1.0 - cfg.fit.holdout}"
     ids_out, pred = _load(spark, cfg.output_location, f"space_version = 0 AND ({where})")
     ids_true, true = _load(spark, cfg.version_location(0), where)
     ids_src, src = _load(spark, cfg.version_location(2), where)
@@ -118,14 +118,14 @@ def test_metrics_match_a_numpy_reference(spark, pipeline):
 def _numpy_lstsq(spark, cfg, k, ridge=0.0):
     """B_k by numpy (ridge) least squares on the fit step's training pairs, rebuilt with Spark SQL and numpy.
 
-    The fit window is hash in [0, 0.5) (the whole window at this size); the top 10 % of its pairs by hash
-    are the fit's own holdout. `ridge` is scale-free: λ = ridge × mean eigenvalue of XᵀX.
+    The fit window is hash in [0, 1 - fit.holdout) (the whole window at this size); the top
+    fit.holdout_fraction of its pairs by hash are the fit's own validation part. `ridge` is scale-free: λ = ridge × mean eigenvalue of XᵀX.
     """
     salt = cfg.fit.salt
     h = f"pmod(xxhash64('{salt}', id), {1 << 52}) / {float(1 << 52)}"
     src = spark.read.format("delta").load(cfg.version_location(k)).selectExpr("id", "vector AS x", f"{h} AS h")
     dst = spark.read.format("delta").load(cfg.version_location(k - 1)).selectExpr("id", "vector AS y")
-    rows = sorted(src.where("h < 0.5").join(dst, "id").collect(), key=lambda r: r.h)
+    rows = sorted(src.where(f"h < {1.0 - cfg.fit.holdout}").join(dst, "id").collect(), key=lambda r: r.h)
     n_hold = max(1, int(round(len(rows) * cfg.fit.holdout_fraction)))
     train = rows[:-n_hold]
     x = np.array([r.x for r in train], dtype=np.float64)
@@ -230,3 +230,20 @@ def test_backfill_over_arrow_batch_sizes_and_partitions_equals_numpy(spark, pipe
         ids, got = _load(spark, out, f"space_version = {space}")
         np.testing.assert_array_equal(ids, ids_src)
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
+
+
+def test_the_default_fit_uses_at_least_90_percent_of_the_shared_pairs(spark, tmp_path):
+    """fit.holdout (default 5 %) is the only slice kept from the fit; its validation part is 5 % of the rest."""
+    from bclib.config import FitSettings
+
+    cfg = small_config(tmp_path, fit={"holdout": FitSettings().holdout})
+    run_generate(spark, cfg)
+    records = run_fit(spark, cfg).records
+    for r in records:
+        src = spark.read.format("delta").load(cfg.version_location(r.source_version)).select("id")
+        dst = spark.read.format("delta").load(cfg.version_location(r.target_version)).select("id")
+        shared = src.join(dst, "id").count()
+        m = r.fit_metrics
+        assert m["train_rows"] >= 0.88 * shared, (r.edge, m["train_rows"], shared)
+        assert m["train_rows"] + m["holdout_rows"] == m["shared_pairs_in_window"] < shared
+        assert abs(m["estimated_shared_pairs"] - shared) <= 0.1 * shared

@@ -64,8 +64,8 @@ def _same_table(spark, a, b, spaces=(0,)):
         assert ca == cb
 
 
-@pytest.mark.parametrize("layout", ["many_small_files", "one_big_file_many_row_groups", "with_empty_files"])
-@pytest.mark.parametrize("batch_rows", [7, 10_000])
+@pytest.mark.parametrize("layout, batch_rows", [("many_small_files", 7), ("one_big_file_many_row_groups", 10_000),
+                                               ("with_empty_files", 7)])
 def test_arrow_and_spark_engines_write_the_same_table(spark, tmp_path, layout, batch_rows):
     spark_cfg = _cfg(tmp_path, "out_spark", backfill={"engine": "spark", "arrow_batch_rows": batch_rows})
     arrow_cfg = _cfg(tmp_path, "out_arrow", backfill={"engine": "arrow", "arrow_task_mb": 1})

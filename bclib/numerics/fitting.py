@@ -159,6 +159,7 @@ def fit_one_edge(
         "holdout_mean_cosine": mean_cosine(pred, y[hold]),
         "holdout_baseline_relative_l2": relative_l2(truncate_or_pad(x[hold], y.shape[1]), y[hold]),
         "train_rows": float(len(x_fit)),
+        "shared_pairs_in_window": float(len(ids)),
         "holdout_rows": float(len(hold)),
         "fit_seconds": seconds,
     }

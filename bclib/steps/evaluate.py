@@ -23,7 +23,7 @@ from bclib.numerics.metrics import RecallReference, mean_cosine, probe_retention
 from bclib.numerics.records import chain_id, chain_records
 from bclib.numerics.samples import Sample, align_samples
 from bclib.numerics.transforms import apply_chain, truncate_or_pad
-from bclib.steps.fit import FIT_WINDOW_END
+from bclib.steps.fit import fit_window_end
 from bclib.steps.report import format_table, write_report
 from bclib.tables.delta import read_delta, require_columns, require_table, table_exists
 from bclib.tables.embeddings import collect_sample, hash_window, read_embedding_version, sample_versions
@@ -69,16 +69,19 @@ class HeldOut:
     delta_versions: dict[int, int]
 
 
-def evaluation_window() -> tuple[float, float]:
-    """[lo, cap) of the id hash that evaluation and the gate sample from (disjoint from the fit window)."""
-    return FIT_WINDOW_END, 1.0
+def evaluation_window(cfg: JobConfig, rows: int) -> tuple[float, float]:
+    """[lo, 1) of the id hash that evaluation and the gate sample from (disjoint from the fit window).
+
+    `rows`: the smallest version's row count (sizes a `fit.holdout` given in rows).
+    """
+    return fit_window_end(cfg, rows), 1.0
 
 
 def held_out(spark, cfg: JobConfig, versions: Optional[list[int]] = None, labels: bool = True) -> HeldOut:
     """Sample the evaluation window of `versions` (default: all configured), one scan each, plus labels."""
     wanted = sorted(versions or cfg.embeddings.versions)
     reads = {v: read_embedding_version(spark, cfg, v) for v in wanted}
-    lo, cap = evaluation_window()
+    lo, cap = evaluation_window(cfg, min(r.df.count() for r in reads.values()))  # counts from Delta's log
     samples, hi = sample_versions(reads, cfg.fit.salt, cfg.evaluate.sample_size, lo, cap=cap - lo,
                                   drop_invalid=cfg.backfill.quarantine_location is not None)
     label_sample = _labels_for(spark, cfg, lo, hi) if labels else None

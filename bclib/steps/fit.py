@@ -28,7 +28,23 @@ from bclib.tables.registry import active_transforms, register
 
 log = logging.getLogger(__name__)
 
-FIT_WINDOW_END = 0.5  # fit samples hash in [0, 0.5); evaluation in [0.5, 1)
+
+
+def holdout_slice(cfg: JobConfig, rows: int) -> float:
+    """Width h of the evaluation slice [1 - h, 1) of the id hash; the fit samples [0, 1 - h).
+
+    `fit.holdout` is a fraction in (0, 0.5] or a row count (>= 1) of a table of `rows` rows (at most half).
+    Both windows are disjoint and deterministic (salted xxhash64 of the id, `fit.salt`).
+    """
+    h = float(cfg.fit.holdout)
+    if h >= 1:
+        return min(0.5, h / max(int(rows), 1))
+    return h
+
+
+def fit_window_end(cfg: JobConfig, rows: int) -> float:
+    """End of the fit's hash window [0, end): everything but the evaluation slice."""
+    return 1.0 - holdout_slice(cfg, rows)
 
 
 @dataclass
@@ -122,7 +138,8 @@ def run_fit(spark, cfg: JobConfig, refit: Sequence[str] = (), actor: Optional[st
     needed = versions[: max(versions.index(k) for k, _ in to_fit) + 1]
     needed = needed if multi else sorted({v for e in to_fit for v in e})
     reads = {v: read_embedding_version(spark, cfg, v) for v in needed}
-    samples, _ = sample_versions(reads, cfg.fit.salt, cfg.fit.sample_size, 0.0, FIT_WINDOW_END,
+    end = fit_window_end(cfg, min(r.df.count() for r in reads.values()))  # counts come from Delta's log
+    samples, window_end = sample_versions(reads, cfg.fit.salt, cfg.fit.sample_size, 0.0, end,
                                  drop_invalid=cfg.backfill.quarantine_location is not None)
     chosen: dict[int, TransformRecord] = {}  # by source version: what each edge will be after this run
     for i in range(1, len(versions)):
@@ -139,6 +156,12 @@ def run_fit(spark, cfg: JobConfig, refit: Sequence[str] = (), actor: Optional[st
         transform, metrics = fit_one_edge(
             samples, versions, i, {v: r.transform for v, r in chosen.items()}, cfg.transform, cfg.fit,
         )
+        metrics["fit_window_end"] = window_end
+        metrics["estimated_shared_pairs"] = round(metrics["shared_pairs_in_window"] / window_end)
+        log.info("fit: edge %d -> %d used %d training pairs of %d shared in its hash window [0, %.3f) "
+                 "(about %d shared in all; the slice [%.3f, 1) is kept for evaluation and the gate)",
+                 k, prev, int(metrics["train_rows"]), int(metrics["shared_pairs_in_window"]), window_end,
+                 metrics["estimated_shared_pairs"], end)
         if metrics["holdout_relative_l2"] >= metrics["holdout_baseline_relative_l2"]:
             raise FitRejectedError(
                 f"edge {k} -> {prev}: the fitted {cfg.transform.kind} transform's held-out relative L2 "

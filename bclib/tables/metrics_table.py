@@ -26,10 +26,10 @@ METRICS_DDL = (
 def append_metrics(spark, location: str, run_id: str, rows: Iterable[tuple], step: str = "evaluate") -> int:
     """Append (source_version, space_version, metric, value, sample_size, chain_id[, detail]) rows in one commit.
 
-    Every row gets `run_id` and one computed_at (naive UTC, the session time zone is UTC); an older
+    Every row gets `run_id` and one computed_at (the UTC instant, whatever `TZ` and the session zone); an older
     metrics table without `detail` gains the column (schema merge). Returns the number of rows.
     """
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(timezone.utc)  # aware: PySpark reads a naive datetime as the process's local time
     data = []
     for row in rows:
         s, j, m, v, n, c, *rest = row

@@ -59,8 +59,9 @@ def _metadata(action: str, actor: Optional[str], reason: Optional[str], **extra)
 
 
 def _utc_now() -> datetime:
-    """Now as a naive UTC datetime: Spark's TIMESTAMP takes naive values as session-time-zone (UTC) wall time."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    """Now as a time-zone-aware UTC datetime: PySpark converts aware values to the true instant, whereas a
+    naive one is read as wall time of the process's local zone (`TZ`), whatever the session time zone."""
+    return datetime.now(timezone.utc)
 
 
 def _row(record: TransformRecord) -> tuple:

@@ -1,0 +1,207 @@
+"""Incremental backfill (change data feed + one MERGE) against a full rewrite of the same state, side by side.
+
+    python benchmarks/incremental.py --rows 2000000 --dim 256 --spaces 4 --fractions 0.001 0.01 0.1
+
+One Spark session. The source version table (CDF on) is backfilled into --spaces spaces once. Then, per
+changed fraction f and round (median of --repeats rounds), the source gets one change commit of f x rows
+rows (80 % re-embedded ids, 10 % new ids, 10 % deleted ids, the ids drawn by a seeded hash) and two
+outputs are brought up to date from that same source version:
+  incremental: `run_backfill` with backfill.incremental = require (reads the feed, one MERGE commit);
+  full:        `run_backfill` of a second output with backfill.incremental = off (a full rewrite,
+               backfill.engine auto).
+`ratio` = incremental seconds / full seconds. Both outputs are then compared (same ids, same vectors per
+space) so a fast wrong answer cannot pass. `--deletion-vectors` creates the incremental output with
+`delta.enableDeletionVectors` (MERGE then marks replaced rows instead of rewriting the files they are in).
+Writes benchmarks/results/incremental.json (a list `runs`, one entry per changed fraction) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bclib.config import config_from_dict  # noqa: E402
+from bclib.numerics.records import TransformRecord  # noqa: E402
+from bclib.numerics.transforms import AffineTransform  # noqa: E402
+from bclib.steps.backfill import run_backfill  # noqa: E402
+from bclib.tables.registry import register  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parent / "data" / "incremental"
+BLOCK = 50_000
+
+
+def _vectors_fn(dim: int, seed: int):
+    """mapInArrow function: (id) batches -> (id, vector) with seeded random vectors per id block."""
+    import pyarrow as pa
+
+    from bclib.numerics.arrow import matrix_to_list
+
+    def gen(batches):
+        for batch in batches:
+            ids = batch.column(0).to_numpy()
+            if not len(ids):
+                continue
+            rng = np.random.default_rng([seed, int(ids[0])])
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(ids.astype(np.int64)), matrix_to_list(rng.normal(size=(len(ids), dim)).astype(np.float32))],
+                names=["id", "vector"])
+
+    return gen
+
+
+def make_source(spark, path: Path, rows: int, dim: int) -> None:
+    """The source version table: `rows` ids with random vectors, change data feed on."""
+    df = spark.range(0, rows, numPartitions=max(2, rows // (4 * BLOCK))).mapInArrow(
+        _vectors_fn(dim, 0), "id long, vector array<float>")
+    df.write.format("delta").option("delta.enableChangeDataFeed", "true").mode("overwrite").save(str(path))
+
+
+def change_source(spark, path: Path, rows: int, dim: int, fraction: float, round_seed: int) -> dict:
+    """One commit changing `fraction` x rows rows: 80 % re-embedded, 10 % inserted (new ids), 10 % deleted."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    n = max(10, int(fraction * rows))
+    scale = 1_000_000
+    pick = lambda share: F.pmod(F.xxhash64(F.col("id"), F.lit(round_seed)), F.lit(scale)) < F.lit(  # noqa: E731
+        int(share * fraction * scale))
+    table = DeltaTable.forPath(spark, str(path))
+    base = spark.read.format("delta").load(str(path)).select("id")
+    updated = base.where(pick(0.8)).select("id")
+    deleted = base.where(~pick(0.8) & pick(0.9)).select("id")
+    new_lo = rows * 10 + round_seed * n  # fresh ids, never used before
+    inserted = spark.range(new_lo, new_lo + n // 10, numPartitions=2).select("id")
+    changes = updated.union(inserted).repartition(4).mapInArrow(_vectors_fn(dim, round_seed), "id long, vector array<float>")
+    changes = changes.withColumn("_op", F.lit("upsert")).unionByName(
+        deleted.withColumn("vector", F.lit(None).cast("array<float>")).withColumn("_op", F.lit("delete")))
+    (table.alias("t").merge(changes.alias("s"), "t.id = s.id")
+     .whenMatchedDelete("s._op = 'delete'")
+     .whenMatchedUpdate("s._op = 'upsert'", {"vector": "s.vector"})
+     .whenNotMatchedInsert("s._op = 'upsert'", {"id": "s.id", "vector": "s.vector"})
+     .execute())
+    m = table.history(1).select("operationMetrics").first()[0]
+    return {k: int(m.get(k, 0)) for k in ("numTargetRowsUpdated", "numTargetRowsInserted", "numTargetRowsDeleted")}
+
+
+def job_config(root: Path, source: Path, spaces: int, out: str, incremental: str):
+    return config_from_dict({
+        "embeddings": {"location": str(root / "emb_v{version}"), "versions": list(range(spaces + 1))},
+        "registry_location": str(root / "registry"),
+        "output_location": str(root / out),
+        "metrics_location": str(root / "metrics"),
+        "backfill": {"incremental": incremental, "incremental_max_fraction": 0.5},
+        "gate": {"enabled": False},
+    })
+
+
+def setup(spark, root: Path, source: Path, spaces: int, dim: int) -> None:
+    versions = list(range(spaces + 1))
+    link = root / f"emb_v{spaces}"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(source.resolve())
+    rng = np.random.default_rng(0)
+    register(spark, str(root / "registry"), [
+        TransformRecord(f"inc-{k}-{dim}", k, k - 1, "linear", "single_step",
+                        AffineTransform(rng.normal(size=(dim, dim)) / np.sqrt(dim)))
+        for k in versions[1:]])
+
+
+def same_content(spark, a: str, b: str) -> bool:
+    """Both outputs hold the same (space, id, vector) rows."""
+    cols = ["space_version", "id", "vector"]
+    x = spark.read.format("delta").load(a).select(*cols)
+    y = spark.read.format("delta").load(b).select(*cols)
+    return x.count() == y.count() and x.exceptAll(y).limit(1).count() == 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--spaces", type=int, default=4)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--deletion-vectors", action="store_true",
+                        help="create the incremental output with delta.enableDeletionVectors")
+    parser.add_argument("--driver-memory", default="6g")
+    parser.add_argument("--keep-data", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    from bclib.config import SparkSettings
+    from bclib.spark import get_or_create
+
+    spark = get_or_create(SparkSettings(master="local[*]", shuffle_partitions=4, warehouse_dir=str(DATA / "wh"),
+                                        conf={"spark.driver.memory": args.driver_memory}))
+    shutil.rmtree(DATA, ignore_errors=True)
+    DATA.mkdir(parents=True)
+    source = DATA / "source"
+    t = time.perf_counter()
+    make_source(spark, source, args.rows, args.dim)
+    setup(spark, DATA, source, args.spaces, args.dim)
+    inc_cfg = job_config(DATA, source, args.spaces, "out_incremental", "require")
+    full_cfg = job_config(DATA, source, args.spaces, "out_full", "off")
+    if args.deletion_vectors:
+        from bclib.tables.output import OUTPUT_COLUMNS
+
+        cols = ", ".join(f"{c} {t}" for c, t in {**OUTPUT_COLUMNS, "id": "bigint"}.items())
+        spark.sql(f"CREATE TABLE delta.`{inc_cfg.output_location}` ({cols}) USING delta PARTITIONED BY (space_version) "
+                  "TBLPROPERTIES (delta.enableDeletionVectors = true)")
+    first_inc = run_backfill(spark, inc_cfg)  # the initial publish (full)
+    first_full = run_backfill(spark, full_cfg)
+    logging.info("setup: %d rows x %d, %d spaces, initial backfills %s / %s, %.1fs", args.rows, args.dim, args.spaces,
+                 first_inc.engine, first_full.engine, time.perf_counter() - t)
+    runs = []
+    round_seed = 0
+    for fraction in args.fractions:
+        inc_s, full_s, changed = [], [], []
+        for _ in range(args.repeats):
+            round_seed += 1
+            changed.append(change_source(spark, source, args.rows, args.dim, fraction, round_seed))
+            t = time.perf_counter()
+            inc = run_backfill(spark, inc_cfg)
+            inc_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            full = run_backfill(spark, full_cfg)
+            full_s.append(time.perf_counter() - t)
+            assert {a for a, _ in inc.actions.values()} == {"incremental"}, inc.actions
+            assert {a for a, _ in full.actions.values()} == {"full"}, full.actions
+            logging.info("fraction %g: changed %s, incremental %.2fs, full (%s) %.2fs", fraction, changed[-1],
+                         inc_s[-1], full.engine, full_s[-1])
+        equal = same_content(spark, inc_cfg.output_location, full_cfg.output_location)
+        assert equal, "incremental and full outputs differ"
+        runs.append({
+            "changed_fraction": fraction, "rows": args.rows, "dim": args.dim, "spaces": args.spaces,
+            "repeats": args.repeats, "cores": os.cpu_count(), "deletion_vectors": args.deletion_vectors,
+            "changed_rows": changed, "incremental_seconds_all": inc_s, "full_seconds_all": full_s,
+            "incremental_seconds": statistics.median(inc_s), "full_seconds": statistics.median(full_s),
+            "ratio": statistics.median(i / f for i, f in zip(inc_s, full_s)),
+            "full_engine": full.engine, "outputs_equal": equal,
+        })
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "incremental_dv.json" if args.deletion_vectors else "incremental.json"
+    (RESULTS / name).write_text(json.dumps({"runs": runs}, indent=2))
+    print(f"\n{'changed':>8} {'rows changed':>13} {'incremental s':>14} {'full s':>8} {'ratio':>6}")
+    for r in runs:
+        n = sum(sum(c.values()) for c in r["changed_rows"]) // len(r["changed_rows"])
+        print(f"{r['changed_fraction']:>8.3%} {n:>13,} {r['incremental_seconds']:>14.2f} {r['full_seconds']:>8.2f} "
+              f"{r['ratio']:>6.3f}")
+    if not args.keep_data:
+        shutil.rmtree(DATA, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
