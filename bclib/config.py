@@ -61,7 +61,9 @@ class TransformSettings:
 
     ridge: scale-free (× the mean eigenvalue of XᵀX) or "auto" (GCV for linear/lowrank/local, K-fold on the
     anchored objective, which then also chooses the step weights within `anchor_tolerance` of the
-    single-step 1-hop error). output_norm: "auto" renormalises the transform's output rows when the target
+    single-step 1-hop error). bias: "auto" fits an intercept when either space is off-centre (the mean
+    vector's norm over 10 % of the rows' RMS norm, e.g. sentence embeddings) for single-step fits, none
+    for the multi-step objectives (their closed form has none). output_norm: "auto" renormalises the transform's output rows when the target
     space is unit-norm, "unit" always, "none" never. clusters/temperature: the local family's k and
     softmax temperature (None: chosen from the data).
     """
@@ -69,7 +71,7 @@ class TransformSettings:
     kind: Literal["linear", "orthogonal", "lowrank", "mlp", "local"] = "linear"
     objective: Literal["single_step", "multi_step", "anchored"] = "single_step"
     ridge: Union[float, Literal["auto"]] = "auto"
-    bias: bool = False
+    bias: Union[bool, Literal["auto"]] = "auto"
     output_norm: Literal["auto", "unit", "none"] = "auto"
     rank: Optional[int] = None
     clusters: Optional[int] = None

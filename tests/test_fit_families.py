@@ -136,7 +136,7 @@ def test_multi_step_linear_closed_form_is_stationary_for_the_paper_loss():
     chains = [[], links[:1], links]
     targets = [apply_chain(c, y) if c else y for c in chains]
     for ridge in (0.0, "auto"):  # "auto" picks the ridge by K-fold; the fit is stationary at the ridge it records
-        t = fit_edge(x, y, TransformSettings(kind="linear", objective="multi_step", ridge=ridge),
+        t = fit_edge(x, y, TransformSettings(kind="linear", objective="multi_step", ridge=ridge, bias=False),
                      frozen_chains=[links[:1], links])
         assert t.meta["anchor_weights"] == [1 / 3] * 3  # multi_step keeps the paper's uniform step weights
         _, grad = anchored_objective(t.weight, x, targets, chains, ridge=t.meta["ridge"])
@@ -154,7 +154,8 @@ def _demo_versions(n=6000, seed=7):
 
 
 def _fit_chain(train, objective, ridge=0.0):
-    settings = TransformSettings(kind="linear", objective=objective, ridge=ridge)
+    # no intercept on any objective (the multi-step closed forms have none): objectives compared like for like
+    settings = TransformSettings(kind="linear", objective=objective, ridge=ridge, bias=False)
     fitted = []  # B_1, B_2, ...
     for k in range(1, 5):
         frozen = [list(reversed(fitted[j:])) for j in range(k - 2, -1, -1)]  # to spaces k-2 .. 0

@@ -499,3 +499,27 @@ def test_config_accepts_a_number_or_auto_and_names_both_on_error():
         config_from_dict({"transform": {"kind": "local", "objective": "anchored"}})
     with pytest.raises(ConfigError, match=r"'transform\.output_norm': 'l2' is not one of"):
         config_from_dict({"transform": {"output_norm": "l2"}})
+
+
+# --------------------------------------------------------------------------- bias: auto
+
+
+def test_bias_auto_fits_an_intercept_for_off_centre_spaces_only():
+    from bclib.numerics.fitting import fit_edge, resolve_bias
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2000, 12))
+    w = rng.normal(size=(12, 8))
+    centred = x @ w
+    shifted = centred + 3.0 * rng.normal(size=8)  # an offset as sentence embeddings have
+    assert resolve_bias("auto", x, centred, multi_step=False)[0] is False
+    assert resolve_bias("auto", x, shifted, multi_step=False)[0] is True
+    assert resolve_bias("auto", x, shifted, multi_step=True)[0] is False  # multi-step closed forms: none
+    assert resolve_bias(False, x, shifted, multi_step=False) == (False, "configured: False")
+    settings = TransformSettings(kind="linear", ridge=0.0, output_norm="none")
+    assert settings.bias == "auto"
+    t = fit_edge(x, shifted, settings)
+    assert t.bias is not None and t.meta["bias"].startswith("auto: intercept")
+    assert relative_l2(t.apply(x), shifted) < 1e-8  # the exact affine map, intercept included
+    no = fit_edge(x, shifted, TransformSettings(kind="linear", ridge=0.0, output_norm="none", bias=False))
+    assert relative_l2(no.apply(x), shifted) > 0.1
