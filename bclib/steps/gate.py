@@ -110,6 +110,9 @@ def gate_checks(metrics: dict[str, float], settings: GateSettings, k: int) -> li
     return checks
 
 
+MIN_RELIABLE_ENTITIES = 300  # below this many held-out entities a neighbour-recall verdict is noisy
+
+
 def run_gate(spark, cfg: JobConfig, source_version: int, chains: dict[int, Sequence[TransformRecord]],
              heldout: Optional[HeldOut] = None) -> GateResult:
     """Measure each candidate chain (space -> records) on held-out entities and judge it; writes nothing."""
@@ -123,6 +126,10 @@ def run_gate(spark, cfg: JobConfig, source_version: int, chains: dict[int, Seque
                               gate_checks(metrics, cfg.gate, cfg.evaluate.neighbours_k))
         log.info("gate: %d -> %d (chain %s, %d held-out entities): %s", source_version, space, verdict.chain_id, n,
                  "passed" if verdict.passed else "REJECTED: " + verdict.failures())
+        if n < MIN_RELIABLE_ENTITIES:
+            log.warning("gate: %d -> %d was judged on only %d held-out entities: its verdict is noisy; a larger "
+                        "evaluation slice (fit.holdout, a fraction or a row count) makes it reliable",
+                        source_version, space, n)
         verdicts.append(verdict)
     return GateResult(verdicts, cfg.gate.enforce, time.time() - started)
 
