@@ -226,6 +226,18 @@ def _lookup_labels(labels: Optional[Sample], ids: np.ndarray) -> Optional[np.nda
     return out
 
 
+def report_header(cfg: JobConfig, active: dict) -> dict:
+    """What the report evaluated: the config digest and the active transform of every edge."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"config digest": digest, "registry": cfg.registry_location, "output": cfg.output_location,
+            "transforms": [{"edge": f"{k} -> {j}", "id": r.transform_id, "kind": r.kind, "objective": r.objective,
+                            "origin": r.origin} for (k, j), r in sorted(active.items(), reverse=True)]}
+
+
 def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> EvaluateResult:
     """Evaluate every (source, space) pair on held-out entities; write and print the figures.
 
@@ -266,7 +278,7 @@ def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> Evaluat
         for r in results for name, value in sorted(r.metrics.items())
     ])
     print(format_table(results))
-    report = write_report(results, cfg.evaluate.report_dir, run_id)
+    report = write_report(results, cfg.evaluate.report_dir, run_id, report_header(cfg, active))
     log.info("evaluate: report with plots in %s", report)
     result = EvaluateResult(run_id, results, report, time.time() - started)
     log.info("evaluate: %d (source, space) pairs in %.1fs, run %s", len(results), result.seconds, run_id)
