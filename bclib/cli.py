@@ -246,10 +246,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         return fail(exc, EXIT_CONFIG)
     try:
-        from bclib.spark import get_or_create
+        from bclib.spark import get_or_create, progress
 
         spark = get_or_create(cfg.spark)
-        result, text = run_step(spark, args, cfg)
+        with progress(spark, f"bcemb {name}"):  # a log line at least every 30 s while the step runs
+            result, text = run_step(spark, args, cfg)
     except KeyboardInterrupt as exc:
         return fail(exc, EXIT_INTERRUPTED)
     except GateRejectedError as exc:

@@ -159,7 +159,16 @@ class EvaluateSettings:
     neighbours_sample: int = 2_000
     label_location: Optional[str] = "./warehouse/labels"  # None: no probe metrics
     label_column: str = "label"
+    # several label columns of the label table, one consumer probe each (None: just label_column)
+    label_columns: Optional[list[str]] = None
+    # a label whose probe on the TRUE vectors has a lower AUC is "not informative": no retention is reported
+    probe_min_auc: float = 0.6
     report_dir: str = "./reports"
+
+    @property
+    def labels(self) -> list[str]:
+        """The label columns probed, in order."""
+        return list(self.label_columns) if self.label_columns else [self.label_column]
 
 
 @dataclass(frozen=True)
@@ -294,7 +303,8 @@ def _validate(cfg: JobConfig) -> None:
     emb = cfg.embeddings
     for key, name in (("embeddings.id_column", emb.id_column), ("embeddings.vector_column", emb.vector_column),
                       ("embeddings.version_column", emb.version_column),
-                      ("evaluate.label_column", cfg.evaluate.label_column)):
+                      ("evaluate.label_column", cfg.evaluate.label_column),
+                      *(("evaluate.label_columns", c) for c in (cfg.evaluate.label_columns or []))):
         if name is not None and not _COLUMN.match(name):
             raise ConfigError(f"config key '{key}' = {name!r} is not a single column name (letters, digits, '_' "
                               "or '-'; no dots, spaces, commas, quotes or backticks)")
@@ -385,7 +395,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "backfill.target_file_mb": (1, 4096), "backfill.output_partitions": (1, 1_000_000),
     "backfill.incremental_max_fraction": (0.0, 1.0), "backfill.max_shrink": (0.0, 1.0),
     "backfill.max_retries": (1, 20), "backfill.arrow_task_mb": (1, 4096),
-    "evaluate.sample_size": (1, None), "evaluate.neighbours_k": (1, 1000), "evaluate.neighbours_sample": (1, None),
+    "evaluate.sample_size": (1, None), "evaluate.neighbours_k": (1, 1000), "evaluate.probe_min_auc": (0.5, 1.0), "evaluate.neighbours_sample": (1, None),
     "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),
     "maintenance.optimize_min_files": (2, None), "maintenance.optimize_small_file_mb": (1, None),
     "transform.hidden": (1, None), "transform.epochs": (1, None), "transform.batch_size": (1, None),

@@ -246,3 +246,43 @@ def missing_class_hint(text: str) -> str:
         return (f"{name} is missing: the Delta jars are not on the classpath; add them with "
                 f"--packages {','.join(delta_maven_coordinates())} (or run `make jars` for a local cache)")
     return f"{name or 'a class'} is missing from the classpath: add its jar with --packages or --jars"
+
+
+@contextmanager
+def progress(spark, stage: str, every_s: float = 30.0) -> Iterator[None]:
+    """Log a heartbeat for a long stage at least every `every_s` seconds while the block runs.
+
+    Each line names the stage, the seconds elapsed and, when Spark jobs are running, their tasks done /
+    total (`SparkContext.statusTracker()`: active jobs -> stages -> numCompletedTasks / numTasks); with no
+    Spark job active it says the driver is working (numpy fits, metrics). A daemon thread; it stops with
+    the block and never raises into it.
+    """
+    import threading
+    import time
+
+    done = threading.Event()
+    started = time.time()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            try:
+                tracker = spark.sparkContext.statusTracker()
+                finished = total = 0
+                for job_id in tracker.getActiveJobsIds():
+                    job = tracker.getJobInfo(job_id)
+                    for stage_id in (job.stageIds if job else []):
+                        info = tracker.getStageInfo(stage_id)
+                        if info:
+                            finished += info.numCompletedTasks
+                            total += info.numTasks
+                what = f"Spark tasks {finished}/{total}" if total else "driver-side work (no Spark job running)"
+                log.info("%s: still running after %.0fs: %s", stage, time.time() - started, what)
+            except Exception:  # noqa: BLE001 - a heartbeat must never break the stage it reports on
+                log.info("%s: still running after %.0fs", stage, time.time() - started)
+
+    thread = threading.Thread(target=beat, name=f"bcemb-progress-{stage}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()

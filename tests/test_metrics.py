@@ -55,3 +55,29 @@ def test_probe_retention_is_one_on_the_truth_and_drops_on_noise():
     assert noisy["probe_retention"] < 0.9
     multi = probe_retention(z, z, np.digitize(z[:, 0], [-0.5, 0.5]))  # three classes, one-vs-rest
     assert multi["probe_retention"] == pytest.approx(1.0)
+
+
+def test_probe_metrics_per_label_and_not_informative_below_the_threshold():
+    from types import SimpleNamespace
+
+    from bclib.steps.evaluate import probe_metrics
+
+    rng = np.random.default_rng(11)
+    true = rng.normal(size=(3000, 16))
+    pred = true + 0.3 * rng.normal(size=true.shape)
+    baseline = rng.normal(size=true.shape)
+    informative = (true[:, 0] + 0.5 * true[:, 1] > 0).astype(float)
+    noise = rng.integers(0, 2, size=len(true)).astype(float)  # unrelated to the vectors: AUC ~ 0.5
+    partly = informative.copy()
+    partly[:100] = np.nan  # entities without this label are left out of its probe
+    labels = np.column_stack([informative, noise, partly])
+    settings = SimpleNamespace(labels=["topic", "coin", "topic_partial"], probe_min_auc=0.6)
+    out = probe_metrics(pred, true, baseline, labels, settings)
+    assert out["probe_auc_true:topic"] > 0.9 and 0.9 < out["probe_retention:topic"] <= 1.01
+    assert out["baseline_probe_retention:topic"] < 0.7
+    assert out["probe_auc_true:coin"] < 0.6 and out["probe_not_informative:coin"] == 1.0
+    assert "probe_retention:coin" not in out
+    assert out["probe_retention"] == pytest.approx(np.mean([out["probe_retention:topic"],
+                                                            out["probe_retention:topic_partial"]]))
+    single = probe_metrics(pred, true, baseline, informative, SimpleNamespace(labels=["label"], probe_min_auc=0.6))
+    assert set(single) == {"probe_auc_true", "probe_auc", "probe_retention", "baseline_probe_retention"}

@@ -81,3 +81,17 @@ def test_the_session_module_imports_without_delta():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not any(m == "delta" or m.startswith("delta.") for m in imported)
+
+
+def test_progress_logs_a_heartbeat_while_a_stage_runs(spark, caplog):
+    import logging
+    import time
+
+    from bclib.spark import progress
+
+    with caplog.at_level(logging.INFO, logger="bclib.spark"):
+        with progress(spark, "bcemb test", every_s=0.2):
+            spark.range(2_000_000, numPartitions=4).selectExpr("sum(id * id)").collect()
+            time.sleep(0.5)
+    beats = [r.getMessage() for r in caplog.records if "still running after" in r.getMessage()]
+    assert beats and all(b.startswith("bcemb test: still running after") for b in beats)

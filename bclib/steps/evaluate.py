@@ -130,12 +130,46 @@ def pair_metrics(
             out[f"within_space_recall_at_{k}"] = ref.within(pred)
             out[f"baseline_within_space_recall_at_{k}"] = ref.within(baseline)
     if labels is not None:
-        known = ~np.isnan(labels)
-        if len(np.unique(labels[known])) >= 2 and known.sum() >= 20:
-            probe = probe_retention(pred[known], true[known], labels[known])
-            base = probe_retention(baseline[known], true[known], labels[known])
-            out.update(probe)
-            out["baseline_probe_retention"] = base["probe_retention"]
+        out.update(probe_metrics(pred, true, baseline, labels, settings))
+    return out
+
+
+def probe_metrics(pred: np.ndarray, true: np.ndarray, baseline: np.ndarray, labels: np.ndarray,
+                  settings) -> dict[str, float]:
+    """One consumer probe per label column: AUC on the true vectors, retention where that AUC is informative.
+
+    labels: (n,) or (n, L) float, NaN where an entity has no label; columns named by `settings.labels`.
+    Per label (suffix `:<name>` when there are several): `probe_auc_true` (the probe's AUC on the true
+    z_j), and either `probe_retention` / `baseline_probe_retention` (AUC on z~_j, resp. on the untransformed
+    vector, over the AUC on z_j) or, when the true AUC is below `settings.probe_min_auc` (default 0.6),
+    `probe_not_informative` = 1 and no retention (a ratio of two near-chance AUCs says nothing). With
+    several labels the unsuffixed `probe_retention` is the mean over the informative ones.
+    """
+    labels = labels.reshape(len(labels), -1)
+    names = list(getattr(settings, "labels", None) or ["label"])[: labels.shape[1]]
+    several = len(names) > 1
+    out: dict[str, float] = {}
+    kept, kept_base = [], []
+    for i, name in enumerate(names):
+        sfx = f":{name}" if several else ""
+        col = labels[:, i]
+        known = ~np.isnan(col)
+        if len(np.unique(col[known])) < 2 or known.sum() < 20:
+            continue
+        probe = probe_retention(pred[known], true[known], col[known])
+        out[f"probe_auc_true{sfx}"] = probe["probe_auc_true"]
+        if probe["probe_auc_true"] < getattr(settings, "probe_min_auc", 0.6):
+            out[f"probe_not_informative{sfx}"] = 1.0
+            continue
+        base = probe_retention(baseline[known], true[known], col[known])
+        out[f"probe_auc{sfx}"] = probe["probe_auc"]
+        out[f"probe_retention{sfx}"] = probe["probe_retention"]
+        out[f"baseline_probe_retention{sfx}"] = base["probe_retention"]
+        kept.append(probe["probe_retention"])
+        kept_base.append(base["probe_retention"])
+    if several and kept:
+        out["probe_retention"] = float(np.mean(kept))
+        out["baseline_probe_retention"] = float(np.mean(kept_base))
     return out
 
 
@@ -149,7 +183,8 @@ def chain_metrics(records, heldout: HeldOut, source: int, space: int, settings,
 
 
 def _labels_for(spark, cfg: JobConfig, lo: float, hi: float) -> Optional[Sample]:
-    """Labels of the evaluation window's entities (vectors column holds the label), if configured."""
+    """Labels of the evaluation window's entities, if configured: `vectors` is (n, L) float, one column per
+    label in `evaluate.labels`, NaN where a label is null."""
     loc = cfg.evaluate.label_location
     if not loc:
         return None
@@ -158,22 +193,49 @@ def _labels_for(spark, cfg: JobConfig, lo: float, hi: float) -> Optional[Sample]
     require_table(spark, loc, "label", hint=" (evaluate.label_location); set evaluate.label_location: null "
                   "to evaluate without consumer-probe metrics")
     df = read_delta(spark, loc)
-    require_columns(df, ["id", cfg.evaluate.label_column], loc)
-    table = hash_window(df.select("id", F.col(cfg.evaluate.label_column).cast("long").alias("label")),
-                        "id", cfg.fit.salt, lo, hi).toArrow()
-    ids = table.column("id").to_numpy()
-    order = np.argsort(ids)
-    return Sample(ids[order], table.column("label").to_numpy()[order], np.zeros(len(ids)))
+    names = cfg.evaluate.labels
+    require_columns(df, ["id", *names], loc)
+    cols = [F.col(c).alias(f"_label_{i}") for i, c in enumerate(names)]
+    table = hash_window(df.select("id", *cols), "id", cfg.fit.salt, lo, hi).toArrow()
+    ids = table.column("id").to_numpy(zero_copy_only=False)
+    order = np.argsort(ids, kind="stable")
+    values = np.column_stack([_label_codes(table.column(f"_label_{i}")) for i in range(len(names))]) \
+        if len(ids) else np.zeros((0, len(names)))
+    return Sample(ids[order], values[order], np.zeros(len(ids)))
+
+
+def _label_codes(column) -> np.ndarray:
+    """A label column as float: numbers as they are, anything else (strings) as category codes; NaN for null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
+        return pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+    codes = pc.cast(column.dictionary_encode().indices, pa.float64())
+    return codes.to_numpy(zero_copy_only=False)
 
 
 def _lookup_labels(labels: Optional[Sample], ids: np.ndarray) -> Optional[np.ndarray]:
-    """Label per id as float, NaN where the label table has none."""
+    """Labels per id as float (n, L), NaN where the label table has none."""
     if labels is None:
         return None
-    out = np.full(len(ids), np.nan)
+    out = np.full((len(ids), labels.vectors.shape[1] if labels.vectors.ndim == 2 else 1), np.nan)
     _, in_ids, in_labels = np.intersect1d(ids, labels.ids, assume_unique=True, return_indices=True)
-    out[in_ids] = labels.vectors[in_labels]
+    out[in_ids] = labels.vectors[in_labels].reshape(len(in_labels), -1)
     return out
+
+
+def report_header(cfg: JobConfig, active: dict) -> dict:
+    """What the report evaluated: the config digest and the active transform of every edge."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"config digest": digest, "registry": cfg.registry_location, "output": cfg.output_location,
+            "transforms": [{"edge": f"{k} -> {j}", "id": r.transform_id, "kind": r.kind, "objective": r.objective,
+                            "origin": r.origin} for (k, j), r in sorted(active.items(), reverse=True)]}
 
 
 def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> EvaluateResult:
@@ -216,7 +278,7 @@ def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> Evaluat
         for r in results for name, value in sorted(r.metrics.items())
     ])
     print(format_table(results))
-    report = write_report(results, cfg.evaluate.report_dir, run_id)
+    report = write_report(results, cfg.evaluate.report_dir, run_id, report_header(cfg, active))
     log.info("evaluate: report with plots in %s", report)
     result = EvaluateResult(run_id, results, report, time.time() - started)
     log.info("evaluate: %d (source, space) pairs in %.1fs, run %s", len(results), result.seconds, run_id)
