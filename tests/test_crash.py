@@ -28,7 +28,7 @@ from conftest import JIT_FOR_TESTS, REPO
 pytestmark = pytest.mark.slow
 
 # kills per kind (full backfill, incremental backfill, fit); BCEMB_CRASH_KILLS=5 for the 15-kill run
-KILLS = int(os.environ.get("BCEMB_CRASH_KILLS", "3"))
+KILLS = int(os.environ.get("BCEMB_CRASH_KILLS", "2"))
 
 
 def _config(tmp: Path, out: str = "out", jvm: str = JIT_FOR_TESTS, registry: str = "registry") -> Path:
