@@ -39,6 +39,7 @@ EPILOG = """exit codes:
   1  data or runtime error (one line on stderr names the error class and what to do)
   2  config error
   3  gate rejected: a candidate chain failed the compatibility gate, nothing was published
+  130  interrupted (SIGINT); nothing half-written, the next run converges
 """
 
 
