@@ -250,6 +250,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from bclib.spark import get_or_create, progress
 
         spark = get_or_create(cfg.spark)
+        from bclib.spark import ephemeral_catalog_warning
+
+        warning = ephemeral_catalog_warning(spark, [cfg.registry_location, cfg.output_location, cfg.metrics_location,
+                                                    cfg.embeddings.location])
+        if warning:
+            log.warning(warning)
         with progress(spark, f"bcemb {name}"):  # a log line at least every 30 s while the step runs
             result, text = run_step(spark, args, cfg)
     except KeyboardInterrupt as exc:

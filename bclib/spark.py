@@ -286,3 +286,24 @@ def progress(spark, stage: str, every_s: float = 30.0) -> Iterator[None]:
         yield
     finally:
         done.set()
+
+
+def ephemeral_catalog_warning(spark, locations) -> Optional[str]:
+    """A warning when catalog table names are used with Spark's in-memory catalog, else None.
+
+    `spark.sql.catalogImplementation = in-memory` (pyspark's default without Hive) forgets table names when the
+    session ends: the next run finds no table under the name and rewrites everything (or fails on the
+    existing directory). Paths, or a persistent metastore (Hive, Unity, Glue), keep reruns incremental.
+    """
+    names = [loc for loc in locations if loc and not ("/" in loc or "://" in loc or loc.startswith("."))]
+    if not names:
+        return None
+    try:
+        impl = spark.conf.get("spark.sql.catalogImplementation", "in-memory")
+    except Exception:  # noqa: BLE001 - a conf we cannot read is not worth failing a run for
+        return None
+    if impl != "in-memory":
+        return None
+    return (f"catalog table names {names} with Spark's in-memory catalog do not persist after this session: the "
+            "next run will not find them and rewrites everything; use Delta paths or a persistent metastore "
+            "(spark.sql.catalogImplementation=hive, Unity Catalog, Glue)")

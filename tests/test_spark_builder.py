@@ -95,3 +95,12 @@ def test_progress_logs_a_heartbeat_while_a_stage_runs(spark, caplog):
             time.sleep(0.5)
     beats = [r.getMessage() for r in caplog.records if "still running after" in r.getMessage()]
     assert beats and all(b.startswith("bcemb test: still running after") for b in beats)
+
+
+def test_catalog_names_with_the_in_memory_catalog_are_warned_about(spark):
+    from bclib.spark import ephemeral_catalog_warning
+
+    assert spark.conf.get("spark.sql.catalogImplementation", "in-memory") == "in-memory"
+    warning = ephemeral_catalog_warning(spark, ["./warehouse/reg", "default.bc_embeddings", None])
+    assert warning and "['default.bc_embeddings']" in warning and "persistent metastore" in warning
+    assert ephemeral_catalog_warning(spark, ["/data/reg", "s3://b/out", "./w/m"]) is None
