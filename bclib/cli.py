@@ -251,9 +251,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         spark = get_or_create(cfg.spark)
         from bclib.spark import ephemeral_catalog_warning
+        from bclib.tables.delta import is_path
 
-        warning = ephemeral_catalog_warning(spark, [cfg.registry_location, cfg.output_location, cfg.metrics_location,
-                                                    cfg.embeddings.location])
+        locations = [cfg.registry_location, cfg.output_location, cfg.metrics_location, cfg.embeddings.location]
+        warning = ephemeral_catalog_warning(spark, [loc for loc in locations if loc and not is_path(loc)])
         if warning:
             log.warning(warning)
         with progress(spark, f"bcemb {name}"):  # a log line at least every 30 s while the step runs

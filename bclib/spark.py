@@ -288,14 +288,15 @@ def progress(spark, stage: str, every_s: float = 30.0) -> Iterator[None]:
         done.set()
 
 
-def ephemeral_catalog_warning(spark, locations) -> Optional[str]:
-    """A warning when catalog table names are used with Spark's in-memory catalog, else None.
+def ephemeral_catalog_warning(spark, names) -> Optional[str]:
+    """A warning when catalog table `names` (not paths: `bclib.tables.delta.is_path` sorts them) are used
+    with Spark's in-memory catalog, else None.
 
     `spark.sql.catalogImplementation = in-memory` (pyspark's default without Hive) forgets table names when the
     session ends: the next run finds no table under the name and rewrites everything (or fails on the
     existing directory). Paths, or a persistent metastore (Hive, Unity, Glue), keep reruns incremental.
     """
-    names = [loc for loc in locations if loc and not ("/" in loc or "://" in loc or loc.startswith("."))]
+    names = [n for n in names if n]
     if not names:
         return None
     try:

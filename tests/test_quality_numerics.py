@@ -505,6 +505,7 @@ def test_config_accepts_a_number_or_auto_and_names_both_on_error():
 
 
 def test_bias_auto_fits_an_intercept_for_off_centre_spaces_only():
+    from bclib.numerics.closed_form import space_geometry
     from bclib.numerics.fitting import fit_edge, resolve_bias
 
     rng = np.random.default_rng(5)
@@ -512,10 +513,11 @@ def test_bias_auto_fits_an_intercept_for_off_centre_spaces_only():
     w = rng.normal(size=(12, 8))
     centred = x @ w
     shifted = centred + 3.0 * rng.normal(size=8)  # an offset as sentence embeddings have
-    assert resolve_bias("auto", x, centred, multi_step=False)[0] is False
-    assert resolve_bias("auto", x, shifted, multi_step=False)[0] is True
-    assert resolve_bias("auto", x, shifted, multi_step=True)[0] is False  # multi-step closed forms: none
-    assert resolve_bias(False, x, shifted, multi_step=False) == (False, "configured: False")
+    gx, gc, gs = space_geometry(x), space_geometry(centred), space_geometry(shifted)
+    assert resolve_bias("auto", gx, gc, multi_step=False)[0] is False
+    assert resolve_bias("auto", gx, gs, multi_step=False)[0] is True
+    assert resolve_bias("auto", gx, gs, multi_step=True)[0] is False  # multi-step closed forms: none
+    assert resolve_bias(False, gx, gs, multi_step=False) == (False, "configured: False")
     settings = TransformSettings(kind="linear", ridge=0.0, output_norm="none")
     assert settings.bias == "auto"
     t = fit_edge(x, shifted, settings)

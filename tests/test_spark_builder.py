@@ -101,6 +101,9 @@ def test_catalog_names_with_the_in_memory_catalog_are_warned_about(spark):
     from bclib.spark import ephemeral_catalog_warning
 
     assert spark.conf.get("spark.sql.catalogImplementation", "in-memory") == "in-memory"
-    warning = ephemeral_catalog_warning(spark, ["./warehouse/reg", "default.bc_embeddings", None])
+    from bclib.tables.delta import is_path
+
+    locations = ["./warehouse/reg", "default.bc_embeddings", "/data/reg", "s3://b/out"]
+    warning = ephemeral_catalog_warning(spark, [loc for loc in locations if not is_path(loc)])
     assert warning and "['default.bc_embeddings']" in warning and "persistent metastore" in warning
-    assert ephemeral_catalog_warning(spark, ["/data/reg", "s3://b/out", "./w/m"]) is None
+    assert ephemeral_catalog_warning(spark, [loc for loc in ["/data/reg", "s3://b/out", "./w/m"] if not is_path(loc)]) is None

@@ -56,7 +56,7 @@ def fit_edge(
         if geometry["source"]["unit_norm"]:
             x = normalize_rows(x.astype(np.float64))
     multi = settings.objective != "single_step" and bool(frozen_chains)
-    bias, why = resolve_bias(settings.bias, x, y, multi)
+    bias, why = resolve_bias(settings.bias, geometry["source"], geometry["target"], multi)
     if bias != settings.bias:
         settings = _replaced(settings, bias=bias)
     t = _fit_objective(x, y, settings, frozen_chains, anchors, unit)
@@ -64,28 +64,19 @@ def fit_edge(
                                         "bias": why})
 
 
-OFFSET_FOR_BIAS = 0.1  # ||mean row|| / RMS row norm above which `bias: auto` fits an intercept
-
-
-def resolve_bias(bias, x: np.ndarray, y: np.ndarray, multi_step: bool) -> tuple[bool, str]:
+def resolve_bias(bias, source_geometry: dict, target_geometry: dict, multi_step: bool) -> tuple[bool, str]:
     """(fit an intercept?, why) for `transform.bias` True, False or "auto".
 
-    auto: yes when either space is off-centre, i.e. ||mean(rows)|| > OFFSET_FOR_BIAS x RMS row norm (real
-    sentence embeddings: 0.3-0.6; centred factors: ~0), except for multi-step objectives, whose closed form
-    fits no intercept. x: (n, d_k), y: (n, d_{k-1}).
+    auto: yes when either space is off-centre by `space_geometry` (the mean row's norm above 0.1 x the mean
+    row norm; real sentence embeddings: 0.3-0.9, centred factors ~0), except for multi-step objectives,
+    whose closed form fits no intercept. The geometries are `space_geometry` dicts of the two samples.
     """
     if bias != "auto":
         return bool(bias), f"configured: {bool(bias)}"
-    offset = max(_offset(x), _offset(y))
+    off = not (source_geometry["centred"] and target_geometry["centred"])
     if multi_step:
-        return False, f"auto: no intercept for a multi-step objective (offset {offset:.3f})"
-    return offset > OFFSET_FOR_BIAS, f"auto: {'intercept' if offset > OFFSET_FOR_BIAS else 'none'} (offset {offset:.3f})"
-
-
-def _offset(z: np.ndarray) -> float:
-    z = np.asarray(z, dtype=np.float64)
-    rms = float(np.sqrt(np.mean(np.einsum("ij,ij->i", z, z)))) if len(z) else 0.0
-    return float(np.linalg.norm(z.mean(axis=0)) / rms) if rms > 0 else 0.0
+        return False, "auto: no intercept for a multi-step objective"
+    return off, f"auto: {'intercept (a space is off-centre)' if off else 'none (both spaces centred)'}"
 
 
 def _replaced(settings, **changes):
