@@ -113,6 +113,11 @@ class BackfillSettings:
     # require: fail with IncrementalUnavailableError instead of falling back; off: always full rewrites
     incremental: Literal["auto", "require", "off"] = "auto"
     incremental_max_fraction: float = 0.5  # more changed rows than this fraction of the source: full rewrite
+    # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and
+    # a deletion vector per touched file instead of rewriting those files (readers need Delta reader v3; the
+    # deltalake 1.x pyarrow reader refuses such tables). Without them, auto rewrites in full when a MERGE would
+    # touch most files anyway. Applies when bcemb creates the output; an existing one: ALTER TABLE (README).
+    deletion_vectors: bool = False
     max_shrink: float = 0.1  # a space may lose at most this fraction of its rows (--allow-shrink overrides)
     max_retries: int = 3  # bounded retries on Delta's concurrent-modification exceptions
     # a source_version older than the newest configured version must be asked for explicitly

@@ -10,9 +10,12 @@ outputs are brought up to date from that same source version:
   full:        `run_backfill` of a second output with backfill.incremental = off (a full rewrite,
                backfill.engine auto).
 `ratio` = incremental seconds / full seconds. Both outputs are then compared (same ids, same vectors per
-space) so a fast wrong answer cannot pass. `--deletion-vectors` creates the incremental output with
-`delta.enableDeletionVectors` (MERGE then marks replaced rows instead of rewriting the files they are in).
-Writes benchmarks/results/incremental.json (a list `runs`, one entry per changed fraction) and prints a table.
+space) so a fast wrong answer cannot pass. The incremental output is created with deletion vectors
+(`backfill.deletion_vectors: true`: a MERGE writes the changed rows and a deletion vector per touched file);
+`--no-deletion-vectors` measures a copy-on-write MERGE instead, which rewrites every file a changed id is in
+(every file, for ids spread over the table) and is what `incremental: auto` then avoids (`auto_picks`).
+Writes benchmarks/results/incremental.json (incremental_no_dv.json with --no-deletion-vectors; a list `runs`,
+one entry per changed fraction) and prints a table.
 """
 
 from __future__ import annotations
@@ -95,13 +98,14 @@ def change_source(spark, path: Path, rows: int, dim: int, fraction: float, round
     return {k: int(m.get(k, 0)) for k in ("numTargetRowsUpdated", "numTargetRowsInserted", "numTargetRowsDeleted")}
 
 
-def job_config(root: Path, source: Path, spaces: int, out: str, incremental: str):
+def job_config(root: Path, source: Path, spaces: int, out: str, incremental: str, deletion_vectors: bool = False):
     return config_from_dict({
         "embeddings": {"location": str(root / "emb_v{version}"), "versions": list(range(spaces + 1))},
         "registry_location": str(root / "registry"),
         "output_location": str(root / out),
         "metrics_location": str(root / "metrics"),
-        "backfill": {"incremental": incremental, "incremental_max_fraction": 0.5},
+        "backfill": {"incremental": incremental, "incremental_max_fraction": 0.5,
+                     "deletion_vectors": deletion_vectors},
         "gate": {"enabled": False},
     })
 
@@ -117,6 +121,17 @@ def setup(spark, root: Path, source: Path, spaces: int, dim: int) -> None:
         TransformRecord(f"inc-{k}-{dim}", k, k - 1, "linear", "single_step",
                         AffineTransform(rng.normal(size=(dim, dim)) / np.sqrt(dim)))
         for k in versions[1:]])
+
+
+def auto_picks(spark, location: str, spaces: int, changed: int) -> str:
+    """What `backfill.incremental: auto` would do with this output for `changed` ids (the rule in the step)."""
+    from bclib.steps.backfill import MERGE_MAX_TOUCHED_SHARE, merge_touched_share
+    from bclib.tables.output import output_layout
+
+    deletion_vectors, files = output_layout(spark, location)
+    if deletion_vectors or merge_touched_share(changed, files / spaces) <= MERGE_MAX_TOUCHED_SHARE:
+        return "incremental"
+    return "full"
 
 
 def same_content(spark, a: str, b: str) -> bool:
@@ -140,8 +155,8 @@ def main() -> None:
     parser.add_argument("--spaces", type=int, default=4)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.01, 0.1])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--deletion-vectors", action="store_true",
-                        help="create the incremental output with delta.enableDeletionVectors")
+    parser.add_argument("--no-deletion-vectors", dest="deletion_vectors", action="store_false",
+                        help="a copy-on-write incremental output (no delta.enableDeletionVectors)")
     parser.add_argument("--driver-memory", default="6g")
     parser.add_argument("--keep-data", action="store_true")
     args = parser.parse_args()
@@ -158,14 +173,8 @@ def main() -> None:
     t = time.perf_counter()
     make_source(spark, source, args.rows, args.dim)
     setup(spark, DATA, source, args.spaces, args.dim)
-    inc_cfg = job_config(DATA, source, args.spaces, "out_incremental", "require")
+    inc_cfg = job_config(DATA, source, args.spaces, "out_incremental", "require", args.deletion_vectors)
     full_cfg = job_config(DATA, source, args.spaces, "out_full", "off")
-    if args.deletion_vectors:
-        from bclib.tables.output import OUTPUT_COLUMNS
-
-        cols = ", ".join(f"{c} {t}" for c, t in {**OUTPUT_COLUMNS, "id": "bigint"}.items())
-        spark.sql(f"CREATE TABLE delta.`{inc_cfg.output_location}` ({cols}) USING delta PARTITIONED BY (space_version) "
-                  "TBLPROPERTIES (delta.enableDeletionVectors = true)")
     first_inc = run_backfill(spark, inc_cfg)  # the initial publish (full)
     first_full = run_backfill(spark, full_cfg)
     logging.info("setup: %d rows x %d, %d spaces, initial backfills %s / %s, %.1fs", args.rows, args.dim, args.spaces,
@@ -173,10 +182,11 @@ def main() -> None:
     runs = []
     round_seed = 0
     for fraction in args.fractions:
-        inc_s, full_s, changed = [], [], []
+        inc_s, full_s, changed, picks = [], [], [], []
         for _ in range(args.repeats):
             round_seed += 1
             changed.append(change_source(spark, source, args.rows, args.dim, fraction, round_seed))
+            picks.append(auto_picks(spark, inc_cfg.output_location, args.spaces, sum(changed[-1].values())))
             t = time.perf_counter()
             inc = run_backfill(spark, inc_cfg)
             inc_s.append(time.perf_counter() - t)
@@ -195,10 +205,10 @@ def main() -> None:
             "changed_rows": changed, "incremental_seconds_all": inc_s, "full_seconds_all": full_s,
             "incremental_seconds": statistics.median(inc_s), "full_seconds": statistics.median(full_s),
             "ratio": statistics.median(i / f for i, f in zip(inc_s, full_s)),
-            "full_engine": full.engine, "outputs_equal": equal,
+            "full_engine": full.engine, "outputs_equal": equal, "auto_picks": picks,
         })
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "incremental_dv.json" if args.deletion_vectors else "incremental.json"
+    name = "incremental.json" if args.deletion_vectors else "incremental_no_dv.json"
     (RESULTS / name).write_text(json.dumps({"runs": runs}, indent=2))
     print(f"\n{'changed':>8} {'rows changed':>13} {'incremental s':>14} {'full s':>8} {'ratio':>6}")
     for r in runs:

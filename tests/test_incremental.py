@@ -39,7 +39,8 @@ def _same_content(spark, a, b, spaces=(0, 1)):
 @pytest.fixture(scope="module")
 def published(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("incr")
-    cfg = small_config(tmp, evaluate={"label_location": None})
+    # deletion vectors on the output: auto MERGEs small changes (without them it rewrites in full, tested below)
+    cfg = small_config(tmp, evaluate={"label_location": None}, backfill={"deletion_vectors": True})
     run_generate(spark, cfg)
     run_fit(spark, cfg)
     run_backfill(spark, cfg)
@@ -88,6 +89,35 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
     assert run_backfill(spark, cfg).skipped and current_delta_version(spark, cfg.output_location) == before + 1
 
 
+def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_same_content(spark, published,
+                                                                                            tmp_path, caplog):
+    """A copy-on-write MERGE of ids spread over every file rewrites every file: auto does a full rewrite
+    instead (logged, with the share of files touched); `require` still MERGEs, to the same content."""
+    from bclib.steps.backfill import merge_touched_share
+
+    assert merge_touched_share(10, 1000) == pytest.approx(0.00995, rel=1e-3)
+    assert merge_touched_share(1000, 10) == pytest.approx(1.0) and merge_touched_share(0, 0) == 0.0
+    tmp, cfg = published
+    plain = small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None})
+    required = small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None},
+                            backfill={"incremental": "require"})
+    run_backfill(spark, plain)
+    assert delta_table(spark, plain.output_location).detail().first().properties.get(
+        "delta.enableDeletionVectors") is None
+    _change_source(spark, cfg, seed=3)
+    with caplog.at_level("INFO", logger="bclib.steps.backfill"):
+        result = run_backfill(spark, plain)
+    assert {a for a, _ in result.actions.values()} == {"full"}
+    assert "no deletion vectors, so a MERGE would rewrite ~100% of the" in caplog.text
+    _change_source(spark, cfg, seed=4)
+    result = run_backfill(spark, required)
+    assert {a for a, _ in result.actions.values()} == {"incremental"}
+    assert delta_table(spark, required.output_location).history(1).first().operation == "MERGE"
+    reference = small_config(tmp, output_location=str(tmp_path / "ref"), evaluate={"label_location": None})
+    run_backfill(spark, reference)
+    _same_content(spark, required.output_location, reference.output_location)
+
+
 def test_a_retried_commit_is_skipped_by_delta_itself(spark, published, tmp_path):
     """Exactly once: the same work committed twice under one transaction id lands once."""
     from bclib.steps.backfill import plan_backfill, to_spaces
@@ -133,7 +163,7 @@ def test_without_change_data_feed_auto_rewrites_and_require_refuses(spark, tmp_p
 
 
 def test_deletes_beyond_max_shrink_are_refused_unless_allowed(spark, tmp_path):
-    cfg = small_config(tmp_path, evaluate={"label_location": None})
+    cfg = small_config(tmp_path, evaluate={"label_location": None}, backfill={"deletion_vectors": True})
     run_generate(spark, cfg)
     run_fit(spark, cfg)
     run_backfill(spark, cfg)

@@ -29,6 +29,7 @@ def _write_config(tmp: Path, versions: list[int], **extra) -> Path:
         "metrics_location": str(tmp / "metrics"),
         # 1,500 entities: a quarter held out, so that the gate judges on a few hundred (5 % would be ~75)
         "fit": {"sample_size": 100_000, "min_pairs": 50, "holdout": 0.25},
+        "backfill": {"deletion_vectors": True},  # day 2's small change is MERGEd (without: a full rewrite)
         "evaluate": {"sample_size": 100_000, "label_location": str(tmp / "labels"),
                      "report_dir": str(tmp / "reports"), "neighbours_k": 5, "neighbours_sample": 200},
         "demo": {"n_entities": 1500, "dims": DIMS[: len(versions)], "block_rows": 256, "n_clusters": 6,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run
 from bclib.tables.changes import ChangesUnavailable, read_changes
 from bclib.tables.delta import is_path, retry_on_conflict
 from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version
-from bclib.tables.output import OutputState, check_output_schema, merge_changes, quarantine_rows, \
-    quarantine_state, read_output_state, space_rows, space_state, validity_filter, write_full, write_quarantine
+from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, output_layout, \
+    quarantine_rows, quarantine_state, read_output_state, space_rows, space_state, validity_filter, write_full, \
+    write_quarantine
 from bclib.tables.registry import active_transforms
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,10 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     incremental = [j for j, (a, _) in actions.items() if a == INCREMENTAL]
     if incremental:
         changes = _changes_or_fallback(spark, cfg, source, state, incremental, actions, n_source)
+        if changes is not None and cfg.backfill.incremental == "auto":
+            _full_if_merge_rewrites_most_files(spark, out_location, state, changes, incremental, actions)
+            if not any(actions[j][0] == INCREMENTAL for j in incremental):
+                changes = None
     full = [j for j, (a, _) in actions.items() if a == FULL]
     incremental = [j for j, (a, _) in actions.items() if a == INCREMENTAL]
     current_rows = space_rows(spark, out_location) if state.exists else {}
@@ -290,6 +296,10 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     gate_note = {str(v.space): "passed" if v.passed else "rejected (gate.enforce false)"
                  for v in (result.gate.verdicts if result.gate else [])}
     base = state
+    if not state.exists and cfg.backfill.deletion_vectors:
+        create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True)
+        log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", out_location)
+        base = read_output_state(spark, out_location)
     if full:
         sub = plan.restricted(full)
         spaces_state.update({str(j): desired[j] for j in full})
@@ -303,14 +313,14 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
                  "fused one-GEMM" if sub.kernel.fused else "sequential", result.engine, result.engine_reason)
         if result.engine == "arrow":
             with reraise_executor_errors():
-                written_rows += _write_full_arrow(spark, cfg, sub, source, out_location, lineage, txn, base,
-                                                  quarantine is not None, file_rows)
+                n = _write_full_arrow(spark, cfg, sub, source, out_location, lineage, txn, base,
+                                      quarantine is not None, file_rows)
         else:
             src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
             with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
-                written_rows += write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage,
-                                           file_rows, txn)
-        result.commits += 1
+                n = write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn)
+        written_rows += n
+        result.commits += 1 if n else 0  # 0 rows: Delta skipped the commit (its transaction id was recorded)
         base = read_output_state(spark, out_location)
     if incremental:
         sub = plan.restricted(incremental)
@@ -323,8 +333,9 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
                  changes.deletes, incremental)
         change_rows = _change_rows(changes.df, sub, quarantine is not None)
         with session_conf(spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
-            written_rows += merge_changes(spark, change_rows, out_location, incremental, lineage, txn)
-        result.commits += 1
+            n = merge_changes(spark, change_rows, out_location, incremental, lineage, txn)
+        written_rows += n
+        result.commits += 1 if n else 0
     result.write_seconds = time.time() - write_started
 
     # side tables, after the output commit(s): quarantine, gate verdicts, per-space views
@@ -467,6 +478,41 @@ def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: Outp
         log.info("backfill: %d changed rows of %d: full rewrite of %s", changed, n_source, spaces)
         return None
     return changes
+
+
+# auto: rewrite in full when a MERGE into an output without deletion vectors would rewrite more than this
+# share of the spaces' files anyway (it would then cost more than a full rewrite: it also joins)
+MERGE_MAX_TOUCHED_SHARE = 0.5
+
+
+def merge_touched_share(changed_ids: int, files: float) -> float:
+    """Expected share of `files` equal files holding at least one of `changed_ids` ids spread over them.
+
+    1 - (1 - 1/F)^c ~= 1 - exp(-c / F) (each id falls in one of F files uniformly: ids are not clustered by
+    arrival in an embedding table). Pure; F < 1 counts as 1.
+    """
+    files = max(1.0, float(files))
+    return -math.expm1(-max(0, changed_ids) / files)
+
+
+def _full_if_merge_rewrites_most_files(spark, out_location: str, state: OutputState, changes, spaces: list[int],
+                                       actions: dict) -> None:
+    """auto: turn incremental spaces into full rewrites when the output has no deletion vectors and the
+    changes would touch most of its files (a copy-on-write MERGE rewrites every touched file, and joins)."""
+    deletion_vectors, n_files = output_layout(spark, out_location)
+    if deletion_vectors:
+        return
+    per_space = n_files / max(1, len(state.spaces))
+    changed = changes.upserts + changes.deletes
+    share = merge_touched_share(changed, per_space)
+    if share <= MERGE_MAX_TOUCHED_SHARE:
+        return
+    why = (f"the output has no deletion vectors, so a MERGE would rewrite ~{share:.0%} of the ~{per_space:.0f} "
+           f"files per space for {changed} changed ids: a full rewrite is cheaper "
+           "(backfill.deletion_vectors: true lets a MERGE cost what changed)")
+    for j in spaces:
+        actions[j] = (FULL, why)
+    log.info("backfill: spaces %s: %s", spaces, why)
 
 
 def _good(plan: BackfillPlan):

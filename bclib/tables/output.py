@@ -126,6 +126,38 @@ def space_rows(spark, location: str) -> dict[int, int]:
             read_delta(spark, location).groupBy("space_version").count().collect()}
 
 
+def output_layout(spark, location: str) -> tuple[bool, int]:
+    """(deletion vectors enabled, number of data files) of the output table now, from `DESCRIBE DETAIL`.
+
+    A MERGE into a table without deletion vectors rewrites every file holding a matched id; with them it
+    writes the new rows and a deletion vector per touched file (Delta protocol, "Deletion Vectors").
+    """
+    row = delta_table(spark, location).detail().select("numFiles", "properties").first()
+    props = dict(row.properties or {})
+    return props.get("delta.enableDeletionVectors", "false").lower() == "true", int(row.numFiles or 0)
+
+
+def create_output(spark, location: str, id_type: str, deletion_vectors: bool) -> None:
+    """Create the empty output table (partitioned by space_version) unless it exists, with
+    `delta.enableDeletionVectors` set as asked (`DeltaTable.createIfNotExists`; a path is made absolute,
+    which Delta 4.0 requires). The commit is a CREATE TABLE: the next backfill rewrites every space."""
+    import os
+
+    from delta.tables import DeltaTable
+
+    builder = DeltaTable.createIfNotExists(spark)
+    if is_path(location):
+        builder = builder.location(location if "://" in location else os.path.abspath(location))
+    else:
+        builder = builder.tableName(location)
+    for name, dtype in {**OUTPUT_COLUMNS, "id": id_type}.items():
+        builder = builder.addColumn(name, dtype)
+    builder = builder.partitionedBy("space_version")
+    if deletion_vectors:
+        builder = builder.property("delta.enableDeletionVectors", "true")
+    builder.execute()
+
+
 # --------------------------------------------------------------------------- commits
 
 
