@@ -93,6 +93,7 @@ class FitSettings:
     sample_size: int = 100_000  # caps the fit's rows only
     holdout: float = 0.05  # the evaluation slice: a fraction (0, 0.5] of the id-hash space, or a row count >= 1
     holdout_fraction: float = 0.05  # validation part of the fit sample (fit metrics, degenerate-fit check)
+    refit_with_validation: bool = True  # after validating, fit the published map again on train + validation
     min_pairs: int = 100
     salt: str = "bcemb-fit"
 

@@ -119,7 +119,9 @@ def _numpy_lstsq(spark, cfg, k, ridge=0.0):
     """B_k by numpy (ridge) least squares on the fit step's training pairs, rebuilt with Spark SQL and numpy.
 
     The fit window is hash in [0, 1 - fit.holdout) (the whole window at this size); the top
-    fit.holdout_fraction of its pairs by hash are the fit's own validation part. `ridge` is scale-free: λ = ridge × mean eigenvalue of XᵀX.
+    fit.holdout_fraction of its pairs by hash are the fit's own validation part, and the published map is
+    refit on train + validation (fit.refit_with_validation). `ridge` is scale-free:
+    λ = ridge × mean eigenvalue of XᵀX.
     """
     salt = cfg.fit.salt
     h = f"pmod(xxhash64('{salt}', id), {1 << 52}) / {float(1 << 52)}"
@@ -127,7 +129,7 @@ def _numpy_lstsq(spark, cfg, k, ridge=0.0):
     dst = spark.read.format("delta").load(cfg.version_location(k - 1)).selectExpr("id", "vector AS y")
     rows = sorted(src.where(f"h < {1.0 - cfg.fit.holdout}").join(dst, "id").collect(), key=lambda r: r.h)
     n_hold = max(1, int(round(len(rows) * cfg.fit.holdout_fraction)))
-    train = rows[:-n_hold]
+    train = rows if cfg.fit.refit_with_validation else rows[:-n_hold]
     x = np.array([r.x for r in train], dtype=np.float64)
     y = np.array([r.y for r in train], dtype=np.float64)
     gram = x.T @ x
@@ -246,4 +248,5 @@ def test_the_default_fit_uses_at_least_90_percent_of_the_shared_pairs(spark, tmp
         m = r.fit_metrics
         assert m["train_rows"] >= 0.88 * shared, (r.edge, m["train_rows"], shared)
         assert m["train_rows"] + m["holdout_rows"] == m["shared_pairs_in_window"] < shared
+        assert m["refit_rows"] == m["shared_pairs_in_window"]  # the published map saw train + validation
         assert abs(m["estimated_shared_pairs"] - shared) <= 0.1 * shared

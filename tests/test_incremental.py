@@ -85,8 +85,18 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
     full_cfg = small_config(tmp, output_location=str(tmp_path / "full"), evaluate={"label_location": None})
     run_backfill(spark, full_cfg)
     _same_content(spark, cfg.output_location, full_cfg.output_location)
-    # and a rerun does nothing
+    # and a rerun does nothing, also after a user's VACUUM (Delta 3+ logs VACUUM START/END commits), OPTIMIZE
+    # and ALTER TABLE SET TBLPROPERTIES: they keep the rows, so the last bcemb lineage still holds
     assert run_backfill(spark, cfg).skipped and current_delta_version(spark, cfg.output_location) == before + 1
+    out = delta_table(spark, cfg.output_location)
+    out.optimize().executeCompaction()
+    out.vacuum(168)
+    spark.sql(f"ALTER TABLE delta.`{cfg.output_location}` SET TBLPROPERTIES ('bcemb.test' = 'x')")
+    ops = [r.operation for r in out.history(4).collect()]
+    assert "VACUUM END" in ops and "SET TBLPROPERTIES" in ops, ops
+    maintained = current_delta_version(spark, cfg.output_location)
+    assert run_backfill(spark, cfg).skipped and current_delta_version(spark, cfg.output_location) == maintained
+    _same_content(spark, cfg.output_location, full_cfg.output_location)
 
 
 def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_same_content(spark, published,

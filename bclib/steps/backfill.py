@@ -7,7 +7,8 @@
     df.transform(to_spaces(plan))    DataFrame(id, vector) -> DataFrame(output schema), mapInArrow
     write_full / merge_changes       one Delta commit each, lineage + transaction id (tables/output.py)
 
-A space is up to date when the output's latest commit says it holds the current source Delta version
+A space is up to date when the output's last bcemb commit (VACUUM, OPTIMIZE and property changes after
+it are looked through) says it holds the current source Delta version
 through the current chain; then nothing is read or written. Only the source changed: the change data
 feed between the two Delta versions is transformed and MERGEd (`backfill.incremental`). Otherwise the
 space is rewritten (replaceWhere). Side tables (quarantine, gate verdicts) are written after the output
@@ -142,8 +143,8 @@ def decide(state: OutputState, desired: dict[int, dict], incremental: str, force
         if not state.exists:
             out[j] = (FULL, "the output table does not exist yet")
         elif state.foreign:
-            out[j] = (FULL, f"the output's latest commit ({state.operation or 'unknown'}, Delta v{state.delta_version}) "
-                            "was not written by bcemb")
+            out[j] = (FULL, f"the output's last commit that changed rows ({state.operation or 'unknown'}; table "
+                            f"at Delta v{state.delta_version}) was not written by bcemb")
         elif cur is None:
             out[j] = (FULL, "the space is not in the output yet")
         elif force:

@@ -100,22 +100,48 @@ def check_output_schema(spark, location: str, id_type: str) -> None:
         )
 
 
+# Delta operations that leave the table's rows as they were: a run after them still knows what each space
+# holds from the last bcemb commit before them (VACUUM writes START/END commits since Delta 3; OPTIMIZE and
+# REORG rewrite files with dataChange = false; the others change only metadata or the protocol)
+CONTENT_PRESERVING_OPERATIONS = frozenset({"VACUUM START", "VACUUM END", "OPTIMIZE", "REORG", "SET TBLPROPERTIES",
+                                           "UNSET TBLPROPERTIES", "UPGRADE PROTOCOL"})
+_STATE_HISTORY = 50  # commits looked back through for the last bcemb lineage
+
+
+def _lineage_of(user_metadata: Optional[str]) -> Optional[dict]:
+    if not user_metadata:
+        return None
+    try:
+        parsed = json.loads(user_metadata)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(parsed, dict) and parsed.get("bcemb") in ("backfill", "maintain") \
+            and parsed.get("format") == LINEAGE_FORMAT and isinstance(parsed.get("spaces"), dict):
+        return parsed
+    return None
+
+
 def read_output_state(spark, location: str) -> OutputState:
-    """The output's current state from its latest commit (a non-Delta, non-empty path: OutputLocationError)."""
+    """The output's current state (a non-Delta, non-empty path: OutputLocationError).
+
+    The lineage comes from the newest commit that changed the table's rows: commits of
+    CONTENT_PRESERVING_OPERATIONS (a user's VACUUM, OPTIMIZE, ALTER TABLE SET TBLPROPERTIES) are looked
+    through, anything else not written by bcemb (RESTORE, DELETE, a foreign WRITE) makes the state foreign.
+    `delta_version` is always the table's latest version (what a commit is read against).
+    """
     if not table_exists(spark, location):
         _check_location(spark, location)
         return OutputState(exists=False)
-    row = delta_table(spark, location).history(1).select("version", "operation", "userMetadata").first()
-    meta = None
-    if row.userMetadata:
-        try:
-            parsed = json.loads(row.userMetadata)
-        except json.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict) and parsed.get("bcemb") in ("backfill", "maintain") \
-                and parsed.get("format") == LINEAGE_FORMAT and isinstance(parsed.get("spaces"), dict):
-            meta = parsed
-    return OutputState(True, int(row.version), meta, row.operation)
+    rows = (delta_table(spark, location).history(_STATE_HISTORY)
+            .select("version", "operation", "userMetadata").orderBy("version", ascending=False).collect())
+    latest = int(rows[0].version)
+    for row in rows:
+        meta = _lineage_of(row.userMetadata)
+        if meta is not None:
+            return OutputState(True, latest, meta, row.operation)
+        if row.operation not in CONTENT_PRESERVING_OPERATIONS:
+            return OutputState(True, latest, None, row.operation)
+    return OutputState(True, latest, None, rows[-1].operation)
 
 
 def space_rows(spark, location: str) -> dict[int, int]:
