@@ -176,8 +176,9 @@ def setup_registry(spark, cfg, versions: list[int], dim: int) -> None:
 
 
 def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: int | None,
-            engines: list[str]) -> list[dict]:
-    """One (rows, dim, spaces) point: copy and every engine alternated per round; one result per engine."""
+            engines: list[str], warmup: bool = True) -> list[dict]:
+    """One (rows, dim, spaces) point: copy and every engine alternated per round; one result per engine.
+    `warmup`: one uncounted round first (the session's first point needs it; later points run warm)."""
     DATA.mkdir(parents=True, exist_ok=True)
     source = DATA / f"src_{rows}_{dim}"
     make_source(spark, source, rows, dim)
@@ -195,7 +196,8 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
     copy_path = str(root / "copy")
     copy_times, copy_cpu = [], []
     per = {e: {"times": [], "write": [], "cpu": [], "rss": []} for e in engines}
-    for i in range(repeats + 1):  # the first round warms up (JIT, Python workers) and is not counted
+    warm = 1 if warmup else 0
+    for i in range(repeats + warm):  # a first round warms up (JIT, Python workers) and is not counted
         # every round starts from empty targets: Delta keeps overwritten files, and the disk is finite
         shutil.rmtree(copy_path, ignore_errors=True)
         c0, t = cpu_seconds(), time.perf_counter()
@@ -203,7 +205,7 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
         a = time.perf_counter() - t
         c1 = cpu_seconds()
         shutil.rmtree(copy_path, ignore_errors=True)
-        if i:
+        if i >= warm:
             copy_times.append(a)
             copy_cpu.append(_delta(c0, c1))
         line = [f"round {i}: copy {a:.2f}s"]
@@ -217,7 +219,7 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
                 c2 = cpu_seconds()
             assert result.rows == rows * spaces and result.engine == engine, result
             shutil.rmtree(cfg.output_location, ignore_errors=True)
-            if i:
+            if i >= warm:
                 per[engine]["times"].append(b)
                 per[engine]["write"].append(result.write_seconds)
                 per[engine]["cpu"].append(_delta(c1, c2))
@@ -283,8 +285,12 @@ def main() -> None:
     if args.sweep:
         for rows in args.sweep_rows:
             for dim in args.sweep_dims:
-                results += measure(spark, rows, dim, 1, args.repeats, args.batch_rows, args.engine)
+                results += measure(spark, rows, dim, 1, args.repeats, args.batch_rows, args.engine,
+                                   warmup=not results)
                 print_rows(results[-len(args.engine):])
+                if args.drop_data:  # one source at a time on disk (4M x 768 floats is 12 GB)
+                    shutil.rmtree(DATA / f"src_{rows}_{dim}", ignore_errors=True)
+                    shutil.rmtree(DATA / f"run_{rows}_{dim}_1", ignore_errors=True)
         name = "backfill_sweep.json"
     else:
         for spaces in args.spaces:

@@ -123,11 +123,15 @@ def setup(spark, root: Path, source: Path, spaces: int, dim: int) -> None:
         for k in versions[1:]])
 
 
-def auto_picks(spark, location: str, spaces: int, changed: int) -> str:
-    """What `backfill.incremental: auto` would do with this output for `changed` ids (the rule in the step)."""
+def auto_picks(spark, location: str, spaces: int, changed: int, rows: int) -> str:
+    """What `backfill.incremental: auto` with default settings would do with this output for `changed` ids
+    of a `rows`-row source (the step's two rules: changed fraction, then files touched without DVs)."""
+    from bclib.config import BackfillSettings
     from bclib.steps.backfill import MERGE_MAX_TOUCHED_SHARE, merge_touched_share
     from bclib.tables.output import output_layout
 
+    if changed > BackfillSettings().incremental_max_fraction * rows:
+        return "full"
     deletion_vectors, files = output_layout(spark, location)
     if deletion_vectors or merge_touched_share(changed, files / spaces) <= MERGE_MAX_TOUCHED_SHARE:
         return "incremental"
@@ -196,7 +200,8 @@ def main() -> None:
         for _ in range(args.repeats):
             round_seed += 1
             changed.append(change_source(spark, source, args.rows, args.dim, fraction, round_seed))
-            picks.append(auto_picks(spark, inc_cfg.output_location, args.spaces, sum(changed[-1].values())))
+            picks.append(auto_picks(spark, inc_cfg.output_location, args.spaces, sum(changed[-1].values()),
+                                    args.rows))
             t = time.perf_counter()
             inc = run_backfill(spark, inc_cfg)
             inc_s.append(time.perf_counter() - t)

@@ -71,6 +71,13 @@ def test_quarantine_takes_the_bad_rows_and_writes_the_rest(spark, tmp_path):
     # rerun replaces this source's quarantine rows instead of appending duplicates
     run_backfill(spark, _cfg(tmp_path, backfill={"quarantine_location": str(tmp_path / "quarantine"), "force": True}))
     assert spark.read.format("delta").load(str(tmp_path / "quarantine")).count() == 5
+    # a user's VACUUM of both tables (VACUUM START/END commits) changes no rows: the next run writes nothing
+    from delta.tables import DeltaTable
+
+    for location in (cfg.output_location, str(tmp_path / "quarantine")):
+        DeltaTable.forPath(spark, location).vacuum(168)
+    again = run_backfill(spark, cfg)
+    assert again.skipped and again.commits == 0
 
 
 def test_cli_missing_table_is_one_line_nonzero_and_writes_nothing(spark, tmp_path, capsys):

@@ -42,7 +42,9 @@ def _config(tmp: Path, out: str = "out", jvm: str = JIT_FOR_TESTS, registry: str
         "evaluate": {"label_location": None, "report_dir": str(tmp / "reports")},
         # several files per space for both engines (output_partitions would send auto to the spark engine)
         # deletion vectors: the incremental kind really MERGEs (auto rewrites a plain output in full)
-        "backfill": {"target_file_mb": 1, "arrow_task_mb": 1, "deletion_vectors": True},
+        # and changes piling up over killed rounds (2 % each) stay below incremental_max_fraction
+        "backfill": {"target_file_mb": 1, "arrow_task_mb": 1, "deletion_vectors": True,
+                     "incremental_max_fraction": 0.5},
         "demo": {"n_entities": 10_000, "dims": [32, 48, 64], "block_rows": 2048},
     }
     path = tmp / f"{out}-{registry}.yaml"

@@ -525,3 +525,35 @@ def test_bias_auto_fits_an_intercept_for_off_centre_spaces_only():
     assert relative_l2(t.apply(x), shifted) < 1e-8  # the exact affine map, intercept included
     no = fit_edge(x, shifted, TransformSettings(kind="linear", ridge=0.0, output_norm="none", bias=False))
     assert relative_l2(no.apply(x), shifted) > 0.1
+
+
+@pytest.mark.parametrize("kind", ["linear", "local", "mlp", "orthogonal"])
+def test_constant_target_dimensions_are_pinned_for_every_family(kind):
+    """all-MiniLM-L6-v2 has constant dimensions: a map must output exactly their value there (a consumer
+    that standardises its features divides by their ~0 std), however the family fits the rest."""
+    from bclib.numerics.transforms import constant_dims
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 10))
+    y = x @ rng.normal(size=(10, 8)) + 0.1 * rng.normal(size=(600, 8))
+    y[:, 2] = 0.25
+    y[:, 5] = 1e-33 * rng.normal(size=600)  # what MiniLM stores: not exactly constant, std ~1e-33
+    dims, values = constant_dims(y)
+    assert dims.tolist() == [2, 5] and values[0] == pytest.approx(0.25)
+    settings = TransformSettings(kind=kind, bias=False, epochs=5, hidden=8, clusters=2 if kind == "local" else None)
+    pinned = fit_edge(x, y, settings)
+    free = fit_edge(x, y, TransformSettings(kind=kind, bias=False, epochs=5, hidden=8, pin_constant_dims=False,
+                                            clusters=2 if kind == "local" else None))
+    fresh = rng.normal(size=(200, 10)).astype(np.float32)
+    out, before = pinned.apply(fresh), free.apply(fresh)
+    assert pinned.meta["pinned_dims"] == [2, 5] and "pinned_dims" not in free.meta
+    # exact for the affine families; the local blend's weights sum to 1 within float32 rounding
+    np.testing.assert_allclose(out[:, 2], 0.25, rtol=1e-6)
+    assert np.all(np.abs(out[:, 5]) < 1e-30)
+    if kind in ("linear", "orthogonal"):  # no intercept: without pinning the fit leaves visible spread there
+        assert np.std(before[:, 2]) > 1e-4
+    keep = [d for d in range(8) if d not in (2, 5)]
+    np.testing.assert_allclose(out[:, keep], before[:, keep], rtol=1e-5, atol=1e-5)  # the rest is untouched
+    # serialised and back, and in the fused kernel: the same outputs
+    again = transform_from_bytes(transform_to_bytes(pinned))
+    np.testing.assert_array_equal(again.apply(fresh), out)

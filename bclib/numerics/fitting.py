@@ -22,7 +22,8 @@ from bclib.numerics.closed_form import fit_anchored_linear, fit_linear, fit_lowr
 from bclib.numerics.local_fit import fit_local
 from bclib.numerics.metrics import mean_cosine, relative_l2
 from bclib.numerics.samples import Sample, align_samples
-from bclib.numerics.transforms import AffineTransform, Transform, apply_chain, normalize_rows, truncate_or_pad
+from bclib.numerics.transforms import CONSTANT_DIM_RTOL, AffineTransform, Transform, apply_chain, constant_dims, \
+    normalize_rows, pin_dims, truncate_or_pad
 
 if TYPE_CHECKING:  # settings are duck-typed: numerics never imports the config layer
     from bclib.config import FitSettings, TransformSettings
@@ -48,6 +49,8 @@ def fit_edge(
     unit-norm) is renormalised before the fit and meta gets output_norm 'unit', so the forward pass
     renormalises; meta also records both spaces' `space_geometry`. The closed forms fit the affine
     part to the unit-norm targets (the renormalisation is applied after); the torch fits train through it.
+    With settings.pin_constant_dims, target dimensions constant on the sample (`constant_dims`) are
+    pinned to their means (`pin_dims`, meta "pinned_dims").
     Raises ValueError for an unknown kind/objective or missing anchors, and what the fits raise.
     """
     unit, geometry = output_geometry(x, y, settings.output_norm)
@@ -60,6 +63,12 @@ def fit_edge(
     if bias != settings.bias:
         settings = _replaced(settings, bias=bias)
     t = _fit_objective(x, y, settings, frozen_chains, anchors, unit)
+    if getattr(settings, "pin_constant_dims", False):
+        dims, values = constant_dims(y)
+        if len(dims):
+            t = pin_dims(t, dims, values)
+            log.info("fit: target dimension(s) %s are constant on the sample (std < %g x the median): pinned to "
+                     "their means", [int(d) for d in dims], CONSTANT_DIM_RTOL)
     return dataclasses.replace(t, meta={**t.meta, "output_norm": "unit" if unit else "none", "geometry": geometry,
                                         "bias": why})
 

@@ -16,7 +16,7 @@ Executors only need numpy: every family's forward pass lives here. Serialisation
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -250,6 +250,57 @@ class LocalAffineTransform(_OutputNorm):
 
 
 Transform = AffineTransform | ResidualMLPTransform | LocalAffineTransform
+
+
+# a target dimension whose sample std is below this fraction of the median dimension's std is constant
+CONSTANT_DIM_RTOL = 1e-4
+
+
+def constant_dims(y: np.ndarray, rtol: float = CONSTANT_DIM_RTOL) -> tuple[np.ndarray, np.ndarray]:
+    """(dims, values): the columns of a target sample y (rows, d) that are constant up to `rtol` × the
+    median column std, and their means (float64). Real models have them (all-MiniLM-L6-v2 has three
+    dimensions with std ~1e-33); a consumer that standardises its features divides by that std, so a map
+    that leaves 1e-3 there moves its input by thousands of standard deviations. Empty when none.
+    """
+    y64 = np.asarray(y, dtype=np.float64)
+    if y64.ndim != 2 or len(y64) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    std = y64.std(axis=0)
+    median = float(np.median(std))
+    if median <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    dims = np.flatnonzero(std < rtol * median)
+    return dims.astype(np.int64), y64[:, dims].mean(axis=0)
+
+
+def pin_dims(t: "Transform", dims: np.ndarray, values: np.ndarray) -> "Transform":
+    """A copy of `t` whose output dims `dims` are the constants `values` for every input (before the
+    unit-norm renormalisation, if any), folded into its parameters: the weight columns (every
+    cluster's for `local`, the hidden layer's output columns for `mlp`) become 0 and the biases the
+    values. meta["pinned_dims"] lists them. Same forward cost, same serialisation, composes as before.
+    """
+    dims = np.asarray(dims, dtype=np.int64)
+    if not len(dims):
+        return t
+    values = np.asarray(values, dtype=np.float64)
+    meta = {**t.meta, "pinned_dims": [int(d) for d in dims]}
+    if isinstance(t, AffineTransform):
+        w = np.array(t.weight, copy=True)
+        b = np.zeros(w.shape[1], dtype=w.dtype) if t.bias is None else np.array(t.bias, copy=True)
+        w[:, dims] = 0
+        b[dims] = values
+        return replace(t, weight=w, bias=b, meta=meta)
+    if isinstance(t, ResidualMLPTransform):
+        w, b, w2, b2 = (np.array(a, copy=True) for a in (t.weight, t.bias, t.w2, t.b2))
+        w[:, dims], w2[:, dims], b2[dims] = 0, 0, 0
+        b[dims] = values
+        return replace(t, weight=w, bias=b, w2=w2, b2=b2, meta=meta)
+    if isinstance(t, LocalAffineTransform):
+        w, b = np.array(t.weight, copy=True), np.array(t.bias, copy=True)
+        w[:, :, dims] = 0
+        b[:, dims] = values
+        return replace(t, weight=w, bias=b, meta=meta)
+    raise TypeError(f"cannot pin output dimensions of {type(t).__name__}")
 
 
 # --------------------------------------------------------------------------- composition

@@ -297,6 +297,8 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     gate_note = {str(v.space): "passed" if v.passed else "rejected (gate.enforce false)"
                  for v in (result.gate.verdicts if result.gate else [])}
     base = state
+    if full:  # before anything is written: engine: arrow where it cannot run fails here (EngineUnavailableError)
+        result.engine, result.engine_reason = choose_engine(cfg, source, out_location)
     if not state.exists and cfg.backfill.deletion_vectors:
         create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True)
         log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", out_location)
@@ -307,7 +309,6 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
         lineage = _lineage(run_id, "full", full, source, None, spaces_state, gate_note, quarantine)
         txn = _txn(out_location, FULL, sub, base, source.delta_version)
         lineage["txn"] = list(txn)
-        result.engine, result.engine_reason = choose_engine(cfg, source, out_location)
         lineage["engine"] = result.engine
         log.info("backfill: version %d (Delta v%d, dim %d) -> spaces %s (%s kernel): full rewrite, %s engine (%s)",
                  plan.source_version, source.delta_version, plan.kernel.dim_in, full,
@@ -320,8 +321,8 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
             src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
             with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
                 n = write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn)
-        written_rows += n
-        result.commits += 1 if n else 0  # 0 rows: Delta skipped the commit (its transaction id was recorded)
+        written_rows += n or 0
+        result.commits += 0 if n is None else 1  # None: Delta skipped the commit (transaction id recorded)
         base = read_output_state(spark, out_location)
     if incremental:
         sub = plan.restricted(incremental)
@@ -335,8 +336,8 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
         change_rows = _change_rows(changes.df, sub, quarantine is not None)
         with session_conf(spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
             n = merge_changes(spark, change_rows, out_location, incremental, lineage, txn)
-        written_rows += n
-        result.commits += 1 if n else 0
+        written_rows += n or 0
+        result.commits += 0 if n is None else 1
     result.write_seconds = time.time() - write_started
 
     # side tables, after the output commit(s): quarantine, gate verdicts, per-space views
@@ -415,8 +416,9 @@ def _arrow_id_type(df):
 
 def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionRead, out_location: str,
                       lineage: dict, txn: tuple[str, int], base: OutputState, drop_invalid: bool,
-                      file_rows: int) -> int:
-    """The arrow engine: executors read row groups and write Parquet with pyarrow; one delta-rs commit."""
+                      file_rows: int) -> Optional[int]:
+    """The arrow engine: executors read row groups and write Parquet with pyarrow; one delta-rs commit.
+    Returns the rows written, None when the commit was skipped (its transaction id already recorded)."""
     from datetime import datetime, timezone
 
     from bclib.tables import delta_rs
@@ -441,7 +443,7 @@ def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: Version
                                     if texts else [])]
     committed = delta_rs.commit_replace(out_location, read_version, adds, plan.spaces,
                                         json.dumps(lineage, sort_keys=True), txn, opts)
-    return sum(int(a["rows"]) for a in adds) if committed else 0
+    return sum(int(a["rows"]) for a in adds) if committed else None
 
 
 def _lineage(run_id: str, mode: str, written: list[int], source: VersionRead, changes, spaces_state: dict,

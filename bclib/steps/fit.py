@@ -158,10 +158,11 @@ def run_fit(spark, cfg: JobConfig, refit: Sequence[str] = (), actor: Optional[st
         )
         metrics["fit_window_end"] = window_end
         metrics["estimated_shared_pairs"] = round(metrics["shared_pairs_in_window"] / window_end)
-        log.info("fit: edge %d -> %d used %d training pairs of %d shared in its hash window [0, %.3f) "
-                 "(about %d shared in all; the slice [%.3f, 1) is kept for evaluation and the gate)",
-                 k, prev, int(metrics["train_rows"]), int(metrics["shared_pairs_in_window"]), window_end,
-                 metrics["estimated_shared_pairs"], end)
+        fitted_on = int(metrics.get("refit_rows", metrics["train_rows"]))  # the published map's pairs
+        log.info("fit: edge %d -> %d: the published map is fit on %d pairs of %d shared in its hash window "
+                 "[0, %.3f) (validated on %d of them first; about %d shared in all; the slice [%.3f, 1) is kept "
+                 "for evaluation and the gate)", k, prev, fitted_on, int(metrics["shared_pairs_in_window"]),
+                 window_end, int(metrics["holdout_rows"]), metrics["estimated_shared_pairs"], end)
         if metrics["holdout_relative_l2"] >= metrics["holdout_baseline_relative_l2"]:
             raise FitRejectedError(
                 f"edge {k} -> {prev}: the fitted {cfg.transform.kind} transform's held-out relative L2 "
@@ -174,7 +175,7 @@ def run_fit(spark, cfg: JobConfig, refit: Sequence[str] = (), actor: Optional[st
             transform_id=tid, source_version=k, target_version=prev, kind=cfg.transform.kind,
             objective=cfg.transform.objective, transform=transform,
             fit_config={"transform": asdict(cfg.transform), "fit": asdict(cfg.fit), "frozen": frozen_ids},
-            sample_size=int(metrics["train_rows"]), input_delta_versions=inputs, fit_metrics=metrics,
+            sample_size=fitted_on, input_delta_versions=inputs, fit_metrics=metrics,
             origin="posthoc",
         )
         chosen[k] = record

@@ -1,6 +1,7 @@
 """`bcemb status`: per target space, what the registry says it should be and what the output holds.
 
-Reads only metadata: the registry's active rows, the output's latest commit and its rows per space
+Reads only metadata: the registry's active rows, the output's last commit that changed rows (VACUUM,
+OPTIMIZE looked through) and its rows per space
 (file footers), the source table's current Delta version, the metrics table's gate verdicts.
 """
 
@@ -101,7 +102,8 @@ def run_status(spark, cfg: JobConfig) -> StatusResult:
         if not state.exists or (not state.foreign and not cur):
             verdict = "missing"
         elif state.foreign:
-            verdict = f"unknown (latest output commit is a {state.operation} not written by bcemb)"
+            verdict = (f"unknown (the output's last commit that changed rows is a {state.operation} "
+                       "not written by bcemb)")
         elif active_chain is None:
             verdict = "stale (an edge of the chain has no active transform)"
         elif out_chain != active_chain:

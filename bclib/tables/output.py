@@ -4,8 +4,9 @@ Schema: id, vector array<float>, space_version int (partition column), source_ve
 produced_at timestamp (UTC). Every bcemb commit on it carries the lineage JSON in userMetadata: the
 state of *every* space after the commit (source table, version and Delta version, chain id, transform
 ids and checksums) plus the run id, the mode and the spaces the commit wrote. The table's state is
-read from its latest commit only (`read_output_state`): any commit that is not bcemb's (RESTORE,
-DELETE, a manual write) makes the table "foreign" and the next run rewrites every space.
+read from its last commit that changed rows (`read_output_state`; VACUUM, OPTIMIZE, REORG and property
+changes are looked through): if that commit is not bcemb's (RESTORE, DELETE, a manual write) the table
+is "foreign" and the next run rewrites every space.
 
 Commits: `write_full` replaces whole spaces (replaceWhere), `merge_changes` applies a change set to
 some spaces (MERGE); both carry a Delta transaction id (txnAppId/txnVersion), so a retried commit of
@@ -36,16 +37,16 @@ OUTPUT_COLUMNS = {"id": None, "vector": "array<float>", "space_version": "int", 
 
 @dataclass(frozen=True)
 class OutputState:
-    """What the output table holds now, from its latest commit."""
+    """What the output table holds now, from its last commit that changed rows."""
 
     exists: bool
-    delta_version: Optional[int] = None
-    lineage: Optional[dict] = None  # the latest commit's bcemb lineage (None: no table, or foreign)
-    operation: str = ""  # the latest commit's Delta operation (WRITE, MERGE, RESTORE, DELETE, ...)
+    delta_version: Optional[int] = None  # the table's latest Delta version
+    lineage: Optional[dict] = None  # that commit's bcemb lineage (None: no table, or foreign)
+    operation: str = ""  # that commit's Delta operation (WRITE, MERGE, RESTORE, DELETE, ...)
 
     @property
     def foreign(self) -> bool:
-        """The latest commit is not bcemb's: the spaces' content is unknown."""
+        """The last commit that changed rows is not bcemb's: the spaces' content is unknown."""
         return self.exists and self.lineage is None
 
     def space(self, j: int) -> Optional[dict]:
@@ -105,20 +106,32 @@ def check_output_schema(spark, location: str, id_type: str) -> None:
 # REORG rewrite files with dataChange = false; the others change only metadata or the protocol)
 CONTENT_PRESERVING_OPERATIONS = frozenset({"VACUUM START", "VACUUM END", "OPTIMIZE", "REORG", "SET TBLPROPERTIES",
                                            "UNSET TBLPROPERTIES", "UPGRADE PROTOCOL"})
-_STATE_HISTORY = 50  # commits looked back through for the last bcemb lineage
+_STATE_HISTORY = 200  # commits looked back through for the last bcemb lineage
 
 
-def _lineage_of(user_metadata: Optional[str]) -> Optional[dict]:
-    if not user_metadata:
-        return None
-    try:
-        parsed = json.loads(user_metadata)
-    except json.JSONDecodeError:
-        return None
-    if isinstance(parsed, dict) and parsed.get("bcemb") in ("backfill", "maintain") \
-            and parsed.get("format") == LINEAGE_FORMAT and isinstance(parsed.get("spaces"), dict):
-        return parsed
-    return None
+def _output_lineage(meta: dict) -> bool:
+    return meta.get("bcemb") in ("backfill", "maintain") and meta.get("format") == LINEAGE_FORMAT \
+        and isinstance(meta.get("spaces"), dict)
+
+
+def last_bcemb_commit(spark, location: str, accept) -> tuple[int, Optional[dict], str]:
+    """(latest Delta version, userMetadata dict of the newest commit that changed rows if `accept` takes
+    it else None, that commit's operation). Commits of CONTENT_PRESERVING_OPERATIONS are looked through
+    (at most _STATE_HISTORY of them). The table must exist."""
+    rows = (delta_table(spark, location).history(_STATE_HISTORY)
+            .select("version", "operation", "userMetadata").orderBy("version", ascending=False).collect())
+    latest = int(rows[0].version)
+    for row in rows:
+        try:
+            meta = json.loads(row.userMetadata) if row.userMetadata else None
+        except json.JSONDecodeError:
+            meta = None
+        if isinstance(meta, dict) and accept(meta):
+            return latest, meta, row.operation
+        if row.operation not in CONTENT_PRESERVING_OPERATIONS:
+            return latest, None, row.operation
+    seen = "/".join(sorted({r.operation for r in rows}))
+    return latest, None, f"no bcemb commit among the last {len(rows)} ({seen})"
 
 
 def read_output_state(spark, location: str) -> OutputState:
@@ -132,16 +145,8 @@ def read_output_state(spark, location: str) -> OutputState:
     if not table_exists(spark, location):
         _check_location(spark, location)
         return OutputState(exists=False)
-    rows = (delta_table(spark, location).history(_STATE_HISTORY)
-            .select("version", "operation", "userMetadata").orderBy("version", ascending=False).collect())
-    latest = int(rows[0].version)
-    for row in rows:
-        meta = _lineage_of(row.userMetadata)
-        if meta is not None:
-            return OutputState(True, latest, meta, row.operation)
-        if row.operation not in CONTENT_PRESERVING_OPERATIONS:
-            return OutputState(True, latest, None, row.operation)
-    return OutputState(True, latest, None, rows[-1].operation)
+    latest, meta, operation = last_bcemb_commit(spark, location, _output_lineage)
+    return OutputState(True, latest, meta, operation)
 
 
 def space_rows(spark, location: str) -> dict[int, int]:
@@ -167,13 +172,13 @@ def create_output(spark, location: str, id_type: str, deletion_vectors: bool) ->
     """Create the empty output table (partitioned by space_version) unless it exists, with
     `delta.enableDeletionVectors` set as asked (`DeltaTable.createIfNotExists`; a path is made absolute,
     which Delta 4.0 requires). The commit is a CREATE TABLE: the next backfill rewrites every space."""
-    import os
-
     from delta.tables import DeltaTable
 
     builder = DeltaTable.createIfNotExists(spark)
-    if is_path(location):
-        builder = builder.location(location if "://" in location else os.path.abspath(location))
+    if is_path(location):  # qualified by Hadoop (default filesystem, working directory), as Spark's writers do
+        path = spark._jvm.org.apache.hadoop.fs.Path(location)
+        fs = path.getFileSystem(spark._jsc.hadoopConfiguration())
+        builder = builder.location(fs.makeQualified(path).toString())
     else:
         builder = builder.tableName(location)
     for name, dtype in {**OUTPUT_COLUMNS, "id": id_type}.items():
@@ -188,8 +193,9 @@ def create_output(spark, location: str, id_type: str, deletion_vectors: bool) ->
 
 
 def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, max_records_per_file: int,
-               txn: tuple[str, int]) -> int:
-    """Replace `spaces` of the output with `df` in one Delta commit (replaceWhere); returns rows written.
+               txn: tuple[str, int]) -> Optional[int]:
+    """Replace `spaces` of the output with `df` in one Delta commit (replaceWhere); returns rows written,
+    None when Delta skipped the commit (see _committed_rows).
 
     df has the output schema; the commit's userMetadata is `lineage` as JSON and (txnAppId, txnVersion)
     = `txn` (Delta skips the commit if that application id already reached that version).
@@ -208,8 +214,10 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
     return _committed_rows(spark, location, before, lineage)
 
 
-def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict, txn: tuple[str, int]) -> int:
-    """Apply a change set to `spaces` in one MERGE commit; returns rows inserted + updated + deleted.
+def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict,
+                  txn: tuple[str, int]) -> Optional[int]:
+    """Apply a change set to `spaces` in one MERGE commit; returns rows inserted + updated + deleted, None
+    when no commit was recorded (see _committed_rows).
 
     changes: output columns plus `_op` ('upsert' | 'delete') with one row per (id, space_version);
     matched upserts update, unmatched upserts insert, matched deletes delete.
@@ -238,17 +246,29 @@ def _version_or_none(spark, location: str) -> Optional[int]:
     return int(delta_table(spark, location).history(1).select("version").first()[0])
 
 
-def _committed_rows(spark, location: str, before: Optional[int], lineage: dict) -> int:
-    """Rows the commit just made wrote; 0 when Delta skipped it (its transaction id was already recorded)."""
-    row = delta_table(spark, location).history(1).select("version", "operationMetrics").first()
-    if before is not None and int(row.version) == before:
-        log.info("output: Delta skipped the commit (transaction id %s already recorded): an earlier attempt "
-                 "committed the same work", lineage.get("txn"))
-        return 0
-    m = row.operationMetrics or {}
-    if "numOutputRows" in m and "numTargetRowsInserted" not in m:
-        return int(m["numOutputRows"])
-    return sum(int(m.get(k, 0)) for k in ("numTargetRowsInserted", "numTargetRowsUpdated", "numTargetRowsDeleted"))
+def _committed_rows(spark, location: str, before: Optional[int], lineage: dict) -> Optional[int]:
+    """Rows our commit wrote, or None when there is no commit of ours after `before`: Delta skipped it (its
+    transaction id was already recorded) or recorded nothing (an empty MERGE). Ours is found by the run id
+    and transaction id in its userMetadata, not by position: a user's VACUUM may land right after it."""
+    rows = (delta_table(spark, location).history(_STATE_HISTORY).select("version", "userMetadata", "operationMetrics")
+            .orderBy("version", ascending=False).collect())
+    for row in rows:
+        if before is not None and int(row.version) <= before:
+            break
+        try:
+            meta = json.loads(row.userMetadata) if row.userMetadata else {}
+        except json.JSONDecodeError:
+            meta = {}
+        if isinstance(meta, dict) and meta.get("run_id") == lineage.get("run_id") \
+                and meta.get("txn") == lineage.get("txn"):
+            m = row.operationMetrics or {}
+            if "numOutputRows" in m and "numTargetRowsInserted" not in m:
+                return int(m["numOutputRows"])
+            return sum(int(m.get(k, 0)) for k in ("numTargetRowsInserted", "numTargetRowsUpdated",
+                                                  "numTargetRowsDeleted"))
+    log.info("output: no commit of this run after Delta v%s (transaction id %s already recorded, or nothing to "
+             "commit): an earlier attempt committed the same work", before, lineage.get("txn"))
+    return None
 
 
 # --------------------------------------------------------------------------- quarantine
@@ -294,15 +314,11 @@ def write_quarantine(spark, bad, location: str, source_version: int, lineage: di
 
 
 def quarantine_state(spark, location: str) -> Optional[dict]:
-    """The lineage of the quarantine table's latest commit (None: no table, or not bcemb's)."""
+    """The lineage of the quarantine table's last commit that changed rows (None: no table, or not bcemb's;
+    VACUUM, OPTIMIZE and property changes after it are looked through)."""
     if not table_exists(spark, location):
         return None
-    row = delta_table(spark, location).history(1).select("userMetadata").first()
-    try:
-        meta = json.loads(row.userMetadata or "{}")
-    except json.JSONDecodeError:
-        return None
-    return meta if meta.get("bcemb") == "quarantine" else None
+    return last_bcemb_commit(spark, location, lambda meta: meta.get("bcemb") == "quarantine")[1]
 
 
 def quarantine_count(spark, location: str, source_version: int) -> int:
