@@ -454,8 +454,9 @@ def markdown(runs: list[dict], targets: list[str], header: str) -> str:
                 window = fm.get("shared_pairs_in_window")
                 seen = f" of {int(window)} in the fit's hash window" if window is not None else ""
                 ridge = rec["meta"].get("ridge")
+                refit = f", published map refit on {int(fm['refit_rows'])}" if "refit_rows" in fm else ""
                 pairs.append(f"{e}: {int(fm.get('train_rows', 0))} train + {int(fm.get('holdout_rows', 0))} "
-                             f"validation{seen}, {rec['shared_pairs']} shared"
+                             f"validation{seen}{refit}, {rec['shared_pairs']} shared"
                              + (f", ridge {ridge:.3g}" if isinstance(ridge, (int, float)) else ""))
             out += [f"Pairs per edge, default config (registry fit_metrics): {'; '.join(pairs)}.", ""]
         secs = [f"{m} {sum(_find(runs, corpus, m, '1->0')['seconds'].values()):.0f}" for m in methods
