@@ -113,9 +113,10 @@ class BackfillSettings:
     quarantine_location: Optional[str] = None  # None: bad vectors fail the run
     force: bool = False  # rewrite even when the output is already up to date
     # auto: MERGE the source's change data feed when only the source changed (else a full rewrite, logged);
-    # require: fail with IncrementalUnavailableError instead of falling back; off: always full rewrites
+    # require: MERGE whenever the feed serves the range (whatever the changed fraction or layout), else fail with
+    # IncrementalUnavailableError; off: always full rewrites
     incremental: Literal["auto", "require", "off"] = "auto"
-    # more changed rows than this fraction of the source: full rewrite (measured at 2M x 256, 4 spaces, deletion
+    # auto: more changed rows than this fraction of the source: full rewrite (measured at 2M x 256, 4 spaces, deletion
     # vectors: a MERGE costs 0.6 of the arrow engine's full rewrite at 1 % changed and 1.3 at 10 %)
     incremental_max_fraction: float = 0.05
     # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and

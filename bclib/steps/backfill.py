@@ -474,7 +474,7 @@ def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: Outp
         log.warning("backfill: %s; spaces %s are rewritten in full", exc.reason, spaces)
         return None
     changed = changes.upserts + changes.deletes
-    if changed > cfg.backfill.incremental_max_fraction * n_source:
+    if cfg.backfill.incremental == "auto" and changed > cfg.backfill.incremental_max_fraction * n_source:
         for j in spaces:
             actions[j] = (FULL, f"{changed} changed rows > backfill.incremental_max_fraction of {n_source}: "
                                 "a full rewrite is cheaper")
