@@ -288,6 +288,7 @@ def main() -> None:
                 results += measure(spark, rows, dim, 1, args.repeats, args.batch_rows, args.engine,
                                    warmup=not results)
                 print_rows(results[-len(args.engine):])
+                save_results(RESULTS / "backfill_sweep.json", results)  # each point as soon as it is measured
                 if args.drop_data:  # one source at a time on disk (4M x 768 floats is 12 GB)
                     shutil.rmtree(DATA / f"src_{rows}_{dim}", ignore_errors=True)
                     shutil.rmtree(DATA / f"run_{rows}_{dim}_1", ignore_errors=True)
@@ -299,15 +300,19 @@ def main() -> None:
         name = "backfill_throughput.json"
     if args.drop_data:
         shutil.rmtree(DATA, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    save_results(RESULTS / name, results)
+    print()
+    print_rows(results)
+
+
+def save_results(path: Path, results: list[dict]) -> None:
+    """Merge `results` into the JSON at `path` (one file; a rerun replaces its own (engine, rows, dim, spaces))."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text()).get("runs", []) if path.exists() else []
     key = lambda r: (r.get("engine", "spark"), r["rows"], r["dim"], r["spaces"])  # noqa: E731
     fresh = {key(r) for r in results}
-    runs = [r for r in previous if key(r) not in fresh] + results  # one file; a rerun replaces its own rows
+    runs = [r for r in previous if key(r) not in fresh] + results
     path.write_text(json.dumps({"cores": os.cpu_count(), "runs": runs}, indent=2))
-    print()
-    print_rows(results)
 
 
 if __name__ == "__main__":
