@@ -67,13 +67,17 @@ def space_state(source_location: str, source_version: int, source_delta_version:
     }
 
 
+def _hadoop_path(spark, location: str):
+    """(org.apache.hadoop.fs.Path, its FileSystem) for a path location, as Spark's own readers resolve it."""
+    path = spark._jvm.org.apache.hadoop.fs.Path(location)
+    return path, path.getFileSystem(spark._jsc.hadoopConfiguration())
+
+
 def _check_location(spark, location: str) -> None:
     """OutputLocationError when a path holds files but no Delta table (a Parquet dataset, anything else)."""
     if not is_path(location):
         return
-    jvm = spark._jvm
-    path = jvm.org.apache.hadoop.fs.Path(location)
-    fs = path.getFileSystem(spark._jsc.hadoopConfiguration())
+    path, fs = _hadoop_path(spark, location)
     if not fs.exists(path):
         return
     if not fs.getFileStatus(path).isDirectory():
@@ -114,6 +118,15 @@ def _output_lineage(meta: dict) -> bool:
         and isinstance(meta.get("spaces"), dict)
 
 
+def _user_metadata(text: Optional[str]) -> Optional[dict]:
+    """A commit's userMetadata as a JSON object, None when absent or not a JSON object (a foreign writer's)."""
+    try:
+        meta = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def last_bcemb_commit(spark, location: str, accept) -> tuple[int, Optional[dict], str]:
     """(latest Delta version, userMetadata dict of the newest commit that changed rows if `accept` takes
     it else None, that commit's operation). Commits of CONTENT_PRESERVING_OPERATIONS are looked through
@@ -122,11 +135,8 @@ def last_bcemb_commit(spark, location: str, accept) -> tuple[int, Optional[dict]
             .select("version", "operation", "userMetadata").orderBy("version", ascending=False).collect())
     latest = int(rows[0].version)
     for row in rows:
-        try:
-            meta = json.loads(row.userMetadata) if row.userMetadata else None
-        except json.JSONDecodeError:
-            meta = None
-        if isinstance(meta, dict) and accept(meta):
+        meta = _user_metadata(row.userMetadata)
+        if meta is not None and accept(meta):
             return latest, meta, row.operation
         if row.operation not in CONTENT_PRESERVING_OPERATIONS:
             return latest, None, row.operation
@@ -176,8 +186,7 @@ def create_output(spark, location: str, id_type: str, deletion_vectors: bool) ->
 
     builder = DeltaTable.createIfNotExists(spark)
     if is_path(location):  # qualified by Hadoop (default filesystem, working directory), as Spark's writers do
-        path = spark._jvm.org.apache.hadoop.fs.Path(location)
-        fs = path.getFileSystem(spark._jsc.hadoopConfiguration())
+        path, fs = _hadoop_path(spark, location)
         builder = builder.location(fs.makeQualified(path).toString())
     else:
         builder = builder.tableName(location)
@@ -255,11 +264,8 @@ def _committed_rows(spark, location: str, before: Optional[int], lineage: dict) 
     for row in rows:
         if before is not None and int(row.version) <= before:
             break
-        try:
-            meta = json.loads(row.userMetadata) if row.userMetadata else {}
-        except json.JSONDecodeError:
-            meta = {}
-        if isinstance(meta, dict) and meta.get("run_id") == lineage.get("run_id") \
+        meta = _user_metadata(row.userMetadata) or {}
+        if meta.get("run_id") == lineage.get("run_id") \
                 and meta.get("txn") == lineage.get("txn"):
             m = row.operationMetrics or {}
             if "numOutputRows" in m and "numTargetRowsInserted" not in m:
