@@ -107,11 +107,15 @@ def cpu_seconds() -> dict[str, float]:
     ticks = os.sysconf("SC_CLK_TCK")
     out = {"jvm": 0.0, "python_workers": 0.0}
 
-    def cpu(pid: int) -> float:
+    def cpu(pid: int, reaped: bool = False) -> float:
+        """utime + stime; with `reaped`, also cutime + cstime: the CPU of children that exited and this process
+        reaped (the pyspark daemon reaps its forked workers, which exit when idle or after a task on reuse=false;
+        without this the sum over live processes drops when a worker exits and the split went negative)."""
         try:
             with open(f"/proc/{pid}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / ticks
+            used = int(fields[11]) + int(fields[12])
+            return (used + (int(fields[13]) + int(fields[14]) if reaped else 0)) / ticks
         except (OSError, IndexError, ValueError):
             return 0.0
 
@@ -121,7 +125,7 @@ def cpu_seconds() -> dict[str, float]:
         while stack:
             pid = stack.pop()
             if RssSampler._is_python_worker(pid):
-                out["python_workers"] += cpu(pid)
+                out["python_workers"] += cpu(pid, reaped=True)
             stack += RssSampler._children(pid)
     return out
 
@@ -279,7 +283,8 @@ def main() -> None:
 
     spark = get_or_create(SparkSettings(
         master="local[*]", shuffle_partitions=4, warehouse_dir=str(DATA / "warehouse"),
-        conf={"spark.driver.memory": args.driver_memory},
+        # a Python worker that dies prints its stack (the 2M x 768 spark-engine crash of a long sweep session)
+        conf={"spark.driver.memory": args.driver_memory, "spark.python.worker.faulthandler.enabled": "true"},
     ))
     results = []
     if args.sweep:
@@ -298,8 +303,9 @@ def main() -> None:
             results += measure(spark, args.rows, args.dim, spaces, args.repeats, args.batch_rows, args.engine)
             print_rows(results[-len(args.engine):])
         name = "backfill_throughput.json"
-    if args.drop_data:
-        shutil.rmtree(DATA, ignore_errors=True)
+    if args.drop_data:  # what this run generated; other benchmarks' caches (movielens) stay
+        for path in list(DATA.glob("src_*")) + list(DATA.glob("run_*")) + [DATA / "warehouse"]:
+            shutil.rmtree(path, ignore_errors=True)
     save_results(RESULTS / name, results)
     print()
     print_rows(results)
