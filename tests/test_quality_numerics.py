@@ -38,7 +38,7 @@ def test_gcv_curve_matches_the_explicit_hat_matrix(bias):
     x = rng.normal(size=(n, d)) + 3.0
     y = x @ rng.normal(size=(d, d_out)) + 0.5 * rng.normal(size=(n, d_out)) + 1.0
     ridge, curve = select_ridge(x, y, bias=bias)
-    assert len(curve) == len(RIDGE_GRID) == 15 and ridge in RIDGE_GRID
+    assert len(curve) == len(RIDGE_GRID) == 30 and ridge in RIDGE_GRID
     xc = x - x.mean(axis=0) if bias else x
     for r, got in zip(RIDGE_GRID, curve):
         lam = r * np.trace(xc.T @ xc) / d
