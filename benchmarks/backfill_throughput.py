@@ -121,6 +121,10 @@ def cpu_seconds() -> dict[str, float]:
 
     for jvm in RssSampler._children(os.getpid()):
         out["jvm"] += cpu(jvm)
+        # a pyspark daemon that exited (Spark restarts it) was reaped by the JVM: its CPU, with the workers it
+        # reaped, is in the JVM's cutime + cstime (the JVM's other children, e.g. a shell for a Hadoop command,
+        # add a few ticks)
+        out["python_workers"] += cpu(jvm, reaped=True) - cpu(jvm)
         stack = RssSampler._children(jvm)
         while stack:
             pid = stack.pop()
