@@ -43,11 +43,18 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 class RssSampler:
-    """Peak resident memory of the JVM and of Spark's Python workers (children of this process tree)."""
+    """Peak resident memory of the JVM and of Spark's Python workers (children of this process tree), and the
+    workers' CPU seconds while it runs (`worker_cpu_seconds`).
+
+    The CPU is sampled per worker every 50 ms and summed over workers (last value seen minus the value when the
+    sampler started): the pyspark daemon ignores SIGCHLD, so a worker that exits is reaped by the kernel and its
+    CPU time reaches no parent's cutime; a before/after sum over live processes loses it (it went negative)."""
 
     def __init__(self) -> None:
         self.peak_worker_mb = 0.0
         self.peak_jvm_mb = 0.0
+        self._cpu_base: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -90,10 +97,24 @@ class RssSampler:
                     pid = stack.pop()
                     if self._is_python_worker(pid):
                         self.peak_worker_mb = max(self.peak_worker_mb, self._rss_mb(pid))
+                        cpu = _proc_cpu(pid)
+                        if cpu:
+                            self._cpu_last[pid] = cpu
                     stack += self._children(pid)
             time.sleep(0.05)
 
+    @property
+    def worker_cpu_seconds(self) -> float:
+        return sum(c - self._cpu_base.get(pid, 0.0) for pid, c in self._cpu_last.items())
+
     def __enter__(self) -> "RssSampler":
+        for jvm in self._children(os.getpid()):  # workers alive now count from their current CPU
+            stack = self._children(jvm)
+            while stack:
+                pid = stack.pop()
+                if self._is_python_worker(pid):
+                    self._cpu_base[pid] = _proc_cpu(pid)
+                stack += self._children(pid)
         self._thread.start()
         return self
 
@@ -102,40 +123,24 @@ class RssSampler:
         self._thread.join()
 
 
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a live process, in seconds (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds used so far by the JVM and by Spark's Python workers (for where-the-time-goes splits)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out = {"jvm": 0.0, "python_workers": 0.0}
-
-    def cpu(pid: int, reaped: bool = False) -> float:
-        """utime + stime; with `reaped`, also cutime + cstime: the CPU of children that exited and this process
-        reaped (the pyspark daemon reaps its forked workers, which exit when idle or after a task on reuse=false;
-        without this the sum over live processes drops when a worker exits and the split went negative)."""
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            used = int(fields[11]) + int(fields[12])
-            return (used + (int(fields[13]) + int(fields[14]) if reaped else 0)) / ticks
-        except (OSError, IndexError, ValueError):
-            return 0.0
-
-    for jvm in RssSampler._children(os.getpid()):
-        out["jvm"] += cpu(jvm)
-        # a pyspark daemon that exited (Spark restarts it) was reaped by the JVM: its CPU, with the workers it
-        # reaped, is in the JVM's cutime + cstime (the JVM's other children, e.g. a shell for a Hadoop command,
-        # add a few ticks)
-        out["python_workers"] += cpu(jvm, reaped=True) - cpu(jvm)
-        stack = RssSampler._children(jvm)
-        while stack:
-            pid = stack.pop()
-            if RssSampler._is_python_worker(pid):
-                out["python_workers"] += cpu(pid, reaped=True)
-            stack += RssSampler._children(pid)
-    return out
+    """CPU seconds used so far by the JVM (its Python workers' come from `RssSampler.worker_cpu_seconds`)."""
+    return {"jvm": sum(_proc_cpu(jvm) for jvm in RssSampler._children(os.getpid()))}
 
 
-def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: after[k] - before[k] for k in after}
+def _cpu_split(before: dict[str, float], after: dict[str, float], sampler: "RssSampler") -> dict[str, float]:
+    """JVM and Python-worker CPU seconds of one timed step (where the time goes)."""
+    return {"jvm": after["jvm"] - before["jvm"], "python_workers": sampler.worker_cpu_seconds}
 
 
 def make_source(spark, path: Path, rows: int, dim: int) -> None:
@@ -208,14 +213,15 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
     for i in range(repeats + warm):  # a first round warms up (JIT, Python workers) and is not counted
         # every round starts from empty targets: Delta keeps overwritten files, and the disk is finite
         shutil.rmtree(copy_path, ignore_errors=True)
-        c0, t = cpu_seconds(), time.perf_counter()
-        spark.read.format("delta").load(str(source)).write.format("delta").mode("overwrite").save(copy_path)
-        a = time.perf_counter() - t
-        c1 = cpu_seconds()
+        with RssSampler() as copy_rss:
+            c0, t = cpu_seconds(), time.perf_counter()
+            spark.read.format("delta").load(str(source)).write.format("delta").mode("overwrite").save(copy_path)
+            a = time.perf_counter() - t
+            c1 = cpu_seconds()
         shutil.rmtree(copy_path, ignore_errors=True)
         if i >= warm:
             copy_times.append(a)
-            copy_cpu.append(_delta(c0, c1))
+            copy_cpu.append(_cpu_split(c0, c1, copy_rss))
         line = [f"round {i}: copy {a:.2f}s"]
         for engine in engines:
             cfg = cfgs[engine]
@@ -230,7 +236,7 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
             if i >= warm:
                 per[engine]["times"].append(b)
                 per[engine]["write"].append(result.write_seconds)
-                per[engine]["cpu"].append(_delta(c1, c2))
+                per[engine]["cpu"].append(_cpu_split(c1, c2, rss))
                 per[engine]["rss"].append((rss.peak_worker_mb, rss.peak_jvm_mb))
             line.append(f"{engine} {b:.2f}s")
         logging.info(", ".join(line))
