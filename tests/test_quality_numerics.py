@@ -557,3 +557,27 @@ def test_constant_target_dimensions_are_pinned_for_every_family(kind):
     # serialised and back, and in the fused kernel: the same outputs
     again = transform_from_bytes(transform_to_bytes(pinned))
     np.testing.assert_array_equal(again.apply(fresh), out)
+
+
+def test_anchored_says_which_solver_ran_and_which_step_weights_it_used(caplog):
+    """Cosine spaces take the gradient-descent path (frozen links renormalise): the meta and the log say so,
+    so nobody reads anchor_tolerance into a fit that did not apply it. Plain linear chains keep the closed form."""
+    import logging
+
+    rng = np.random.default_rng(7)
+    z = [rng.normal(size=(400, 6)) for _ in range(3)]
+    z[1] = z[2] @ rng.normal(size=(6, 6)) + 0.1 * rng.normal(size=(400, 6))
+    z[0] = z[1] @ rng.normal(size=(6, 6)) + 0.1 * rng.normal(size=(400, 6))
+    plain = TransformSettings(objective="anchored", bias=False, output_norm="none")
+    b1 = fit_edge(z[1], z[0], TransformSettings(bias=False, output_norm="none"))
+    t = fit_edge(z[2], z[1], plain, frozen_chains=[[b1]], anchors=[z[0]])
+    assert t.meta["solver"] == "closed_form" and t.meta["anchor_weights"] in anchor_weight_candidates(2)
+    u = [_unit(v + 1.5) for v in z]  # off-centre, like sentence embeddings
+    cosine = TransformSettings(objective="anchored", epochs=5)
+    c1 = fit_edge(u[1], u[0], TransformSettings())
+    assert c1.unit_output and c1.bias is not None  # off-centre unit-norm spaces: intercept and renormalisation
+    with caplog.at_level(logging.INFO, logger="bclib.numerics.fitting"):
+        g = fit_edge(u[2], u[1], cosine, frozen_chains=[[c1]], anchors=[u[0]])
+    assert g.meta["solver"] == "gradient_descent" and g.meta["step_weights"] == [0.5, 0.5]
+    assert "anchor_tolerance applies to the closed form only" in caplog.text
+    json.dumps(g.meta, allow_nan=False)
