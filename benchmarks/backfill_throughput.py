@@ -9,8 +9,8 @@ In one Spark session it alternates, per round, A B C ... (a warm-up round, then 
   C: `run_backfill` with backfill.engine = arrow (pyarrow reads/writes on the executors, one delta-rs commit)
 into --spaces target spaces (one pass, one commit). The gate is off (the benchmark has no historical
 versions to measure against); the checks on ids and dimensions run as in production. `ratio` = backfill
-output rows/s / copy rows/s. Peak RSS of the Python workers (the executors' Arrow memory) and of the JVM
-are sampled from /proc every 50 ms. Writes benchmarks/results/backfill_throughput.json (a list `runs`, one
+output rows/s / copy rows/s. Peak RSS of the Python workers (the executors' Arrow memory) and of the JVM,
+and the workers' CPU seconds, are sampled from /proc every 50 ms (the JVM's CPU is read before and after). Writes benchmarks/results/backfill_throughput.json (a list `runs`, one
 entry per (engine, rows, dim, spaces)) or backfill_sweep.json, and prints a table.
 """
 
@@ -46,15 +46,17 @@ class RssSampler:
     """Peak resident memory of the JVM and of Spark's Python workers (children of this process tree), and the
     workers' CPU seconds while it runs (`worker_cpu_seconds`).
 
-    The CPU is sampled per worker every 50 ms and summed over workers (last value seen minus the value when the
-    sampler started): the pyspark daemon ignores SIGCHLD, so a worker that exits is reaped by the kernel and its
-    CPU time reaches no parent's cutime; a before/after sum over live processes loses it (it went negative)."""
+    The CPU is sampled per worker every 50 ms (and once more on exit) and summed over workers, each keyed by
+    (pid, start time) so a reused pid is a new worker: last value seen minus the value when the sampler started
+    (0 for a worker forked since). The pyspark daemon ignores SIGCHLD, so a worker that exits is reaped by the
+    kernel and its CPU reaches no parent's cutime; a before/after sum over live processes loses it. A worker's
+    CPU after its last sample (under 50 ms) is not counted: the figure is a slight undercount."""
 
     def __init__(self) -> None:
         self.peak_worker_mb = 0.0
         self.peak_jvm_mb = 0.0
-        self._cpu_base: dict[int, float] = {}
-        self._cpu_last: dict[int, float] = {}
+        self._cpu_base: dict[tuple[int, int], float] = {}
+        self._cpu_last: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,55 +89,65 @@ class RssSampler:
         except OSError:
             return False
 
-    def _run(self) -> None:
-        me = os.getpid()
-        while not self._stop.is_set():
-            for jvm in self._children(me):
-                self.peak_jvm_mb = max(self.peak_jvm_mb, self._rss_mb(jvm))
-                stack = self._children(jvm)
-                while stack:  # pyspark daemon and its forked workers (not the JVM's short-lived forks)
-                    pid = stack.pop()
-                    if self._is_python_worker(pid):
-                        self.peak_worker_mb = max(self.peak_worker_mb, self._rss_mb(pid))
-                        cpu = _proc_cpu(pid)
-                        if cpu:
-                            self._cpu_last[pid] = cpu
-                    stack += self._children(pid)
-            time.sleep(0.05)
-
-    @property
-    def worker_cpu_seconds(self) -> float:
-        return sum(c - self._cpu_base.get(pid, 0.0) for pid, c in self._cpu_last.items())
-
-    def __enter__(self) -> "RssSampler":
-        for jvm in self._children(os.getpid()):  # workers alive now count from their current CPU
+    def _workers(self) -> list[int]:
+        """The pids of Spark's Python workers (the daemon and its forks) under this process's JVM(s)."""
+        out = []
+        for jvm in self._children(os.getpid()):
             stack = self._children(jvm)
             while stack:
                 pid = stack.pop()
                 if self._is_python_worker(pid):
-                    self._cpu_base[pid] = _proc_cpu(pid)
+                    out.append(pid)
                 stack += self._children(pid)
+        return out
+
+    def _sample(self) -> None:
+        for jvm in self._children(os.getpid()):
+            self.peak_jvm_mb = max(self.peak_jvm_mb, self._rss_mb(jvm))
+        for pid in self._workers():
+            self.peak_worker_mb = max(self.peak_worker_mb, self._rss_mb(pid))
+            started, cpu = _proc_times(pid)
+            if started is not None:
+                self._cpu_last[pid, started] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(0.05)
+
+    @property
+    def worker_cpu_seconds(self) -> float:
+        """Python workers' CPU seconds since __enter__ (read after __exit__)."""
+        last = dict(self._cpu_last)
+        return sum(c - self._cpu_base.get(key, 0.0) for key, c in last.items())
+
+    def __enter__(self) -> "RssSampler":
+        for pid in self._workers():  # workers alive now count from their current CPU
+            started, cpu = _proc_times(pid)
+            if started is not None:
+                self._cpu_base[pid, started] = cpu
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()  # the last 50 ms
 
 
-def _proc_cpu(pid: int) -> float:
-    """utime + stime of a live process, in seconds (0 when it is gone)."""
+def _proc_times(pid: int) -> tuple[int | None, float]:
+    """(start time in clock ticks since boot, utime + stime in seconds) of a live process; (None, 0) if gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int(fields[19]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return None, 0.0
 
 
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by the JVM (its Python workers' come from `RssSampler.worker_cpu_seconds`)."""
-    return {"jvm": sum(_proc_cpu(jvm) for jvm in RssSampler._children(os.getpid()))}
+    return {"jvm": sum(_proc_times(jvm)[1] for jvm in RssSampler._children(os.getpid()))}
 
 
 def _cpu_split(before: dict[str, float], after: dict[str, float], sampler: "RssSampler") -> dict[str, float]:
@@ -284,7 +296,9 @@ def main() -> None:
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
     parser.add_argument("--sweep-dims", type=int, nargs="+", default=[128, 256, 768])
     parser.add_argument("--driver-memory", default="6g")
-    parser.add_argument("--drop-data", action="store_true", help="delete the generated source tables at the end")
+    parser.add_argument("--drop-data", action="store_true",
+                        help="delete every generated src_*/run_* table and the warehouse under benchmarks/data (sweep: after "
+                             "each point; other runs: at the end); other benchmarks' caches stay")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -313,7 +327,7 @@ def main() -> None:
             results += measure(spark, args.rows, args.dim, spaces, args.repeats, args.batch_rows, args.engine)
             print_rows(results[-len(args.engine):])
         name = "backfill_throughput.json"
-    if args.drop_data:  # what this run generated; other benchmarks' caches (movielens) stay
+    if args.drop_data:  # every generated source/run table and the warehouse; other benchmarks' caches stay
         for path in list(DATA.glob("src_*")) + list(DATA.glob("run_*")) + [DATA / "warehouse"]:
             shutil.rmtree(path, ignore_errors=True)
     save_results(RESULTS / name, results)

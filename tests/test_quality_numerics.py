@@ -572,6 +572,7 @@ def test_anchored_says_which_solver_ran_and_which_step_weights_it_used(caplog):
     b1 = fit_edge(z[1], z[0], TransformSettings(bias=False, output_norm="none"))
     t = fit_edge(z[2], z[1], plain, frozen_chains=[[b1]], anchors=[z[0]])
     assert t.meta["solver"] == "closed_form" and t.meta["anchor_weights"] in anchor_weight_candidates(2)
+    assert t.meta["step_weights"] == t.meta["anchor_weights"]
     u = [_unit(v + 1.5) for v in z]  # off-centre, like sentence embeddings
     cosine = TransformSettings(objective="anchored", epochs=5)
     c1 = fit_edge(u[1], u[0], TransformSettings())

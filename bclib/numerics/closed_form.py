@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Ridge = Union[float, str]  # a scale-free value >= 0, or "auto"
 # "auto" chooses from 0 and 29 log-spaced values 1e-6 .. 10, four per decade (scale-free: × the mean eigenvalue
 # of XᵀX). Four per decade, not two: on real sentence-embedding upgrades GCV's optimum sits near 0.5, between
-# the two-per-decade grid's 0.24 and 0.84 (benchmarks/real_models.py); GCV is one spectrum plus a cheap curve,
+# a 14-value grid's 0.24 and 0.84 (benchmarks/real_models.py); GCV is one spectrum plus a cheap curve,
 # so the finer grid costs almost nothing (the anchored K-fold solves once per value: twice the solves).
 RIDGE_GRID: tuple[float, ...] = (0.0,) + tuple(float(v) for v in np.logspace(-6, 1, 29))
 ANCHOR_W0 = (0.5, 0.75, 0.9)  # 1-hop weights tried besides uniform 1/m by the anchored "auto" (rest spread evenly)

@@ -133,15 +133,18 @@ def _fit_objective(x, y, settings, frozen_chains, anchors, unit: bool) -> Transf
         weights = [1.0 / len(targets)] * len(targets) if objective == "multi_step" else None
         t = fit_anchored_linear(x, targets, chains, ridge=settings.ridge, weights=weights,
                                 anchor_tolerance=settings.anchor_tolerance)
-        return AffineTransform(t.weight, None, "linear", {**t.meta, "objective": objective, "solver": "closed_form"})
+        step = t.meta.get("anchor_weights") or weights or [1.0 / len(targets)] * len(targets)
+        return AffineTransform(t.weight, None, "linear", {**t.meta, "objective": objective, "solver": "closed_form",
+                                                          "step_weights": [float(w) for w in step]})
     from bclib.numerics.torch_fit import fit_multistep_torch
 
     if kind == "linear":
         # the closed form (and with it the K-fold choice of step weights within anchor_tolerance) needs frozen
         # links without bias or renormalisation; cosine spaces (sentence embeddings) have both, so say so
         log.info("fit: %s objective by gradient descent (a frozen link has a bias or renormalises its output, or "
-                 "an intercept is fitted): uniform step weights; anchor_tolerance applies to the closed form only",
-                 objective)
+                 "an intercept is fitted): uniform step weights, no ridge penalty (transform.ridge only sets the "
+                 "single-step starting point)%s", objective,
+                 "; anchor_tolerance applies to the closed form only" if objective == "anchored" else "")
     t = fit_multistep_torch(x, targets, chains, settings, unit_output=unit)
     return dataclasses.replace(t, meta={**t.meta, "solver": "gradient_descent",
                                         "step_weights": [1.0 / len(targets)] * len(targets)})
