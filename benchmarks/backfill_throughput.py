@@ -89,10 +89,10 @@ class RssSampler:
         except OSError:
             return False
 
-    def _workers(self) -> list[int]:
-        """The pids of Spark's Python workers (the daemon and its forks) under this process's JVM(s)."""
+    def _workers(self, jvms: list[int]) -> list[int]:
+        """The pids of Spark's Python workers (the daemon and its forks) under the JVM(s) `jvms`."""
         out = []
-        for jvm in self._children(os.getpid()):
+        for jvm in jvms:
             stack = self._children(jvm)
             while stack:
                 pid = stack.pop()
@@ -102,9 +102,10 @@ class RssSampler:
         return out
 
     def _sample(self) -> None:
-        for jvm in self._children(os.getpid()):
+        jvms = self._children(os.getpid())
+        for jvm in jvms:
             self.peak_jvm_mb = max(self.peak_jvm_mb, self._rss_mb(jvm))
-        for pid in self._workers():
+        for pid in self._workers(jvms):
             self.peak_worker_mb = max(self.peak_worker_mb, self._rss_mb(pid))
             started, cpu = _proc_times(pid)
             if started is not None:
@@ -122,7 +123,7 @@ class RssSampler:
         return sum(c - self._cpu_base.get(key, 0.0) for key, c in last.items())
 
     def __enter__(self) -> "RssSampler":
-        for pid in self._workers():  # workers alive now count from their current CPU
+        for pid in self._workers(self._children(os.getpid())):  # workers alive now count from their current CPU
             started, cpu = _proc_times(pid)
             if started is not None:
                 self._cpu_base[pid, started] = cpu

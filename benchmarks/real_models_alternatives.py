@@ -52,11 +52,11 @@ def ridge_map(x: np.ndarray, y: np.ndarray, ridge: float) -> AffineTransform:
 
 def fold_overlap(pred: np.ndarray, true: np.ndarray, k: int = 10) -> float:
     """Mean overlap of each mapped row's k nearest true rows with its true row's k nearest (self excluded)."""
-    p, t = normalize_rows(pred), normalize_rows(true)
+    p, t = rm._unit(pred), rm._unit(true)
     s, tt = p @ t.T, t @ t.T
     np.fill_diagonal(s, -np.inf)
     np.fill_diagonal(tt, -np.inf)
-    a, b = np.argpartition(-s, k - 1, 1)[:, :k], np.argpartition(-tt, k - 1, 1)[:, :k]
+    a, b = rm._topk(s, k), rm._topk(tt, k)
     return float(np.mean([len(set(u) & set(v)) for u, v in zip(a.tolist(), b.tolist())]) / k)
 
 

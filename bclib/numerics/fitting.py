@@ -127,13 +127,14 @@ def _fit_objective(x, y, settings, frozen_chains, anchors, unit: bool) -> Transf
         targets = [y] + list(anchors)
     else:
         raise ValueError(f"unknown objective {objective!r}")
+    uniform = [1.0 / len(targets)] * len(targets)
     all_linear = all(link.is_affine and link.bias is None and not link.unit_output for c in frozen_chains for link in c)
     if kind == "linear" and not settings.bias and all_linear:
         # multi_step keeps the paper's uniform step weights; anchored may choose them (ridge: auto)
-        weights = [1.0 / len(targets)] * len(targets) if objective == "multi_step" else None
+        weights = uniform if objective == "multi_step" else None
         t = fit_anchored_linear(x, targets, chains, ridge=settings.ridge, weights=weights,
                                 anchor_tolerance=settings.anchor_tolerance)
-        step = t.meta.get("anchor_weights") or weights or [1.0 / len(targets)] * len(targets)
+        step = t.meta.get("anchor_weights") or uniform
         return AffineTransform(t.weight, None, "linear", {**t.meta, "objective": objective, "solver": "closed_form",
                                                           "step_weights": [float(w) for w in step]})
     from bclib.numerics.torch_fit import fit_multistep_torch
@@ -146,8 +147,7 @@ def _fit_objective(x, y, settings, frozen_chains, anchors, unit: bool) -> Transf
                  "single-step starting point)%s", objective,
                  "; anchor_tolerance applies to the closed form only" if objective == "anchored" else "")
     t = fit_multistep_torch(x, targets, chains, settings, unit_output=unit)
-    return dataclasses.replace(t, meta={**t.meta, "solver": "gradient_descent",
-                                        "step_weights": [1.0 / len(targets)] * len(targets)})
+    return dataclasses.replace(t, meta={**t.meta, "solver": "gradient_descent", "step_weights": uniform})
 
 
 def _fit_single(x: np.ndarray, y: np.ndarray, settings, unit: bool = False) -> Transform:
