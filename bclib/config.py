@@ -162,6 +162,24 @@ class MaintenanceSettings:
 
 
 @dataclass(frozen=True)
+class LeaseSettings:
+    """The run lease: one bcemb process at a time writes an output (`bclib.tables.lease`).
+
+    Created put-if-absent on the output's own storage (O_EXCL locally, a conditional PUT on object
+    stores), renewed by a heartbeat, re-checked before every commit. A crashed holder blocks others
+    for at most `ttl_seconds`.
+    """
+
+    enabled: bool = True
+    # where the lease objects live; None: `<output_location>/_bcemb/lease` for a path output (hidden from
+    # Delta and VACUUM by the leading underscore), `<spark.sql.warehouse.dir>/_bcemb_leases/<name>` for a
+    # catalog output
+    location: Optional[str] = None
+    ttl_seconds: float = 120.0  # a holder that stops renewing for this long loses the lease
+    wait_seconds: float = 0.0  # how long a second process waits for the lease before LeaseHeldError (--wait-lease)
+
+
+@dataclass(frozen=True)
 class EvaluateSettings:
     """The held-out evaluation sample (disjoint from the fit sample)."""
 
@@ -215,6 +233,7 @@ class JobConfig:
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
 
     def version_location(self, version: int) -> str:
@@ -412,6 +431,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "transform.hidden": (1, None), "transform.epochs": (1, None), "transform.batch_size": (1, None),
     "transform.patience": (1, None), "transform.clusters": (1, None), "transform.anchor_tolerance": (0.0, None),
     "spark.shuffle_partitions": (1, None),
+    "lease.ttl_seconds": (5.0, 86_400.0), "lease.wait_seconds": (0.0, None),
     "demo.n_entities": (1, None), "demo.block_rows": (1, 10_000_000),
 }
 

@@ -86,6 +86,22 @@ class ConcurrentRunError(BcembError):
     """Another run kept winning the Delta commit race after the bounded retries."""
 
 
+class ConcurrentCommitError(BcembError):
+    """Another writer committed a change to the spaces this step replaces after it planned (the step re-plans)."""
+
+    def __init__(self, message: str, version: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+class LeaseHeldError(BcembError):
+    """Another bcemb process holds the run lease of this output (exit code 75: try again later)."""
+
+
+class LeaseLostError(BcembError):
+    """This process's run lease expired or was taken over before a commit; nothing more was committed (exit 75)."""
+
+
 class OutputLocationError(BcembError, ValueError):
     """The output location holds something that is not a Delta table bcemb owns."""
 
