@@ -149,17 +149,21 @@ def vacuum(spark, *locations: str) -> None:
 
 
 def same_content(spark, a: str, b: str) -> bool:
-    """Both outputs hold the same (space, id, vector) rows: row count and an order-free checksum (the sum of
-    two independent 64-bit row hashes), one aggregation per table and no shuffle of the vectors."""
+    """Both outputs hold the same (space, id) rows, every vector within the promised float32 tolerance
+    (||a - b|| <= VECTOR_RTOL * ||b||, bclib.numerics.kernel): one join of the two tables on (space, id)."""
     from pyspark.sql import functions as F
 
-    def digest(location):
-        df = spark.read.format("delta").load(location)
-        h1 = F.xxhash64("space_version", "id", "vector").cast("decimal(38,0)")
-        h2 = F.xxhash64(F.lit("salt"), "vector", "id", "space_version").cast("decimal(38,0)")
-        return tuple(df.agg(F.count("*"), F.sum(h1), F.sum(h2)).first())
+    from bclib.numerics.kernel import VECTOR_RTOL
 
-    return digest(a) == digest(b)
+    left = spark.read.format("delta").load(a).select("space_version", "id", F.col("vector").alias("va"))
+    right = spark.read.format("delta").load(b).select("space_version", "id", F.col("vector").alias("vb"))
+    zero = F.lit(0.0).cast("double")
+    sq_diff = F.aggregate(F.zip_with("va", "vb", lambda x, y: (x - y) * (x - y)), zero, lambda acc, x: acc + x)
+    sq_norm = F.aggregate(F.transform("vb", lambda y: y * y), zero, lambda acc, x: acc + x)
+    row = left.join(right, ["space_version", "id"], "full_outer").agg(
+        F.sum(F.when(F.col("va").isNull() | F.col("vb").isNull(), 1).otherwise(0)).alias("unmatched"),
+        F.max(F.sqrt(sq_diff) / F.greatest(F.sqrt(sq_norm), F.lit(1e-30))).alias("worst")).first()
+    return row.unmatched == 0 and (row.worst or 0.0) <= VECTOR_RTOL
 
 
 def main() -> None:

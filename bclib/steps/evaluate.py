@@ -29,6 +29,7 @@ from bclib.tables.delta import read_delta, require_columns, require_table, table
 from bclib.tables.embeddings import collect_sample, hash_window, read_embedding_version, sample_versions
 from bclib.tables.metrics_table import append_metrics
 from bclib.tables.registry import active_transforms
+from bclib.tables.lease import leased
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def report_header(cfg: JobConfig, active: dict) -> dict:
                             "origin": r.origin} for (k, j), r in sorted(active.items(), reverse=True)]}
 
 
+@leased("evaluate")
 def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> EvaluateResult:
     """Evaluate every (source, space) pair on held-out entities; write and print the figures.
 

@@ -25,6 +25,7 @@ from bclib.numerics.fitting import fit_one_edge
 from bclib.numerics.records import TransformRecord
 from bclib.tables.embeddings import read_embedding_version, sample_versions
 from bclib.tables.registry import active_transforms, register
+from bclib.tables.lease import leased
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def _transform_id(edge: tuple[int, int], cfg: JobConfig, inputs: dict[str, int],
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+@leased("fit")
 def run_fit(spark, cfg: JobConfig, refit: Sequence[str] = (), actor: Optional[str] = None) -> FitResult:
     """Fit the edges `plan_fit` selects and register them in one commit; keep every other active transform.
 

@@ -20,6 +20,7 @@ from bclib.numerics.serialization import checksum, transform_from_bytes
 from bclib.tables import registry
 from bclib.tables.embeddings import read_embedding_version
 from bclib.tables.metrics_table import gate_verdicts
+from bclib.tables.lease import leased
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,13 @@ def registry_show(spark, cfg: JobConfig, transform_id: str) -> RegistryResult:
     return RegistryResult("show", [row])
 
 
+@leased("registry retire")
 def registry_retire(spark, cfg: JobConfig, transform_id: str, reason: str = "", actor: Optional[str] = None):
     return RegistryResult("retire", committed=registry.retire(spark, cfg.registry_location, transform_id, actor,
                                                               reason or "bcemb registry retire"))
 
 
+@leased("registry activate")
 def registry_activate(spark, cfg: JobConfig, transform_id: str, reason: str = "", actor: Optional[str] = None):
     return RegistryResult("activate", committed=registry.activate(spark, cfg.registry_location, transform_id, actor,
                                                                   reason or "bcemb registry activate"))
@@ -127,6 +130,7 @@ def _version_dim(spark, cfg: JobConfig, version: int) -> Optional[int]:
     return max(sizes, key=lambda r: r["count"]).n if sizes else None
 
 
+@leased("registry import")
 def registry_import(spark, cfg: JobConfig, path: str, source: int, target: int, expected_checksum: Optional[str] = None,
                     reason: str = "", actor: Optional[str] = None, origin: str = "import") -> RegistryResult:
     """Register a transform file (npz bytes as `export_bytes` writes them) as the edge source -> target.

@@ -21,6 +21,7 @@ from bclib.steps.fit import FitResult, plan_fit, run_fit
 from bclib.steps.status import StatusResult, run_status
 from bclib.tables.changes import source_rows
 from bclib.tables.registry import active_transforms
+from bclib.tables.lease import leased
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def dry_run_plan(spark, cfg: JobConfig, refit: Sequence[str] = ()) -> list[str]:
     return lines
 
 
+@leased("run")
 def run_scheduled(spark, cfg: JobConfig, refit: Sequence[str] = (), dry_run: bool = False,
                   allow_shrink: bool = False, run_id: Optional[str] = None) -> RunResult:
     """The daily job; raises what its stages raise (GateRejectedError: nothing published)."""

@@ -108,7 +108,9 @@ def conflict_exceptions() -> tuple[type, ...]:
     """
     from delta import exceptions as dx
 
-    kinds: tuple[type, ...] = (
+    from bclib.errors import ConcurrentCommitError
+
+    kinds: tuple[type, ...] = (ConcurrentCommitError,
         dx.DeltaConcurrentModificationException, dx.ConcurrentWriteException, dx.MetadataChangedException,
         dx.ProtocolChangedException, dx.ConcurrentAppendException, dx.ConcurrentDeleteReadException,
         dx.ConcurrentDeleteDeleteException, dx.ConcurrentTransactionException)

@@ -95,29 +95,61 @@ def snapshot_files(dt) -> list[tuple[str, int]]:
     return out
 
 
-def create_output_table(location: str, id_type, storage_options: Optional[dict] = None) -> None:
-    """Create the empty output table (protocol 1/2, partitioned by space_version), as Spark would."""
+def _add_actions(adds: Sequence[dict]) -> list:
+    from deltalake.transaction import AddAction
+
+    return [AddAction(path=a["path"], size=a["size"], partition_values=a["partition_values"],
+                      modification_time=a["modification_time"], data_change=True, stats=a["stats"]) for a in adds]
+
+
+def _commit_properties(adds: Sequence[dict], user_metadata: str, txn: tuple[str, int], read_version: int):
+    """userMetadata, operation metrics, the txn id; no retries: a commit after `read_version` fails ours."""
+    from deltalake import CommitProperties, Transaction
+
+    rows = sum(int(a["rows"]) for a in adds)
+    return CommitProperties(
+        custom_metadata={"userMetadata": user_metadata, "readVersion": int(read_version),
+                         "operationMetrics": {"numFiles": str(len(adds)), "numOutputRows": str(rows)}},
+        app_transactions=[Transaction(txn[0], int(txn[1]))],
+        # delta-rs would otherwise run its own conflict check and retry on a newer version, and that check
+        # lets a concurrent compaction or insert-only commit through (tables/commits.py does the checking)
+        max_commit_retries=0,
+    )
+
+
+def _lost_race(location: str, exc: Exception):
+    from bclib.errors import ConcurrentCommitError
+
+    return ConcurrentCommitError(f"arrow engine: another writer committed to {location} between the commit rule's "
+                                 f"check and this commit ({type(exc).__name__}: {exc}); re-planning")
+
+
+def create_output_with_files(location: str, id_type, adds: Sequence[dict], user_metadata: str, txn: tuple[str, int],
+                             storage_options: Optional[dict] = None) -> None:
+    """Create the output table (protocol 1/2, partitioned by space_version, as Spark would) with `adds` in its
+    first commit: a failed backfill leaves no table behind. Raises ConcurrentCommitError when another writer
+    created the table first (version 0 is put-if-absent)."""
     import pyarrow as pa
-    from deltalake import DeltaTable
+    from deltalake import PostCommitHookProperties
+    from deltalake.exceptions import CommitFailedError, DeltaError
+    from deltalake.transaction import create_table_with_add_actions
 
     from bclib.tables.parquet_files import output_file_schema
 
-    from deltalake import CommitProperties
-
-    from deltalake.exceptions import CommitFailedError, DeltaError
-
+    wanted = {a["partition_values"].get("space_version") for a in adds}
     schema = output_file_schema(id_type).append(pa.field("space_version", pa.int32()))
     try:
-        DeltaTable.create(table_uri(location), schema, partition_by=["space_version"], mode="error",
-                          storage_options=storage_options,
-                          commit_properties=CommitProperties(custom_metadata={
-                              "userMetadata": json.dumps({"bcemb": "create", "engine": "arrow"})}))
-    except DeltaError as exc:
+        create_table_with_add_actions(
+            table_uri(location), schema, _add_actions(adds), mode="error", partition_by=["space_version"],
+            storage_options=storage_options, commit_properties=_commit_properties(adds, user_metadata, txn, -1),
+            post_commithook_properties=PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False))
+    except (CommitFailedError, DeltaError) as exc:
+        from deltalake import DeltaTable
+
         if not DeltaTable.is_deltatable(table_uri(location), storage_options=storage_options):
             raise
-        # another writer created it between our plan and this call: a lost race, which the step re-plans
-        raise CommitFailedError(f"the output table at {location} was created by another writer meanwhile "
-                                f"({exc})") from exc
+        raise _lost_race(location, exc) from exc
+    log.info("arrow engine: created %s with %d file(s) in spaces %s", location, len(adds), sorted(wanted))
 
 
 def commit_replace(location: str, read_version: int, adds: Sequence[dict], spaces: Sequence[int],
@@ -125,11 +157,12 @@ def commit_replace(location: str, read_version: int, adds: Sequence[dict], space
     """One commit: remove every file of `spaces` in the read snapshot, add `adds`, userMetadata, txn.
 
     Returns False (nothing committed) when the table already recorded `txn` at that version or later:
-    the same work was committed by an earlier attempt. delta-rs raises CommitFailedError when another
-    writer committed a conflicting change after `read_version` (the step retries from a new plan).
+    the same work was committed by an earlier attempt. `read_version` is the version the commit rule
+    checked (`tables/commits.py`); any commit after it fails this one's put-if-absent of the next log
+    entry, raised as ConcurrentCommitError (the step re-plans): delta-rs does not retry it.
     """
-    from deltalake import CommitProperties, PostCommitHookProperties, Transaction
-    from deltalake.transaction import AddAction
+    from deltalake import PostCommitHookProperties
+    from deltalake.exceptions import CommitFailedError
 
     latest = open_table(location, storage_options=storage_options)
     done = latest.transaction_version(txn[0])
@@ -141,21 +174,16 @@ def commit_replace(location: str, read_version: int, adds: Sequence[dict], space
     if bad:
         raise ValueError(f"files outside the replaced spaces {sorted(wanted)}: {bad[:3]}")
     dt = open_table(location, version=read_version, storage_options=storage_options)
-    actions = [AddAction(path=a["path"], size=a["size"], partition_values=a["partition_values"],
-                         modification_time=a["modification_time"], data_change=True, stats=a["stats"])
-               for a in adds]
-    rows = sum(int(a["rows"]) for a in adds)
-    dt.create_write_transaction(
-        actions, mode="overwrite", schema=dt.schema(), partition_by=["space_version"],
-        partition_filters=[("space_version", "in", sorted(wanted, key=int))],
-        commit_properties=CommitProperties(
-            custom_metadata={"userMetadata": user_metadata, "readVersion": int(read_version),
-                             "operationMetrics": {"numFiles": str(len(actions)), "numOutputRows": str(rows)}},
-            app_transactions=[Transaction(txn[0], int(txn[1]))],
-        ),
-        # checkpoints are left to Spark's own commits (MERGE, maintain), the format every reader knows
-        post_commithook_properties=PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False),
-    )
+    try:
+        dt.create_write_transaction(
+            _add_actions(adds), mode="overwrite", schema=dt.schema(), partition_by=["space_version"],
+            partition_filters=[("space_version", "in", sorted(wanted, key=int))],
+            commit_properties=_commit_properties(adds, user_metadata, txn, read_version),
+            # checkpoints are left to Spark's own commits (MERGE, maintain), the format every reader knows
+            post_commithook_properties=PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False),
+        )
+    except CommitFailedError as exc:
+        raise _lost_race(location, exc) from exc
     return True
 
 

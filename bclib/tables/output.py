@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 from bclib.errors import OutputLocationError
 from bclib.numerics.records import TransformRecord, chain_id
 from bclib.spark import commit_conf, session_conf
+from bclib.tables.commits import check_commit
 from bclib.tables.delta import delta_table, is_path, read_delta, save, table_exists
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def _check_location(spark, location: str) -> None:
     if not fs.getFileStatus(path).isDirectory():
         raise OutputLocationError(f"output location '{location}' is a file, not a Delta table directory")
     names = [s.getPath().getName() for s in fs.listStatus(path)]
+    names = [n for n in names if n != "_bcemb"]  # the run lease lives there (tables/lease.py)
     if names:
         shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
         raise OutputLocationError(
@@ -202,12 +204,14 @@ def create_output(spark, location: str, id_type: str, deletion_vectors: bool) ->
 
 
 def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, max_records_per_file: int,
-               txn: tuple[str, int]) -> Optional[int]:
+               txn: tuple[str, int], read_version: Optional[int] = None) -> Optional[int]:
     """Replace `spaces` of the output with `df` in one Delta commit (replaceWhere); returns rows written,
     None when Delta skipped the commit (see _committed_rows).
 
     df has the output schema; the commit's userMetadata is `lineage` as JSON and (txnAppId, txnVersion)
-    = `txn` (Delta skips the commit if that application id already reached that version).
+    = `txn` (Delta skips the commit if that application id already reached that version). `read_version`:
+    the output's Delta version the work was planned on (None: no table then); the commit rule
+    (`tables/commits.py`) runs first and raises ConcurrentCommitError when a commit since touched `spaces`.
     """
     spaces_sql = ", ".join(str(int(s)) for s in spaces)
     writer = (
@@ -218,23 +222,26 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
         .option("txnAppId", txn[0]).option("txnVersion", int(txn[1]))
         .partitionBy("space_version")
     )
+    check_commit(spark, location, read_version, spaces, f"full rewrite of spaces {list(spaces)}")
     before = _version_or_none(spark, location)
     save(writer, location)
     return _committed_rows(spark, location, before, lineage)
 
 
 def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict,
-                  txn: tuple[str, int]) -> Optional[int]:
+                  txn: tuple[str, int], read_version: Optional[int] = None) -> Optional[int]:
     """Apply a change set to `spaces` in one MERGE commit; returns rows inserted + updated + deleted, None
     when no commit was recorded (see _committed_rows).
 
     changes: output columns plus `_op` ('upsert' | 'delete') with one row per (id, space_version);
-    matched upserts update, unmatched upserts insert, matched deletes delete.
+    matched upserts update, unmatched upserts insert, matched deletes delete. The commit rule runs first
+    against `read_version` (see write_full); the MERGE's own conflict check covers its read-to-commit window.
     """
     from pyspark.sql import functions as F
 
     spaces_sql = ", ".join(str(int(s)) for s in spaces)
     columns = [c for c in OUTPUT_COLUMNS]
+    check_commit(spark, location, read_version, spaces, f"incremental MERGE into spaces {list(spaces)}")
     before = _version_or_none(spark, location)
     with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])):
         (
