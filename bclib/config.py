@@ -155,8 +155,11 @@ class GateSettings:
 class MaintenanceSettings:
     """`bcemb maintain`: OPTIMIZE small files per space, VACUUM files older than the retention."""
 
-    vacuum_retention_hours: float = 168.0  # Delta's default (7 days)
+    vacuum_retention_hours: float = 168.0  # Delta's default (7 days); VACUUM uses it rounded up to whole hours
     time_travel_hours: float = 168.0  # what analysts are promised; VACUUM never retains less
+    # VACUUM never retains less than this (longer than any backfill, so an in-flight task's files survive) ...
+    min_retention_hours: float = 24.0
+    allow_short_retention: bool = False  # ... unless this is true
     optimize_min_files: int = 8  # OPTIMIZE a space holding at least this many files ...
     optimize_small_file_mb: int = 64  # ... of which more than half are smaller than this
 
@@ -394,6 +397,90 @@ def _validate(cfg: JobConfig) -> None:
         )
     if cfg.transform.kind == "lowrank" and cfg.transform.rank is None:
         raise ConfigError("config key 'transform.rank' is required when transform.kind is 'lowrank'")
+    _check_locations(cfg)
+
+
+# --------------------------------------------------------------------------- table locations
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):(.*)$")  # two letters or more: 'C:/x' stays a local path
+_SAME_STORE = {"s3a": "s3", "s3n": "s3"}  # Hadoop's connectors for one store
+CATALOG = "catalog"
+
+
+def location_key(location: str) -> tuple[str, tuple[str, ...]]:
+    """(store, path parts) of a table location, normalised so that two spellings of one place compare equal.
+
+    A catalog table name (no '/', no scheme, not starting with '.'; `bclib.tables.delta.is_path`) is
+    ("catalog", (its lower-case name,)). A URI with a scheme is ("<scheme>://<authority>", parts): scheme
+    and authority lower-cased, s3a/s3n read as s3. Anything else, 'file:' / 'file://' URIs included, is a
+    local path resolved against the working directory: ("", parts). Parts drop '.', empty (duplicate or
+    trailing '/') and apply '..'.
+    """
+    text = location.strip()
+    if "/" not in text and "://" not in text and not text.startswith("."):
+        return CATALOG, (text.lower(),)
+    store = ""
+    match = _SCHEME.match(text)
+    if match and match.group(1).lower() != "file":
+        scheme, rest = match.group(1).lower(), match.group(2)
+        authority = ""
+        if rest.startswith("//"):
+            authority, _, rest = rest[2:].partition("/")
+        store = f"{_SAME_STORE.get(scheme, scheme)}://{authority.lower()}"
+    else:
+        rest = match.group(2) if match else text
+        if rest.startswith("//"):  # file://host/path: the host (localhost or none) is this machine
+            rest = "/" + rest[2:].partition("/")[2]
+        if not rest.startswith("/"):
+            rest = os.path.join(os.getcwd(), rest)
+    parts: list[str] = []
+    for part in rest.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return store, tuple(parts)
+
+
+def _shown(key: tuple[str, tuple[str, ...]]) -> str:
+    store, parts = key
+    return parts[0] if store == CATALOG else store + "/" + "/".join(parts)
+
+
+def table_locations(cfg: JobConfig) -> list[tuple[str, str]]:
+    """(config key, location) of every Delta table a config names; one entry per embedding version table."""
+    out = [("output_location", cfg.output_location), ("registry_location", cfg.registry_location),
+           ("metrics_location", cfg.metrics_location)]
+    if cfg.backfill.quarantine_location is not None:
+        out.append(("backfill.quarantine_location", cfg.backfill.quarantine_location))
+    if cfg.evaluate.label_location is not None:
+        out.append(("evaluate.label_location", cfg.evaluate.label_location))
+    if cfg.embeddings.version_column is not None:
+        out.append(("embeddings.location", cfg.embeddings.location))
+    else:
+        out.extend((f"'embeddings.location' (version {v})", cfg.version_location(v)) for v in cfg.embeddings.versions)
+    return [(k if k.startswith("'") else f"'{k}'", loc) for k, loc in out]
+
+
+def _check_locations(cfg: JobConfig) -> None:
+    """No two tables at one place, and none inside another's directory (ConfigError naming both keys)."""
+    placed = [(key, loc, location_key(loc)) for key, loc in table_locations(cfg)]
+    for i, a in enumerate(placed):
+        for b in placed[i + 1:]:
+            (store, parts_a), (store_b, parts_b) = a[2], b[2]
+            if store != store_b:
+                continue
+            if parts_a == parts_b:
+                raise ConfigError(
+                    f"config keys {a[0]} = {a[1]!r} and {b[0]} = {b[1]!r} point at the same table "
+                    f"({_shown(a[2])}): each table needs its own location")
+            for inner, outer in ((a, b), (b, a)):
+                if store != CATALOG and inner[2][1][:len(outer[2][1])] == outer[2][1]:
+                    raise ConfigError(
+                        f"config key {inner[0]} = {inner[1]!r} ({_shown(inner[2])}) is inside the table of "
+                        f"{outer[0]} = {outer[1]!r} ({_shown(outer[2])}): a Delta table's directory holds only "
+                        "that table; give each table a location outside the others")
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -427,6 +514,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "backfill.max_retries": (1, 20), "backfill.arrow_task_mb": (1, 4096),
     "evaluate.sample_size": (1, None), "evaluate.neighbours_k": (1, 1000), "evaluate.probe_min_auc": (0.5, 1.0), "evaluate.neighbours_sample": (1, None),
     "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),
+    "maintenance.min_retention_hours": (0.0, None),
     "maintenance.optimize_min_files": (2, None), "maintenance.optimize_small_file_mb": (1, None),
     "transform.hidden": (1, None), "transform.epochs": (1, None), "transform.batch_size": (1, None),
     "transform.patience": (1, None), "transform.clusters": (1, None), "transform.anchor_tolerance": (0.0, None),
@@ -452,6 +540,13 @@ def _check_bounds(cfg: JobConfig) -> None:
             f"config key 'maintenance.vacuum_retention_hours' = {m.vacuum_retention_hours:g} is shorter than "
             f"maintenance.time_travel_hours = {m.time_travel_hours:g}, the time-travel and change-feed window "
             "analysts are promised; VACUUM would delete files they may still read"
+        )
+    if m.vacuum_retention_hours < m.min_retention_hours and not m.allow_short_retention:
+        raise ConfigError(
+            f"config key 'maintenance.vacuum_retention_hours' = {m.vacuum_retention_hours:g} is below "
+            f"maintenance.min_retention_hours = {m.min_retention_hours:g}, the floor that keeps the files of a "
+            "backfill still in flight; raise it, or set maintenance.allow_short_retention: true if nothing "
+            "runs that long"
         )
     if cfg.transform.ridge != "auto" and isinstance(cfg.transform.ridge, (int, float)) and cfg.transform.ridge < 0:
         raise ConfigError(f"config key 'transform.ridge' = {cfg.transform.ridge} must be >= 0 (or 'auto')")

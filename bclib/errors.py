@@ -118,6 +118,10 @@ class MissingDependencyError(BcembError, ImportError):
     """A feature needs an optional extra (`pip install bcemb[torch]`, `bcemb[report]`, ...)."""
 
 
+class MaintenanceError(BcembError):
+    """`bcemb maintain` could not keep its promise (a VACUUM recorded a retention below the one promised)."""
+
+
 # --------------------------------------------------------------------------- errors raised on executors
 
 _EXECUTOR_ERROR = re.compile(r"bclib\.errors\.(\w+): (.*)")

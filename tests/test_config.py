@@ -79,3 +79,112 @@ def test_cli_override_reaches_the_config():
 
     cfg = resolve_config(str(REPO / "conf" / "local.yaml"), ["fit.sample_size=123", "transform.kind=orthogonal"])
     assert cfg.fit.sample_size == 123 and cfg.transform.kind == "orthogonal"
+
+
+# --------------------------------------------------------------------------- table locations
+
+
+def _locations(**top):
+    """A config mapping with every table on local disk under /w (labels and quarantine included)."""
+    data = {"embeddings": {"location": "/w/emb/v{version}", "versions": [0, 1, 2]},
+            "registry_location": "/w/registry", "output_location": "/w/out", "metrics_location": "/w/metrics",
+            "evaluate": {"label_location": "/w/labels"}, "backfill": {"quarantine_location": "/w/quarantine"}}
+    for key, value in top.items():
+        section, _, name = key.partition("__")
+        if name:
+            data[section] = {**data[section], name: value}
+        else:
+            data[key] = value
+    return data
+
+
+def test_distinct_locations_load():
+    cfg = config_from_dict(_locations())
+    assert cfg.output_location == "/w/out"
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ({"metrics_location": "/w/emb/v2"},
+         r"config keys 'metrics_location' = '/w/emb/v2' and 'embeddings.location' \(version 2\) = '/w/emb/v2' "
+         r"point at the same table \(/w/emb/v2\)"),
+        ({"backfill__quarantine_location": "/w/out"},
+         r"config keys 'output_location' = '/w/out' and 'backfill.quarantine_location' = '/w/out' point at the same"),
+        ({"evaluate__label_location": "/w/./registry/"},
+         r"'registry_location' = '/w/registry' and 'evaluate.label_location' = '/w/./registry/' point at the same "
+         r"table \(/w/registry\)"),
+        ({"metrics_location": "file:///w//out"}, r"'output_location' = '/w/out' and 'metrics_location' = "
+                                                  r"'file:///w//out' point at the same table \(/w/out\)"),
+        ({"metrics_location": "file:/w/x/../out"}, r"'output_location'.*'metrics_location'.*same table \(/w/out\)"),
+        # nested, both directions
+        ({"metrics_location": "/w/out/metrics"},
+         r"config key 'metrics_location' = '/w/out/metrics' \(/w/out/metrics\) is inside the table of "
+         r"'output_location' = '/w/out' \(/w/out\)"),
+        ({"registry_location": "/w/emb"},
+         r"config key 'embeddings.location' \(version 0\) = '/w/emb/v0' \(/w/emb/v0\) is inside the table of "
+         r"'registry_location' = '/w/emb' \(/w/emb\)"),
+        ({"output_location": "/w"}, r"'registry_location' = '/w/registry' \(/w/registry\) is inside the table of "
+                                    r"'output_location' = '/w' \(/w\)"),
+    ],
+)
+def test_equal_or_nested_table_locations_are_refused(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config_from_dict(_locations(**override))
+
+
+def test_relative_and_absolute_spellings_of_one_place_are_equal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = {"embeddings": {"location": "./warehouse/emb/v{version}", "versions": [0, 1]},
+            "evaluate": {"label_location": None}}
+    for output, metrics in (("./warehouse/out", "warehouse/out"), ("warehouse/out/", "./warehouse//out"),
+                            (str(tmp_path / "warehouse" / "out"), "file:warehouse/out"),
+                            ("./warehouse/out", f"file://{tmp_path}/warehouse/x/../out/")):
+        with pytest.raises(ConfigError, match=rf"point at the same table \({tmp_path}/warehouse/out\)"):
+            config_from_dict({**data, "output_location": output, "metrics_location": metrics})
+    with pytest.raises(ConfigError, match=rf"'metrics_location' = '../{tmp_path.name}/warehouse/out/m' "
+                                          rf"\({tmp_path}/warehouse/out/m\) is inside the table of 'output_location'"):
+        config_from_dict({**data, "output_location": "./warehouse/out",
+                          "metrics_location": f"../{tmp_path.name}/warehouse/out/m"})
+    # a prefix of the string, not of the path: siblings
+    cfg = config_from_dict({**data, "output_location": "./warehouse/out", "metrics_location": "./warehouse/out2",
+                            "registry_location": "./warehouse/ou"})
+    assert cfg.metrics_location == "./warehouse/out2"
+
+
+def test_object_store_locations_compare_by_store_and_path():
+    data = {"embeddings": {"location": "s3a://bucket/emb", "version_column": "v", "versions": [0, 1]},
+            "registry_location": "s3a://bucket/registry", "output_location": "gs://bucket/out",
+            "evaluate": {"label_location": None}}
+    with pytest.raises(ConfigError, match=r"'registry_location' = 's3a://bucket/registry' and 'metrics_location' = "
+                                          r"'s3://bucket//registry/' point at the same table \(s3://bucket/registry\)"):
+        config_from_dict({**data, "metrics_location": "s3://bucket//registry/"})
+    with pytest.raises(ConfigError, match=r"'metrics_location' = 'S3://Bucket/emb/metrics' \(s3://bucket/emb/metrics\) "
+                                          r"is inside the table of 'embeddings.location' = 's3a://bucket/emb'"):
+        config_from_dict({**data, "metrics_location": "S3://Bucket/emb/metrics"})
+    # the same path in another bucket, another store, or on local disk is another place
+    for other in ("s3a://other/registry", "gs://bucket/registry", "abfss://bucket@acct.dfs.core.windows.net/registry",
+                  "/registry", "gs://bucket/out2"):
+        assert config_from_dict({**data, "metrics_location": other}).metrics_location == other
+
+
+def test_catalog_names_compare_case_insensitively_by_name():
+    data = {"embeddings": {"location": "ml.item_embeddings", "version_column": "v", "versions": [0, 1]},
+            "output_location": "ml.compat", "registry_location": "/w/registry", "evaluate": {"label_location": None}}
+    with pytest.raises(ConfigError, match=r"config keys 'output_location' = 'ml.compat' and 'metrics_location' = "
+                                          r"'ML.Compat' point at the same table \(ml.compat\)"):
+        config_from_dict({**data, "metrics_location": "ML.Compat"})
+    with pytest.raises(ConfigError, match=r"'embeddings.location' = 'ml.item_embeddings'.*same table"):
+        config_from_dict({**data, "metrics_location": "ml.compat", "output_location": "ML.ITEM_EMBEDDINGS"})
+    # a name that starts like another is another table; names never nest
+    assert config_from_dict({**data, "metrics_location": "ml.compat_metrics"}).metrics_location == "ml.compat_metrics"
+    assert config_from_dict({**data, "metrics_location": "ml"}).metrics_location == "ml"
+
+
+def test_version_tables_are_checked_against_each_other_and_the_lease_is_not_a_table():
+    data = {"embeddings": {"location": "/w/emb{version}", "versions": [1, 10]}, "output_location": "/w/out",
+            "lease": {"location": "/w/out/_bcemb/lease"}}
+    assert config_from_dict(data).embeddings.versions == [1, 10]  # /w/emb1 and /w/emb10 are siblings
+    with pytest.raises(ConfigError, match=r"'output_location' = '/w/emb1/out' \(/w/emb1/out\) is inside the table of "
+                                          r"'embeddings.location' \(version 1\) = '/w/emb1'"):
+        config_from_dict({**data, "output_location": "/w/emb1/out"})
