@@ -36,11 +36,17 @@ dist: ## zip the library for spark-submit --py-files (dist/bclib.zip)
 demo: install ## set up, then run the whole demo (generate, fit, backfill, evaluate) on the embedded default
 	$(PYTHON) -m bclib.cli demo --config $(CONFIG)
 
-test: install ## the full test suite (what CI runs)
-	$(PYTHON) -m pytest -q
+# two workers (pytest-xdist, one Spark session each; a file's tests stay on one worker so module fixtures are
+# built once), a random order whose seed the header prints (pytest-randomly; replay an order with
+# `make test PYTEST_ARGS="-n 2 --dist loadfile -p randomly --randomly-seed=N"`, file order with -p no:randomly),
+# the 15 slowest tests at the end
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
+
+test: install ## the full test suite (what CI runs): two workers, random order, seed printed
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install ## the suite without tests marked slow
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) -m "not slow"
 
 bench-fit: install ## transform family x objective quality on the demo data (benchmarks/fit_quality.py)
 	$(PYTHON) benchmarks/fit_quality.py

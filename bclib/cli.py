@@ -1,7 +1,7 @@
 """The `bcemb` command: args -> strict config -> session -> one bclib call -> exit code.
 
 Exit codes: 0 done (or nothing to do), 1 data or runtime error, 2 config error, 3 gate rejected,
-130 interrupted. Every failure ends in one line `bcemb <step>: <ErrorClass>: <what to do>` on stderr;
+75 another bcemb process holds the output's run lease (try again later), 130 interrupted. Every failure ends in one line `bcemb <step>: <ErrorClass>: <what to do>` on stderr;
 `--debug` adds the full traceback.
 """
 
@@ -16,11 +16,14 @@ from typing import Optional, Sequence
 import yaml
 
 from bclib.config import JobConfig, apply_override, config_from_dict, load_config
-from bclib.errors import BcembError, ConfigError, GateRejectedError, executor_error
+from bclib.errors import BcembError, ConfigError, GateRejectedError, LeaseHeldError, LeaseLostError, executor_error
 
 log = logging.getLogger("bcemb")
 
 EXIT_OK, EXIT_DATA, EXIT_CONFIG, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_LEASE = 75  # EX_TEMPFAIL (sysexits.h): a scheduler retries later
+
+WRITING_STEPS = ("run", "demo", "fit", "backfill", "evaluate", "maintain")  # they hold the run lease
 
 STEPS = {
     "run": "the scheduled job: fit new edges, gate, backfill what changed, evaluate, status",
@@ -39,6 +42,8 @@ EPILOG = """exit codes:
   1  data or runtime error (one line on stderr names the error class and what to do)
   2  config error
   3  gate rejected: a candidate chain failed the compatibility gate, nothing was published
+  75  another bcemb process holds this output's run lease, or this run lost it: nothing (more) was
+      committed; run again later or pass --wait-lease SECONDS
   130  interrupted (SIGINT); nothing half-written, the next run converges
 """
 
@@ -97,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                     a.add_argument("--origin", choices=["import", "joint"], default="import")
                 if action in ("list", "show"):
                     a.add_argument("--json", action="store_true", help="machine-readable output")
+                if action in ("retire", "activate", "import"):
+                    a.add_argument("--wait-lease", type=float, default=None, metavar="SECONDS",
+                                   help="wait up to SECONDS for another process's run lease (default 0)")
             continue
         _common(p)
         if name in ("fit", "run"):
@@ -108,12 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true", help="print the plan; read metadata only, write nothing")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name in WRITING_STEPS:
+            p.add_argument("--wait-lease", type=float, default=None, metavar="SECONDS",
+                           help="wait up to SECONDS for another bcemb process's run lease on this output "
+                                "(default lease.wait_seconds, 0: exit 75 at once)")
     return parser
 
 
-def resolve_config(path: Optional[str], overrides: Sequence[str], spark_conf: Sequence[str] = ()) -> JobConfig:
-    """Load the config (or the embedded default) with --set and --conf applied, validated."""
+def resolve_config(path: Optional[str], overrides: Sequence[str], spark_conf: Sequence[str] = (),
+                   wait_lease: Optional[float] = None) -> JobConfig:
+    """Load the config (or the embedded default) with --set, --conf and --wait-lease applied, validated."""
     pairs = [_parse_override(o) for o in overrides]
+    if wait_lease is not None:
+        pairs.append(("lease.wait_seconds", wait_lease))
     pairs += [(f"spark.conf.{k}", v) for k, v in (_parse_conf(c) for c in spark_conf)]
     if path:
         return load_config(path, dict(pairs))
@@ -243,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return code
 
     try:
-        cfg = resolve_config(args.config, args.overrides, args.spark_conf)
+        cfg = resolve_config(args.config, args.overrides, args.spark_conf, getattr(args, "wait_lease", None))
     except ConfigError as exc:
         return fail(exc, EXIT_CONFIG)
     try:
@@ -263,6 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(exc, EXIT_INTERRUPTED)
     except GateRejectedError as exc:
         return fail(exc, EXIT_GATE)
+    except (LeaseHeldError, LeaseLostError) as exc:
+        return fail(exc, EXIT_LEASE)
     except ConfigError as exc:
         return fail(exc, EXIT_CONFIG)
     except Exception as exc:  # every other failure: one line (the class and what to do), exit 1

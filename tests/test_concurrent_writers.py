@@ -10,6 +10,7 @@ rule, the arrow engine kept the compacted file or the appended rows next to its 
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 
@@ -26,26 +27,30 @@ ENGINES = ["spark", "arrow"]
 
 @pytest.fixture(scope="module")
 def fitted(spark, tmp_path_factory):
-    """Versions 0..2 and their transforms, shared read-only; every test writes its own output."""
+    """Versions 0..2, their transforms and two published outputs (spaces 0 and 1 by the spark engine, 3 files
+    per space so OPTIMIZE has work; one with deletion vectors), shared read-only: each test copies one."""
     tmp = tmp_path_factory.mktemp("writers")
     cfg = small_config(tmp, evaluate={"label_location": None})
     run_generate(spark, cfg)
     run_fit(spark, cfg)
+    for name, dv in (("published", False), ("published_dv", True)):
+        run_backfill(spark, _cfg((tmp, 0), tmp / name, engine="spark", output_partitions=3, deletion_vectors=dv))
     n_src = spark.read.format("delta").load(cfg.version_location(2)).count()
     return tmp, n_src
 
 
-def _cfg(fitted, tmp_path, **backfill):
+def _cfg(fitted, out_dir, **backfill):
+    """The test's config: its own output under out_dir; the gate off (these tests are about commits)."""
     tmp, _ = fitted
-    return small_config(tmp, evaluate={"label_location": None}, output_location=str(tmp_path / "out"),
-                        backfill=backfill)
+    return small_config(tmp, evaluate={"label_location": None}, output_location=str(out_dir / "out"),
+                        backfill={"retry_backoff_seconds": 0.05, **backfill}, gate={"enabled": False})
 
 
 def _publish(spark, fitted, tmp_path, deletion_vectors=False):
-    """Spaces 0 and 1 published by the spark engine in 3 files per space (so OPTIMIZE has work)."""
-    cfg = _cfg(fitted, tmp_path, engine="spark", output_partitions=3, deletion_vectors=deletion_vectors)
-    run_backfill(spark, cfg)
-    return cfg.output_location
+    """A copy of a published output (a Delta table is its directory: the log's paths are relative)."""
+    src = fitted[0] / ("published_dv" if deletion_vectors else "published") / "out"
+    shutil.copytree(src, tmp_path / "out")
+    return str(tmp_path / "out")
 
 
 def _counts(spark, out):

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from bclib.errors import DimensionMismatchError
+from bclib.errors import DimensionMismatchError, InvalidVectorError
 from bclib.numerics.arrow import list_to_matrix, matrix_to_list
 from bclib.numerics.transforms import Transform, check_chain, check_input, collapse, normalize_rows
 
@@ -111,7 +111,8 @@ def make_batch_fn(kernel: MultiSpaceKernel, check_finite: bool = True) -> BatchF
 
     Input batches: column 0 the ids (any Arrow type), column 1 list<float> of length `kernel.dim_in`.
     Output: one batch per input batch and target space, nearest space first, `space_version` int32.
-    Raises InvalidVectorError naming the id of a null, wrong-length or non-finite vector.
+    Raises InvalidVectorError naming the id of a null, wrong-length or non-finite vector, and of a
+    finite input the transform maps to NaN/Inf (past float32's range): outputs are validated like inputs.
     """
     spaces = list(kernel.spaces)
     # list<float> offsets are int32: one output batch may hold at most 2^31 - 1 values, so a batch is
@@ -126,12 +127,27 @@ def make_batch_fn(kernel: MultiSpaceKernel, check_finite: bool = True) -> BatchF
                 x = list_to_matrix(batch.column(1), kernel.dim_in, ids, column="vector", check_finite=check_finite)
                 outputs = kernel(x)
                 for space in spaces:
+                    check_output_finite(outputs[space], ids, space)
+                for space in spaces:
                     space_col = pa.array(np.full(batch.num_rows, space, dtype=np.int32))
                     yield pa.RecordBatch.from_arrays(
                         [ids, matrix_to_list(outputs[space]), space_col], names=["id", "vector", "space_version"]
                     )
 
     return backfill_batches
+
+
+def check_output_finite(y: np.ndarray, ids: pa.Array, space: int) -> None:
+    """InvalidVectorError naming the first id whose transformed vector (rows, dim) holds NaN or Inf."""
+    finite = np.isfinite(y).all(axis=1)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite)
+    row = int(bad[0])
+    raise InvalidVectorError(
+        f"column 'vector': id={ids[row].as_py()!r} has a finite vector that the transform maps to NaN or Inf in "
+        f"space {space} (beyond float32's range; {bad.size} row(s) of this batch); nothing was written. Check the "
+        "transform (`bcemb registry show`) and the input's scale")
 
 
 def arrow_batch_rows(dim_in: int, dims_out: Sequence[int], target_mb: int) -> int:

@@ -39,6 +39,7 @@ from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embeddin
 from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, output_layout, \
     quarantine_rows, quarantine_state, read_output_state, space_rows, space_state, validity_filter, write_full, \
     write_quarantine
+from bclib.tables.lease import leased
 from bclib.tables.registry import active_transforms
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def _check_dimension(source: VersionRead, plan: BackfillPlan, probe_rows: int = 
         )
 
 
+@leased("backfill")
 def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None, allow_shrink: bool = False,
                  dry_run: bool = False) -> BackfillResult:
     """Bring every target space of the output up to date with the source version, exactly once.
@@ -200,7 +202,8 @@ def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None, allow_shri
     """
     run_id = run_id or uuid.uuid4().hex[:12]
     return retry_on_conflict(lambda: _backfill(spark, cfg, run_id, allow_shrink, dry_run),
-                             f"backfill of {cfg.output_location}", cfg.backfill.max_retries)
+                             f"backfill of {cfg.output_location}", cfg.backfill.max_retries,
+                             cfg.backfill.retry_backoff_seconds)
 
 
 def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: bool) -> BackfillResult:
@@ -320,7 +323,8 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
         else:
             src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
             with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
-                n = write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn)
+                n = write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn,
+                               base.delta_version if base.exists else None)
         written_rows += n or 0
         result.commits += 0 if n is None else 1  # None: Delta skipped the commit (transaction id recorded)
         base = read_output_state(spark, out_location)
@@ -335,7 +339,7 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
                  changes.deletes, incremental)
         change_rows = _change_rows(changes.df, sub, quarantine is not None)
         with session_conf(spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
-            n = merge_changes(spark, change_rows, out_location, incremental, lineage, txn)
+            n = merge_changes(spark, change_rows, out_location, incremental, lineage, txn, base.delta_version)
         written_rows += n or 0
         result.commits += 0 if n is None else 1
     result.write_seconds = time.time() - write_started
@@ -373,13 +377,31 @@ def arrow_blockers(cfg: JobConfig, source: VersionRead, out_location: str) -> li
 
     opts = cfg.backfill.storage_options or None
     try:
-        reasons = delta_rs.source_blockers(delta_rs.open_table(source.location, source.delta_version, opts))
+        src = delta_rs.open_table(source.location, source.delta_version, opts)
+        reasons = delta_rs.source_blockers(src) + _source_layout_blockers(cfg, src)
         _fs_and_path(out_location, opts)
         if delta_rs_table_exists(out_location, opts):
             reasons += delta_rs.target_blockers(delta_rs.open_table(out_location, storage_options=opts))
     except (OSError, ValueError, DeltaError, TableNotFoundError) as exc:  # a filesystem or table they cannot open
         return [f"pyarrow/delta-rs cannot open the tables ({type(exc).__name__}: {exc})"]
     return reasons
+
+
+def _source_layout_blockers(cfg: JobConfig, src) -> list[str]:
+    """Source layouts Spark reads but the arrow engine's raw Parquet reads would get wrong."""
+    emb = cfg.embeddings
+    wanted = [c for c in (emb.id_column, emb.vector_column, emb.version_column) if c]
+    partitioned = [c for c in (src.metadata().partition_columns or []) if c in wanted]
+    out = []
+    if partitioned:
+        out.append(f"the source table is partitioned by {partitioned} (its files do not hold those columns)")
+    if emb.version_column:
+        types = {f.name: str(f.type) for f in src.schema().fields}
+        found = types.get(emb.version_column, "missing")
+        if not any(t in found for t in ("integer", "long", "short", "byte")):
+            out.append(f"the version column '{emb.version_column}' is {found}, not an integer type (Spark compares "
+                       "it with its own casts)")
+    return out
 
 
 def delta_rs_table_exists(location: str, storage_options: Optional[dict]) -> bool:
@@ -407,11 +429,10 @@ def choose_engine(cfg: JobConfig, source: VersionRead, out_location: str) -> tup
 
 
 def _arrow_id_type(df):
-    import pyarrow as pa
-    from pyspark.sql.types import IntegerType, LongType, StringType
+    """The output's Arrow id type: the id rule's read type (int64 or string; `bclib.tables.ids`)."""
+    from bclib.tables.ids import arrow_output_type
 
-    t = df.schema["id"].dataType
-    return {LongType: pa.int64(), IntegerType: pa.int32(), StringType: pa.string()}.get(type(t), pa.int64())
+    return arrow_output_type(df.schema["id"].dataType)
 
 
 def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionRead, out_location: str,
@@ -424,25 +445,35 @@ def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: Version
     from bclib.tables import delta_rs
     from bclib.tables.parquet_files import make_task_fn, plan_tasks
 
+    from bclib.tables.commits import BEFORE_COMMIT, check_commit, run_seams
+
     opts = cfg.backfill.storage_options or None
-    read_version = base.delta_version
-    if not base.exists:
-        delta_rs.create_output_table(out_location, _arrow_id_type(source.df), opts)
-        read_version = 0
     src = delta_rs.open_table(source.location, source.delta_version, opts)
     tasks = plan_tasks(delta_rs.snapshot_files(src), cfg.backfill.arrow_task_mb * 2**20, opts)
     produced_at = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
     emb = cfg.embeddings
     root = delta_rs.table_uri(out_location)
+    batch_rows = cfg.backfill.arrow_batch_rows or arrow_batch_rows(plan.kernel.dim_in, plan.dims_out,
+                                                                   cfg.backfill.target_batch_mb)
     fn = make_task_fn(plan.kernel, plan.chain_ids, plan.source_version, produced_at, root, emb.id_column,
-                      emb.vector_column, emb.version_column, source.version, drop_invalid, file_rows, opts)
+                      emb.vector_column, emb.version_column, source.version, drop_invalid, file_rows, opts,
+                      batch_rows)
     log.info("backfill: arrow engine: %d task(s) over %d row groups of Delta v%d", len(tasks),
              sum(len(g) for t in tasks for _, g in t.parts), source.delta_version)
     texts = [t.to_json() for t in tasks]
     adds = [json.loads(a) for a in (spark.sparkContext.parallelize(texts, len(texts)).mapPartitions(fn).collect()
                                     if texts else [])]
-    committed = delta_rs.commit_replace(out_location, read_version, adds, plan.spaces,
-                                        json.dumps(lineage, sort_keys=True), txn, opts)
+    # the commit rule, then one delta-rs commit against exactly the version checked (no retry of its own);
+    # a new output is created by that commit, only now that every task succeeded
+    checked = check_commit(spark, out_location, base.delta_version if base.exists else None, plan.spaces,
+                           f"arrow full rewrite of spaces {plan.spaces}")
+    run_seams(BEFORE_COMMIT, out_location, checked)
+    meta = json.dumps(lineage, sort_keys=True)
+    if not base.exists:
+        delta_rs.create_output_with_files(out_location, _arrow_id_type(source.df), adds, meta, txn, opts)
+        committed = True
+    else:
+        committed = delta_rs.commit_replace(out_location, checked, adds, plan.spaces, meta, txn, opts)
     return sum(int(a["rows"]) for a in adds) if committed else None
 
 

@@ -76,6 +76,7 @@ def classify(actions: Sequence[dict], spaces: Sequence[int]) -> Optional[str]:
     Pure: no I/O.
     """
     wanted = {str(int(s)) for s in spaces}
+    touched = []  # (kind, body, space) of the file actions in replaced spaces
     for action in actions:
         if "metaData" in action:
             return "it changed the table's metadata (schema, properties or partitioning)"
@@ -89,11 +90,19 @@ def classify(actions: Sequence[dict], spaces: Sequence[int]) -> Optional[str]:
             if space is None:
                 return f"it wrote a file without a space_version partition ({kind} {body.get('path')})"
             if space in wanted:
-                what = {"add": "added", "remove": "removed", "cdc": "wrote change data for"}[kind]
-                how = " (dataChange=false: a compaction or reorg)" if body.get("dataChange") is False else ""
-                dv = " with a deletion vector" if body.get("deletionVector") else ""
-                return f"it {what} a file{dv} of space {space}{how}"
-    return None
+                touched.append((kind, body, space))
+    if not touched:
+        return None
+    # the most telling description: a deletion vector, a compaction, else the first file action
+    for kind, body, space in touched:
+        if kind == "add" and body.get("deletionVector"):
+            return f"it added a deletion vector to a file of space {space} (a DELETE, UPDATE or MERGE)"
+    for kind, body, space in touched:
+        if body.get("dataChange") is False:
+            return f"it rewrote files of space {space} with dataChange=false (a compaction or reorg)"
+    kind, body, space = touched[0]
+    what = {"add": "added", "remove": "removed", "cdc": "wrote change data for"}[kind]
+    return f"it {what} a file of space {space}"
 
 
 def _log_dir(spark, location: str) -> str:

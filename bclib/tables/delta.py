@@ -144,7 +144,8 @@ def retry_on_conflict(action: Callable[[], T], what: str, attempts: int = 3, bac
                     "the table is consistent (Delta rejected this run's commit); run again when the other run ends"
                 ) from exc
             wait = backoff_s * 2 ** (attempt - 1) * (1 + random.random())
-            log.warning("%s: %s on attempt %d of %d; retrying in %.1fs (re-planning first)",
-                        what, name, attempt, attempts, wait)
+            reason = (str(exc).strip().splitlines() or [""])[0][:500]
+            log.warning("%s: %s on attempt %d of %d (%s); retrying in %.1fs (re-planning first)",
+                        what, name, attempt, attempts, reason, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")

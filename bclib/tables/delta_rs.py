@@ -63,11 +63,33 @@ def source_blockers(dt) -> list[str]:
     return out
 
 
+# table properties bcemb itself sets on an output (backfill.deletion_vectors; the retention `maintain` keeps):
+# any other `delta.*` property is a rule or behaviour of someone else's that only Spark's writer is trusted with
+BCEMB_PROPERTIES = {"delta.enableDeletionVectors", "delta.logRetentionDuration", "delta.deletedFileRetentionDuration"}
+# column metadata through which Delta enforces a rule at write time, in Spark's writer, not at commit
+_WRITE_TIME_RULES = {"delta.generationExpression": "a generated column", "delta.invariants": "a column invariant",
+                     "CURRENT_DEFAULT": "a column default", "delta.identity.start": "an identity column"}
+
+
 def target_blockers(dt) -> list[str]:
-    """Why delta-rs must not commit to the output table (empty: it may)."""
+    """Why delta-rs must not commit to the output table (empty: it may): writer features it does not maintain,
+    and table rules Delta enforces only in Spark's write path (CHECK constraints, generated and identity
+    columns, invariants, defaults) or `delta.*` properties bcemb did not set. Pure on the delta-rs table."""
     out = []
     conf = dt.metadata().configuration or {}
     proto = dt.protocol()
+    constraints = sorted(k[len("delta.constraints."):] for k in conf if k.startswith("delta.constraints."))
+    if constraints:
+        out.append(f"the output table has CHECK constraint(s) {constraints}, which Delta enforces in Spark's writer")
+    for f in dt.schema().fields:
+        for key, what in _WRITE_TIME_RULES.items():
+            if key in (f.metadata or {}):
+                out.append(f"column '{f.name}' of the output table is {what}, which Delta enforces in Spark's writer")
+    foreign = sorted(k for k in conf if k.startswith("delta.") and not k.startswith("delta.constraints.")
+                     and k not in BCEMB_PROPERTIES)
+    if foreign:
+        out.append(f"the output table has properties bcemb did not set ({', '.join(foreign)}): only Spark's writer "
+                   "is trusted to keep them")
     if conf.get("delta.columnMapping.mode", "none") != "none":
         out.append("the output table uses column mapping")
     if conf.get("delta.appendOnly", "false").lower() == "true":
@@ -107,9 +129,11 @@ def _commit_properties(adds: Sequence[dict], user_metadata: str, txn: tuple[str,
     from deltalake import CommitProperties, Transaction
 
     rows = sum(int(a["rows"]) for a in adds)
+    meta = {"userMetadata": user_metadata, "operationMetrics": {"numFiles": str(len(adds)), "numOutputRows": str(rows)}}
+    if read_version >= 0:  # a table's first commit reads no version
+        meta["readVersion"] = int(read_version)
     return CommitProperties(
-        custom_metadata={"userMetadata": user_metadata, "readVersion": int(read_version),
-                         "operationMetrics": {"numFiles": str(len(adds)), "numOutputRows": str(rows)}},
+        custom_metadata=meta,
         app_transactions=[Transaction(txn[0], int(txn[1]))],
         # delta-rs would otherwise run its own conflict check and retry on a newer version, and that check
         # lets a concurrent compaction or insert-only commit through (tables/commits.py does the checking)
@@ -130,7 +154,7 @@ def create_output_with_files(location: str, id_type, adds: Sequence[dict], user_
     first commit: a failed backfill leaves no table behind. Raises ConcurrentCommitError when another writer
     created the table first (version 0 is put-if-absent)."""
     import pyarrow as pa
-    from deltalake import PostCommitHookProperties
+    from deltalake import PostCommitHookProperties, Schema
     from deltalake.exceptions import CommitFailedError, DeltaError
     from deltalake.transaction import create_table_with_add_actions
 
@@ -140,7 +164,8 @@ def create_output_with_files(location: str, id_type, adds: Sequence[dict], user_
     schema = output_file_schema(id_type).append(pa.field("space_version", pa.int32()))
     try:
         create_table_with_add_actions(
-            table_uri(location), schema, _add_actions(adds), mode="error", partition_by=["space_version"],
+            table_uri(location), Schema.from_arrow(schema), _add_actions(adds), mode="error",
+            partition_by=["space_version"],
             storage_options=storage_options, commit_properties=_commit_properties(adds, user_metadata, txn, -1),
             post_commithook_properties=PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False))
     except (CommitFailedError, DeltaError) as exc:

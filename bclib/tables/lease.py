@@ -75,6 +75,30 @@ _lock = threading.RLock()
 _held: dict[str, list] = {}  # location -> [Lease, depth]
 
 
+# object_store client settings (obstore's client_options), given among delta-rs style storage options
+_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url", "user_agent"}
+
+
+def store_options(location: str, storage_options: Optional[dict]) -> tuple[dict, dict]:
+    """(config, client_options) for obstore from bcemb's storage options (the keys delta-rs takes: both are
+    the Rust object_store crate's names, e.g. aws_endpoint, aws_region, aws_allow_http). Pure."""
+    config: dict = {}
+    client: dict = {}
+    s3 = location.startswith(("s3://", "s3a://"))
+    for key, value in (storage_options or {}).items():
+        k = str(key).lower()
+        bare = k.split("_", 1)[1] if k.startswith(("aws_", "azure_", "google_")) else k
+        if bare in _CLIENT_KEYS:
+            client[bare] = str(value).lower() == "true" if str(value).lower() in ("true", "false") else value
+        elif s3 and k in ("endpoint", "endpoint_url", "aws_endpoint_url"):
+            config["aws_endpoint"] = value
+        elif s3 and not k.startswith("aws_"):
+            config["aws_" + k] = value
+        else:
+            config[k] = value
+    return config, client
+
+
 def _store(location: str, storage_options: Optional[dict]):
     """(obstore store, key prefix) for a lease directory: a local path or an object-store URI."""
     from obstore.store import LocalStore, from_url
@@ -84,18 +108,25 @@ def _store(location: str, storage_options: Optional[dict]):
         path = "/" + path.lstrip("/") if location.startswith("file:") else os.path.abspath(path)
         return LocalStore(prefix=path, mkdir=True), ""
     uri = "s3://" + location[len("s3a://"):] if location.startswith("s3a://") else location
-    return from_url(uri, config=dict(storage_options or {})), ""
+    config, client = store_options(location, storage_options)
+    return from_url(uri, config=config, client_options=client), ""
 
 
 def default_location(spark, cfg) -> str:
-    """`lease.location`, else `<output>/_bcemb/lease` (path output) or a warehouse folder (catalog output)."""
+    """`lease.location`, else `<output's parent>/_bcemb_leases/<output's name>` for a path output (beside the
+    table, not in it: Delta's CREATE TABLE refuses a non-empty directory) or
+    `<spark.sql.warehouse.dir>/_bcemb_leases/<name>` for a catalog output."""
     from bclib.tables.delta import is_path
 
     if cfg.lease.location:
         return cfg.lease.location
     out = cfg.output_location
     if is_path(out):
-        return out.rstrip("/") + "/_bcemb/lease"
+        trimmed = out.rstrip("/")
+        parent, _, name = trimmed.rpartition("/")
+        if "://" in trimmed and "/" not in trimmed.split("://", 1)[1]:  # a bucket root: s3://bucket
+            parent, name = trimmed, "root"
+        return f"{parent or '.'}/_bcemb_leases/{name}"
     warehouse = spark.conf.get("spark.sql.warehouse.dir", "./spark-warehouse")
     return warehouse.rstrip("/") + "/_bcemb_leases/" + out.lower()
 

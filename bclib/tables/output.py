@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -74,8 +75,29 @@ def _hadoop_path(spark, location: str):
     return path, path.getFileSystem(spark._jsc.hadoopConfiguration())
 
 
+_SPACE_DIR = re.compile(r"^space_version=-?\d+$")
+_PART_FILE = re.compile(r"^\.?part-[0-9a-zA-Z-]+-c\d+\.snappy\.parquet(\.crc)?$")
+
+
+def _orphan_part_files(fs, path) -> Optional[list]:
+    """The part files of an interrupted run that never created the table (`space_version=<j>/part-*.parquet`
+    only, the layout bcemb writes), as Hadoop paths; None when the directory holds anything else."""
+    found = []
+    for status in fs.listStatus(path):
+        if not (status.isDirectory() and _SPACE_DIR.match(status.getPath().getName())):
+            return None
+        for inner in fs.listStatus(status.getPath()):
+            if inner.isDirectory() or not _PART_FILE.match(inner.getPath().getName()):
+                return None
+            found.append(inner.getPath())
+    return found
+
+
 def _check_location(spark, location: str) -> None:
-    """OutputLocationError when a path holds files but no Delta table (a Parquet dataset, anything else)."""
+    """OutputLocationError when a path holds files but no Delta table (a Parquet dataset, anything else).
+
+    Part files of an interrupted bcemb run that never committed (no table yet) are not data anyone owns:
+    they are removed, with a log line, so the next run starts on an empty directory."""
     if not is_path(location):
         return
     path, fs = _hadoop_path(spark, location)
@@ -83,8 +105,14 @@ def _check_location(spark, location: str) -> None:
         return
     if not fs.getFileStatus(path).isDirectory():
         raise OutputLocationError(f"output location '{location}' is a file, not a Delta table directory")
+    orphans = _orphan_part_files(fs, path)
+    if orphans:
+        log.warning("output: %s has no Delta table but %d part file(s) of an interrupted run (space_version=*/"
+                    "part-*.parquet, never committed): removing them", location, len(orphans))
+        for status in fs.listStatus(path):
+            fs.delete(status.getPath(), True)
+        return
     names = [s.getPath().getName() for s in fs.listStatus(path)]
-    names = [n for n in names if n != "_bcemb"]  # the run lease lives there (tables/lease.py)
     if names:
         shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
         raise OutputLocationError(
@@ -105,6 +133,15 @@ def check_output_schema(spark, location: str, id_type: str) -> None:
             f"output table '{location}' has another schema ({detail}); bcemb writes "
             f"{', '.join(f'{c} {t}' for c, t in expected.items())}: point output_location at a new table"
         )
+    detail = delta_table(spark, location).detail().first().asDict()
+    partitions, clustering = list(detail.get("partitionColumns") or []), list(detail.get("clusteringColumns") or [])
+    if partitions != ["space_version"] or clustering:
+        layout = (f"clustered by {clustering} (liquid clustering)" if clustering else
+                  f"partitioned by {partitions or 'nothing'}")
+        raise OutputLocationError(
+            f"output table '{location}' is {layout}; bcemb writes an output partitioned by space_version (each "
+            "run replaces whole partitions). Point output_location at a new table (bcemb creates it), or recreate "
+            "this one with PARTITIONED BY (space_version)")
 
 
 # Delta operations that leave the table's rows as they were: a run after them still knows what each space

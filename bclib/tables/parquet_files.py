@@ -27,6 +27,8 @@ import pyarrow as pa
 
 from bclib.numerics.arrow import usable_rows
 from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn
+from bclib.errors import output_write_error
+from bclib.tables.ids import normalise_ids
 
 PARTITION = "space_version"
 
@@ -133,9 +135,16 @@ def _stats(table: pa.Table) -> str:
 def make_task_fn(
     kernel: MultiSpaceKernel, chain_ids: dict[int, str], source_version: int, produced_at_us: int,
     out_root: str, id_column: str, vector_column: str, version_column: Optional[str], version: int,
-    drop_invalid: bool, file_rows: int, storage_options: Optional[dict] = None,
+    drop_invalid: bool, file_rows: int, storage_options: Optional[dict] = None, batch_rows: Optional[int] = None,
 ) -> Callable[[Iterator[str]], Iterator[str]]:
     """The function Spark tasks run: task JSON in, the add-action JSON of every file written out.
+
+    The kernel runs on slices of at most `batch_rows` rows (None: one call per file part), as the
+    spark engine's Arrow batches of `spark.sql.execution.arrow.maxRecordsPerBatch` rows.
+
+    Ids are cast per file part to their read type (`bclib.tables.ids`: int32 and decimal(p <= 18, 0) ->
+    int64), the type the spark engine reads and the output table gets: a table whose id column Delta widened
+    from int to bigint (old files int32, new files int64) gives one id type.
 
     Raises InvalidVectorError (naming the id) for an unusable row unless `drop_invalid`, in which
     case null-id and unusable rows are left out (the quarantine table gets them from the step).
@@ -148,6 +157,7 @@ def make_task_fn(
 
         out_fs, out_path = _fs_and_path(out_root, storage_options)
         writers: dict[int, dict] = {}
+        written: list[str] = []  # this task's files: deleted again if the task fails (never committed)
 
         def flush(space: int) -> Optional[str]:
             w = writers.pop(space, None)
@@ -156,14 +166,31 @@ def make_task_fn(
             table = pa.concat_tables(w["tables"])
             name = f"{PARTITION}={space}/part-{uuid.uuid4().hex}-c000.snappy.parquet"
             full = f"{out_path.rstrip('/')}/{name}"
-            out_fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
-            with out_fs.open_output_stream(full) as sink:
-                pq.write_table(table, sink, compression="snappy", use_compliant_nested_type=True,
-                               coerce_timestamps="us")
+            written.append(full)
+            try:
+                out_fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
+                with out_fs.open_output_stream(full) as sink:
+                    pq.write_table(table, sink, compression="snappy", use_compliant_nested_type=True,
+                                   coerce_timestamps="us")
+            except OSError as exc:
+                raise output_write_error(exc, full) from exc
             info = out_fs.get_file_info(full)
             return json.dumps({"path": name, "size": int(info.size), "partition_values": {PARTITION: str(space)},
                                "modification_time": int(info.mtime.timestamp() * 1000) if info.mtime else 0,
                                "stats": _stats(table), "rows": table.num_rows})
+
+        try:
+            yield from process(task_texts, flush, writers)
+        except BaseException:
+            for path in written:  # partial and finished files of a failed task: free the space now
+                try:
+                    out_fs.delete_file(path)
+                except OSError:
+                    pass
+            raise
+
+    def process(task_texts: Iterator[str], flush, writers: dict) -> Iterator[str]:
+        import pyarrow.parquet as pq
 
         for text in task_texts:
             task = Task.from_json(text)
@@ -177,7 +204,7 @@ def make_task_fn(
                     import pyarrow.compute as pc
 
                     data = data.filter(pc.equal(data.column(version_column), version))
-                ids, vectors = data.column(id_column), data.column(vector_column)
+                ids, vectors = normalise_ids(data.column(id_column)), data.column(vector_column)
                 if pa.types.is_list(vectors.type) and vectors.type.value_type != pa.float32():
                     vectors = vectors.cast(pa.list_(pa.float32()))
                 if drop_invalid and data.num_rows:
@@ -191,7 +218,9 @@ def make_task_fn(
                                                     else vectors], names=["id", "vector"])
                 if batch.num_rows == 0:
                     continue
-                for out in batch_fn(iter([batch])):
+                step = batch_rows or batch.num_rows
+                slices = (batch.slice(start, step) for start in range(0, batch.num_rows, step))
+                for out in batch_fn(slices):
                     space = int(out.column(2)[0].as_py())
                     n = out.num_rows
                     table = pa.Table.from_arrays([

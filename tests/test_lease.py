@@ -1,0 +1,223 @@
+"""The run lease: put-if-absent on the output's own storage, expiry, heartbeat, takeover, checked before commits.
+
+Local disk (obstore's LocalStore: a hard link that fails when the name exists) and an S3-compatible server
+started here on 127.0.0.1 (moto's, which honours `If-None-Match: *`). Two real `bcemb backfill` processes
+on one output: whatever the interleaving, one writes, the other waits or exits 75, no duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from bclib.errors import LeaseHeldError, LeaseLostError
+from bclib.tables.lease import Lease, holder_is_dead, store_options
+
+from conftest import REPO, small_config
+
+
+def _leases(tmp_path):
+    return Lease(str(tmp_path / "lease"), 30), Lease(str(tmp_path / "lease"), 30)
+
+
+def test_one_holder_at_a_time_and_a_named_error_for_the_second(tmp_path):
+    a, b = _leases(tmp_path)
+    a.acquire()
+    with pytest.raises(LeaseHeldError, match=r"held by .* pid %d .*--wait-lease SECONDS" % os.getpid()):
+        b.acquire(wait_seconds=0)
+    a.verify()
+    a.release()
+    b.acquire()  # free again
+    b.release()
+
+
+def test_an_expired_lease_is_taken_over_once_and_its_old_holder_cannot_commit(tmp_path):
+    a, b = _leases(tmp_path)
+    a.acquire()
+    a._stop.set()  # a stalls: no heartbeat
+    a.expires_at = time.time() - 1  # ... past its ttl
+    import obstore
+
+    obstore.put(a.store, a._name(a.generation), a._body())  # what a's last heartbeat wrote
+    c = Lease(str(tmp_path / "lease"), 30)
+    b.acquire()
+    assert c.try_acquire() is not None  # b's generation is live: c may not take it
+    with pytest.raises(LeaseLostError):
+        a.verify()
+    a.expires_at = time.time() + 30  # even with a fresh clock, the newest generation is b's
+    with pytest.raises(LeaseLostError, match="taken over"):
+        a.verify()
+    b.release()
+
+
+def test_a_killed_holder_on_this_host_frees_the_lease_at_once(tmp_path):
+    code = (f"from bclib.tables.lease import Lease; import time; Lease({str(tmp_path / 'lease')!r}, 600).acquire(); "
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    b = Lease(str(tmp_path / "lease"), 30)
+    with pytest.raises(LeaseHeldError):
+        b.acquire(0)
+    _, body = b.current()
+    assert not holder_is_dead(body)
+    proc.kill()
+    proc.wait()
+    assert holder_is_dead(body)
+    b.acquire(0)  # no wait for the 600 s ttl
+    b.release()
+
+
+def test_the_heartbeat_keeps_a_lease_past_its_ttl(tmp_path):
+    a = Lease(str(tmp_path / "lease"), 5).acquire()  # renewed every 1.25 s
+    deadline = time.time() + 7
+    while time.time() < deadline:  # a condition, not an ordering: the lease must stay live the whole time
+        assert Lease(str(tmp_path / "lease"), 5).try_acquire() is not None
+        time.sleep(0.5)
+    a.verify()
+    a.release()
+
+
+def test_storage_options_reach_obstore_with_its_names():
+    config, client = store_options("s3a://b/x", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "aws_allow_http": "true",
+                                                "region": "us-east-1", "aws_access_key_id": "k"})
+    assert config == {"aws_endpoint": "http://127.0.0.1:9", "aws_region": "us-east-1", "aws_access_key_id": "k"}
+    assert client == {"allow_http": True}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1, stopped with the module."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    import boto3
+
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="bcemb-lease")
+    yield {"aws_endpoint": endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
+           "aws_region": "us-east-1", "aws_allow_http": "true"}
+    server.stop()
+
+
+def test_on_an_s3_compatible_store_the_lease_is_a_conditional_put(s3_server):
+    location = "s3a://bcemb-lease/warehouse/_bcemb_leases/out"
+    a = Lease(location, 30, s3_server).acquire()
+    b = Lease(location, 30, s3_server)
+    with pytest.raises(LeaseHeldError):
+        b.acquire(0)
+    # two racers for the next generation: the conditional PUT lets exactly one create it
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+
+    name = a._name(a.generation + 1)
+    obstore.put(b.store, name, b"{}", mode="create")
+    with pytest.raises(AlreadyExistsError):
+        obstore.put(a.store, name, b"{}", mode="create")
+    with pytest.raises(LeaseLostError):  # a newer generation exists: a no longer holds it
+        a.verify()
+    a.release()
+
+
+# --------------------------------------------------------------------------- two bcemb processes
+
+
+@pytest.fixture(scope="module")
+def project(spark, tmp_path_factory):
+    from bclib.steps.fit import run_fit
+    from bclib.steps.generate import run_generate
+
+    tmp = tmp_path_factory.mktemp("lease_project")
+    cfg = small_config(tmp, evaluate={"label_location": None})
+    run_generate(spark, cfg)
+    run_fit(spark, cfg)
+    data = {"spark": {"master": "local[1]"},
+            "embeddings": {"location": cfg.embeddings.location, "versions": [0, 1, 2]},
+            "registry_location": cfg.registry_location, "output_location": str(tmp / "out"),
+            "metrics_location": cfg.metrics_location, "transform": {"bias": False},
+            "fit": {"holdout": 0.25}, "gate": {"min_heldout_ids": 50},
+            "evaluate": {"label_location": None, "report_dir": str(tmp / "reports"), "neighbours_k": 5,
+                         "neighbours_sample": 200}}
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    n_src = spark.read.format("delta").load(cfg.version_location(2)).count()
+    return path, tmp / "out", n_src
+
+
+def _bcemb(path, *args, jvm_options=""):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "bclib.cli", "backfill", "--config", str(path), *args]
+    if jvm_options:
+        cmd += ["--conf", f"spark.driver.extraJavaOptions={jvm_options}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project, subprocess_jvm_options):
+    from bclib.tables.delta import table_exists
+
+    path, out, n_src = project
+    holder = Lease(str(out.parent / "_bcemb_leases" / "out"), 600).acquire()  # another bcemb process, as far as it can tell
+    try:
+        refused = _bcemb(path, jvm_options=subprocess_jvm_options)
+        stdout, stderr = refused.communicate(timeout=600)
+        assert refused.returncode == 75, stderr[-2000:]
+        assert "LeaseHeldError" in stderr and "--wait-lease" in stderr
+        assert not table_exists(spark, str(out))  # nothing written
+        waiting = _bcemb(path, "--wait-lease", "600", jvm_options=subprocess_jvm_options)
+    finally:
+        holder.release()  # whether the waiting run has reached its wait yet or not: it gets the lease
+    stdout, stderr = waiting.communicate(timeout=600)
+    assert waiting.returncode == 0, stderr[-2000:]
+    counts = {r.space_version: r["count"] for r in spark.read.format("delta").load(str(out))
+              .groupBy("space_version").count().collect()}
+    assert counts == {0: n_src, 1: n_src}
+
+
+def test_two_backfill_processes_on_one_output_write_once(spark, project, subprocess_jvm_options, tmp_path):
+    path, _, n_src = project
+    data = yaml.safe_load(path.read_text())
+    data["output_location"] = str(tmp_path / "out2")
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump(data))
+    procs = [_bcemb(both, "--wait-lease", "600", jvm_options=subprocess_jvm_options) for _ in range(2)]
+    results = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    out = str(tmp_path / "out2")
+    df = spark.read.format("delta").load(out)
+    assert {r.space_version: r["count"] for r in df.groupBy("space_version").count().collect()} == {0: n_src, 1: n_src}
+    assert df.groupBy("space_version", "id").count().where("count > 1").count() == 0
+    from bclib.tables.delta import delta_table
+
+    writes = [h.operation for h in delta_table(spark, out).history().collect()]
+    assert len(writes) == 1, writes  # the second run found the spaces up to date
+
+
+def test_a_lease_lost_before_the_commit_stops_the_run_and_writes_nothing(spark, project, tmp_path):
+    import obstore
+
+    from bclib.steps.backfill import run_backfill
+    from bclib.tables import commits
+    from bclib.tables.delta import table_exists
+
+    path, _, _ = project
+    data = yaml.safe_load(path.read_text())
+    data["output_location"] = str(tmp_path / "out3")
+    from bclib.config import config_from_dict
+
+    cfg = config_from_dict(data)
+
+    def take_over(stage, location, read_version):  # another process took the lease over while we were paused
+        other = Lease(str(tmp_path / "_bcemb_leases" / "out3"), 60)
+        gen, _ = other.current()
+        other.expires_at = time.time() + 60
+        obstore.put(other.store, other._name(gen + 1), other._body(), mode="create")
+
+    with commits.commit_seam(take_over), pytest.raises(LeaseLostError, match="taken over"):
+        run_backfill(spark, cfg)
+    assert not table_exists(spark, cfg.output_location)
