@@ -126,6 +126,7 @@ class BackfillSettings:
     deletion_vectors: bool = False
     max_shrink: float = 0.1  # a space may lose at most this fraction of its rows (--allow-shrink overrides)
     max_retries: int = 3  # bounded retries on Delta's concurrent-modification exceptions
+    retry_backoff_seconds: float = 1.0  # first wait before a re-plan (doubled each time, with jitter)
     # a source_version older than the newest configured version must be asked for explicitly
     allow_older_source: bool = False
     # auto: the arrow engine for plain path tables it can read and commit to, else spark (logged, with why)
@@ -149,6 +150,8 @@ class GateSettings:
     enforce: bool = True
     # false: no measurement at all (only for tables without stored historical versions, e.g. benchmarks)
     enabled: bool = True
+    # the gate fails closed: an edge judged on fewer held-out ids than this is refused, naming the edge and count
+    min_heldout_ids: int = 200
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,8 @@ class LeaseSettings:
     """
 
     enabled: bool = True
-    # where the lease objects live; None: `<output_location>/_bcemb/lease` for a path output (hidden from
-    # Delta and VACUUM by the leading underscore), `<spark.sql.warehouse.dir>/_bcemb_leases/<name>` for a
-    # catalog output
+    # where the lease objects live; None: `<output's parent>/_bcemb_leases/<output's name>` for a path output,
+    # `<spark.sql.warehouse.dir>/_bcemb_leases/<name>` for a catalog output
     location: Optional[str] = None
     ttl_seconds: float = 120.0  # a holder that stops renewing for this long loses the lease
     wait_seconds: float = 0.0  # how long a second process waits for the lease before LeaseHeldError (--wait-lease)
@@ -511,7 +513,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "backfill.arrow_batch_rows": (1, 1_000_000), "backfill.target_batch_mb": (1, 1024),
     "backfill.target_file_mb": (1, 4096), "backfill.output_partitions": (1, 1_000_000),
     "backfill.incremental_max_fraction": (0.0, 1.0), "backfill.max_shrink": (0.0, 1.0),
-    "backfill.max_retries": (1, 20), "backfill.arrow_task_mb": (1, 4096),
+    "backfill.max_retries": (1, 20), "backfill.retry_backoff_seconds": (0.0, 600.0), "backfill.arrow_task_mb": (1, 4096),
     "evaluate.sample_size": (1, None), "evaluate.neighbours_k": (1, 1000), "evaluate.probe_min_auc": (0.5, 1.0), "evaluate.neighbours_sample": (1, None),
     "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),
     "maintenance.min_retention_hours": (0.0, None),
@@ -519,7 +521,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "transform.hidden": (1, None), "transform.epochs": (1, None), "transform.batch_size": (1, None),
     "transform.patience": (1, None), "transform.clusters": (1, None), "transform.anchor_tolerance": (0.0, None),
     "spark.shuffle_partitions": (1, None),
-    "lease.ttl_seconds": (5.0, 86_400.0), "lease.wait_seconds": (0.0, None),
+    "gate.min_heldout_ids": (1, None), "lease.ttl_seconds": (5.0, 86_400.0), "lease.wait_seconds": (0.0, None),
     "demo.n_entities": (1, None), "demo.block_rows": (1, 10_000_000),
 }
 

@@ -102,6 +102,33 @@ class LeaseLostError(BcembError):
     """This process's run lease expired or was taken over before a commit; nothing more was committed (exit 75)."""
 
 
+class OutputWriteError(BcembError, OSError):
+    """Writing an output file failed on the storage (no space left, permission denied, read-only filesystem)."""
+
+
+_IO_REASONS = {28: "no space left on device", 13: "permission denied", 1: "operation not permitted",
+               30: "read-only filesystem", 122: "disk quota exceeded"}
+
+
+def output_write_error(exc: OSError, path: str) -> "BcembError":
+    """OutputWriteError naming the storage failure and the file (pyarrow often carries errno only in its text)."""
+    import errno as _errno
+
+    code = exc.errno
+    text = str(exc)
+    if code is None:
+        found = re.search(r"errno (\d+)", text, re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    if code is None:
+        for number, words in _IO_REASONS.items():
+            if words in text.lower():
+                code = number
+    reason = _IO_REASONS.get(code, _errno.errorcode.get(code or -1, "I/O error"))
+    return OutputWriteError(f"{reason} at {path} ({text.strip().splitlines()[0] if text.strip() else code}); "
+                            "the task's files were removed and nothing was committed: free space or fix the "
+                            "permissions, then run again")
+
+
 class OutputLocationError(BcembError, ValueError):
     """The output location holds something that is not a Delta table bcemb owns."""
 
@@ -122,6 +149,10 @@ class MaintenanceError(BcembError):
     """`bcemb maintain` could not keep its promise (a VACUUM recorded a retention below the one promised)."""
 
 
+class IdTypeError(BcembError, TypeError):
+    """An id column's type is not one bcemb accepts, or versions disagree on it (numeric vs string ids)."""
+
+
 # --------------------------------------------------------------------------- errors raised on executors
 
 _EXECUTOR_ERROR = re.compile(r"bclib\.errors\.(\w+): (.*)")
@@ -136,6 +167,13 @@ def executor_error(exc: BaseException) -> Optional[BcembError]:
     """
     found = _EXECUTOR_ERROR.findall(str(exc))
     if not found:
+        text = str(exc)
+        for words in ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded"):
+            if words in text:  # Spark's own writer (the spark engine, MERGE) failed on the storage
+                line = next((ln.strip() for ln in text.splitlines() if words in ln), words)
+                return OutputWriteError(f"{words.lower()} while Spark wrote a table ({line[:300]}); Spark removes "
+                                        "its failed tasks' files and nothing was committed: free space or fix the "
+                                        "permissions, then run again")
         return None
     name, message = found[-1]
     cls = globals().get(name)
