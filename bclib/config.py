@@ -465,13 +465,18 @@ def table_locations(cfg: JobConfig) -> list[tuple[str, str]]:
     return [(k if k.startswith("'") else f"'{k}'", loc) for k, loc in out]
 
 
+_READ_ONLY_KEYS = ("'evaluate.label_location'", "'embeddings.location'")  # bcemb only reads these tables
+
+
 def _check_locations(cfg: JobConfig) -> None:
-    """No two tables at one place, and none inside another's directory (ConfigError naming both keys)."""
+    """No table bcemb writes (output, registry, metrics, quarantine) at the place of another table or inside
+    another's directory, nor another inside it (ConfigError naming both keys). Tables bcemb only reads may
+    coincide: labels kept in an embedding version table are read, never written."""
     placed = [(key, loc, location_key(loc)) for key, loc in table_locations(cfg)]
     for i, a in enumerate(placed):
         for b in placed[i + 1:]:
             (store, parts_a), (store_b, parts_b) = a[2], b[2]
-            if store != store_b:
+            if store != store_b or (a[0].startswith(_READ_ONLY_KEYS) and b[0].startswith(_READ_ONLY_KEYS)):
                 continue
             if parts_a == parts_b:
                 raise ConfigError(

@@ -108,3 +108,14 @@ def test_both_engines_over_batch_sizes_1_to_65536_keep_the_promise(spark, fitted
             np.testing.assert_array_equal([r.id for r in rows], ids)
             assert_same_vectors(np.array([r.vector for r in rows], dtype=np.float32), ref,
                                 f"{engine} engine, batch {b}, space {space} vs float64")
+
+
+def test_a_finite_input_mapped_past_float32_range_is_refused_naming_the_id():
+    from bclib.errors import InvalidVectorError
+
+    kernel = MultiSpaceKernel(4, {0: [AffineTransform(np.full((4, 2), 1e30))]})
+    x = np.ones((3, 4), dtype=np.float32)
+    x[1] *= 1e10  # 4e40 > float32 max: +Inf after the transform, although the input is finite
+    with pytest.raises(InvalidVectorError, match=r"id=11 has a finite vector that the transform maps to NaN or Inf "
+                                                 r"in space 0"):
+        _run(kernel, np.array([10, 11, 12]), x, 1000)

@@ -188,3 +188,11 @@ def test_version_tables_are_checked_against_each_other_and_the_lease_is_not_a_ta
     with pytest.raises(ConfigError, match=r"'output_location' = '/w/emb1/out' \(/w/emb1/out\) is inside the table of "
                                           r"'embeddings.location' \(version 1\) = '/w/emb1'"):
         config_from_dict({**data, "output_location": "/w/emb1/out"})
+
+
+def test_tables_bcemb_only_reads_may_coincide_but_never_with_a_table_it_writes():
+    data = {"embeddings": {"location": "/w/emb/v{version}", "versions": [0, 1]}, "output_location": "/w/out"}
+    labels_in_v1 = config_from_dict({**data, "evaluate": {"label_location": "/w/emb/v1"}})
+    assert labels_in_v1.evaluate.label_location == "/w/emb/v1"  # labels kept in an embedding table: read only
+    with pytest.raises(ConfigError, match=r"'metrics_location' = '/w/emb/v1'.*same table"):
+        config_from_dict({**data, "metrics_location": "/w/emb/v1"})

@@ -143,7 +143,7 @@ def test_a_retried_commit_is_skipped_by_delta_itself(spark, published, tmp_path)
     txn = ("bcemb-test-app", source.delta_version)
     first = write_full(spark, df, out, plan.spaces, lineage, 10_000, txn)
     version = current_delta_version(spark, out)
-    again = write_full(spark, df, out, plan.spaces, lineage, 10_000, txn)
+    again = write_full(spark, df, out, plan.spaces, lineage, 10_000, txn, read_version=version)  # a retry
     assert first == 2 * source.df.count() and again is None
     assert current_delta_version(spark, out) == version
     assert spark.read.format("delta").load(out).count() == first

@@ -40,6 +40,7 @@ from bclib.tables.output import OutputState, check_output_schema, create_output,
     quarantine_rows, quarantine_state, read_output_state, space_rows, space_state, validity_filter, write_full, \
     write_quarantine
 from bclib.tables.lease import leased
+from bclib.tables.retention import retention_properties
 from bclib.tables.registry import active_transforms
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,8 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     if full:  # before anything is written: engine: arrow where it cannot run fails here (EngineUnavailableError)
         result.engine, result.engine_reason = choose_engine(cfg, source, out_location)
     if not state.exists and cfg.backfill.deletion_vectors:
-        create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True)
+        create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True,
+                      properties=retention_properties(cfg))
         log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", out_location)
         base = read_output_state(spark, out_location)
     if full:
@@ -324,7 +326,7 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
             src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
             with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
                 n = write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn,
-                               base.delta_version if base.exists else None)
+                               base.delta_version if base.exists else None, retention_properties(cfg))
         written_rows += n or 0
         result.commits += 0 if n is None else 1  # None: Delta skipped the commit (transaction id recorded)
         base = read_output_state(spark, out_location)
@@ -470,7 +472,8 @@ def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: Version
     run_seams(BEFORE_COMMIT, out_location, checked)
     meta = json.dumps(lineage, sort_keys=True)
     if not base.exists:
-        delta_rs.create_output_with_files(out_location, _arrow_id_type(source.df), adds, meta, txn, opts)
+        delta_rs.create_output_with_files(out_location, _arrow_id_type(source.df), adds, meta, txn, opts,
+                                          retention_properties(cfg))
         committed = True
     else:
         committed = delta_rs.commit_replace(out_location, checked, adds, plan.spaces, meta, txn, opts)

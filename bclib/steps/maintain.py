@@ -17,6 +17,7 @@ so the next `run` still sees the spaces as up to date.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 import uuid
@@ -27,6 +28,7 @@ from bclib.config import JobConfig
 from bclib.errors import MaintenanceError, OutputLocationError
 from bclib.spark import commit_conf, session_conf
 from bclib.tables.delta import delta_table, table_exists
+from bclib.tables.lease import leased
 from bclib.tables.output import LINEAGE_FORMAT, read_output_state
 from bclib.tables.retention import (FILE_RETENTION, interval_hours, retention_properties, set_table_properties,
                                     table_properties, vacuum_retention_hours)
@@ -73,6 +75,7 @@ def _commit_meta(spark, loc: str, run_id: str, action: str, **extra) -> str:
                        "source": state.lineage.get("source"), "spaces": state.spaces}, sort_keys=True)
 
 
+@leased("maintain")
 def run_maintain(spark, cfg: JobConfig, run_id: Optional[str] = None) -> MaintainResult:
     """Align the retention properties, OPTIMIZE small-file spaces, then VACUUM with the whole-hour retention and
     check what Delta recorded; every commit keeps the lineage."""
@@ -84,7 +87,8 @@ def run_maintain(spark, cfg: JobConfig, run_id: Optional[str] = None) -> Maintai
         raise OutputLocationError(f"output table '{loc}' does not exist; nothing to maintain")
     wanted = retention_properties(cfg)
     current = table_properties(spark, loc)
-    changed = {k: v for k, v in wanted.items() if interval_hours(current.get(k)) != interval_hours(v)}
+    # raised, never lowered: a longer retention someone set on the output keeps more than bcemb promises
+    changed = {k: v for k, v in wanted.items() if (interval_hours(current.get(k)) or 0.0) < interval_hours(v)}
     if changed:
         with session_conf(spark, commit_conf(_commit_meta(spark, loc, result.run_id, "properties"))):
             set_table_properties(spark, loc, changed)
@@ -116,8 +120,9 @@ def _vacuum(spark, cfg: JobConfig, result: MaintainResult) -> None:
     wins: the VACUUM fails and deletes nothing).
     """
     m, loc = cfg.maintenance, cfg.output_location
-    hours = vacuum_retention_hours(m)
     table_hours = interval_hours(table_properties(spark, loc).get(FILE_RETENTION))
+    # a longer retention the table's owner set wins (Delta's check would refuse a shorter VACUUM anyway)
+    hours = max(vacuum_retention_hours(m), int(math.ceil(table_hours or 0)))
     log.info("maintain: VACUUM retaining %d h (vacuum_retention_hours %g, time_travel_hours %g, min_retention_hours "
              "%g%s; whole hours rounded up) with Delta's retention check on (table's %s: %s h)", hours,
              m.vacuum_retention_hours, m.time_travel_hours, m.min_retention_hours,

@@ -149,7 +149,7 @@ def _lost_race(location: str, exc: Exception):
 
 
 def create_output_with_files(location: str, id_type, adds: Sequence[dict], user_metadata: str, txn: tuple[str, int],
-                             storage_options: Optional[dict] = None) -> None:
+                             storage_options: Optional[dict] = None, configuration: Optional[dict] = None) -> None:
     """Create the output table (protocol 1/2, partitioned by space_version, as Spark would) with `adds` in its
     first commit: a failed backfill leaves no table behind. Raises ConcurrentCommitError when another writer
     created the table first (version 0 is put-if-absent)."""
@@ -165,7 +165,7 @@ def create_output_with_files(location: str, id_type, adds: Sequence[dict], user_
     try:
         create_table_with_add_actions(
             table_uri(location), Schema.from_arrow(schema), _add_actions(adds), mode="error",
-            partition_by=["space_version"],
+            partition_by=["space_version"], configuration=configuration,
             storage_options=storage_options, commit_properties=_commit_properties(adds, user_metadata, txn, -1),
             post_commithook_properties=PostCommitHookProperties(create_checkpoint=False, cleanup_expired_logs=False))
     except (CommitFailedError, DeltaError) as exc:

@@ -217,7 +217,8 @@ def output_layout(spark, location: str) -> tuple[bool, int]:
     return props.get("delta.enableDeletionVectors", "false").lower() == "true", int(row.numFiles or 0)
 
 
-def create_output(spark, location: str, id_type: str, deletion_vectors: bool) -> None:
+def create_output(spark, location: str, id_type: str, deletion_vectors: bool,
+                  properties: Optional[dict] = None) -> None:
     """Create the empty output table (partitioned by space_version) unless it exists, with
     `delta.enableDeletionVectors` set as asked (`DeltaTable.createIfNotExists`; a path is made absolute,
     which Delta 4.0 requires). The commit is a CREATE TABLE: the next backfill rewrites every space."""
@@ -234,6 +235,8 @@ def create_output(spark, location: str, id_type: str, deletion_vectors: bool) ->
     builder = builder.partitionedBy("space_version")
     if deletion_vectors:
         builder = builder.property("delta.enableDeletionVectors", "true")
+    for key, value in sorted((properties or {}).items()):  # the retention promise (tables/retention.py)
+        builder = builder.property(key, value)
     builder.execute()
 
 
@@ -241,7 +244,8 @@ def create_output(spark, location: str, id_type: str, deletion_vectors: bool) ->
 
 
 def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, max_records_per_file: int,
-               txn: tuple[str, int], read_version: Optional[int] = None) -> Optional[int]:
+               txn: tuple[str, int], read_version: Optional[int] = None,
+               create_properties: Optional[dict] = None) -> Optional[int]:
     """Replace `spaces` of the output with `df` in one Delta commit (replaceWhere); returns rows written,
     None when Delta skipped the commit (see _committed_rows).
 
@@ -261,7 +265,11 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
     )
     check_commit(spark, location, read_version, spaces, f"full rewrite of spaces {list(spaces)}")
     before = _version_or_none(spark, location)
-    save(writer, location)
+    # a table this write creates gets `create_properties` (Delta's properties.defaults apply at creation only)
+    defaults = {f"spark.databricks.delta.properties.defaults.{k.removeprefix('delta.')}": v
+                for k, v in (create_properties or {}).items()} if before is None else {}
+    with session_conf(spark, defaults):
+        save(writer, location)
     return _committed_rows(spark, location, before, lineage)
 
 
