@@ -84,6 +84,8 @@ def small_config(tmp_path: Path, **sections):
         "fit": {"sample_size": 100_000, "min_pairs": 50, "holdout": 0.25},
         # the numpy references of the pipeline tests fit no intercept (bias: auto is tested on its own)
         "transform": {"bias": False},
+        # the gate fails closed below this many held-out ids (default 200); some tests use 600 entities (~150)
+        "gate": {"min_heldout_ids": 50},
         "evaluate": {"sample_size": 100_000, "label_location": str(tmp_path / "labels"),
                      "report_dir": str(tmp_path / "reports"), "neighbours_k": 5, "neighbours_sample": 200},
         "demo": {"n_entities": 1500, "dims": [12, 16, 20], "block_rows": 256, "n_clusters": 6, "latent_dim": 8},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -191,6 +192,12 @@ CASES = [
     Case("arrow engine where it cannot run", ["--set", "backfill.engine=arrow", "--set", "backfill.force=true",
                                               "--set", "backfill.output_partitions=3"], "backfill", 1,
          "EngineUnavailableError", ("output_partitions",)),
+    Case("decimal(20,0) ids (a JDBC import)", [], "backfill", 1, "IdTypeError",
+         ("version 1", "decimal(20,0)", "CAST(id AS BIGINT)", "CAST(id AS STRING)"),
+         _v1(lambda i, v: (Decimal(i), v), "id decimal(20,0), vector array<float>")),
+    Case("string ids in one version, numbers in the other", ["--refit", "1:0"], "fit", 1, "IdTypeError",
+         ("numeric ids in version 0", "string ids in version 1"),
+         _v1(lambda i, v: (str(i), v), "id string, vector array<float>")),
 ]
 
 

@@ -8,6 +8,9 @@ A chain passes when every check holds:
 * probe retention >= gate.min_probe_retention and >= the baseline's, when the threshold is set;
 * relative L2 <= gate.max_relative_l2 and <= the baseline's, when the threshold is set.
 
+The gate fails closed: a chain judged on fewer held-out ids than gate.min_heldout_ids (default 200) is
+refused (check `heldout_ids`, naming the edge, the count and the minimum), whatever its metrics.
+
 A threshold whose metric could not be measured (no label table for probes) fails its check. Verdicts
 go to the metrics table as `gate.*` rows (value, with the check's detail as JSON) and a `gate` row
 (1 passed, 0 rejected) naming the chain's transform ids, which `bcemb registry list` shows.
@@ -20,6 +23,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+import numpy as np
 
 from bclib.config import GateSettings, JobConfig
 from bclib.errors import GateRejectedError
@@ -113,6 +118,17 @@ def gate_checks(metrics: dict[str, float], settings: GateSettings, k: int) -> li
 MIN_RELIABLE_ENTITIES = 300  # below this many held-out entities a neighbour-recall verdict is noisy
 
 
+def heldout_check(n: int, minimum: int, source_version: int, space: int) -> Check:
+    """The fail-closed check: at least `minimum` (gate.min_heldout_ids) held-out ids shared by both versions."""
+    ok = n >= minimum
+    why = "" if ok else (
+        f"edge {source_version} -> {space} was judged on {n} held-out id(s), fewer than gate.min_heldout_ids = "
+        f"{minimum}: its verdict would mean nothing. Give it more entities shared by versions {source_version} "
+        f"and {space}, a larger evaluation slice (fit.holdout, a fraction or a row count), or a lower "
+        "gate.min_heldout_ids")
+    return Check("heldout_ids", float(n), None, float(minimum), ok, why)
+
+
 def run_gate(spark, cfg: JobConfig, source_version: int, chains: dict[int, Sequence[TransformRecord]],
              heldout: Optional[HeldOut] = None) -> GateResult:
     """Measure each candidate chain (space -> records) on held-out entities and judge it; writes nothing."""
@@ -121,12 +137,15 @@ def run_gate(spark, cfg: JobConfig, source_version: int, chains: dict[int, Seque
                                   labels=cfg.gate.min_probe_retention is not None)
     verdicts = []
     for space, records in sorted(chains.items()):
-        n, metrics = chain_metrics(records, heldout, source_version, space, cfg.evaluate, within=False)
+        shared = np.intersect1d(heldout.samples[source_version].ids, heldout.samples[space].ids).size
+        n, metrics = chain_metrics(records, heldout, source_version, space, cfg.evaluate, within=False) \
+            if shared else (0, {})
+        checks = [heldout_check(n, cfg.gate.min_heldout_ids, source_version, space)]
         verdict = GateVerdict(source_version, space, chain_id(records), [r.transform_id for r in records], n,
-                              gate_checks(metrics, cfg.gate, cfg.evaluate.neighbours_k))
+                              checks + gate_checks(metrics, cfg.gate, cfg.evaluate.neighbours_k))
         log.info("gate: %d -> %d (chain %s, %d held-out entities): %s", source_version, space, verdict.chain_id, n,
                  "passed" if verdict.passed else "REJECTED: " + verdict.failures())
-        if n < MIN_RELIABLE_ENTITIES:
+        if cfg.gate.min_heldout_ids <= n < MIN_RELIABLE_ENTITIES:
             log.warning("gate: %d -> %d was judged on only %d held-out entities: its verdict is noisy; a larger "
                         "evaluation slice (fit.holdout, a fraction or a row count) makes it reliable",
                         source_version, space, n)

@@ -4,6 +4,10 @@ A version is selected either by its own table (`location` with '{version}') or b
 one table. Sampling keeps the rows whose salted xxhash64 of the id falls in a window [lo, hi): the
 same ids in every version and every run, the filter inside the scan, no shuffle; disjoint windows
 give disjoint samples (fit vs evaluation).
+
+Ids follow one type rule (`bclib.tables.ids`), checked across every configured version on each read:
+int/smallint/tinyint and decimal(p <= 18, 0) ids are read (and hashed) as bigint, string ids as they are,
+anything else is refused with IdTypeError before any step writes.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from bclib.errors import DuplicateIdError, MissingColumnError, NullIdError
+from bclib.errors import DuplicateIdError, IdTypeError, MissingColumnError, NullIdError
 from bclib.numerics.arrow import list_to_matrix, usable_rows
 from bclib.numerics.samples import Sample
-from bclib.tables.delta import current_delta_version, read_delta, require_columns, require_table
+from bclib.tables.delta import current_delta_version, read_delta, require_columns, require_table, table_exists
+from bclib.tables.ids import check_id_kinds, refused_message, spark_read_type
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +45,15 @@ class VersionRead:
 def select_version(df, cfg, version: int, location: str, extra: Sequence[str] = ()):
     """(id, vector array<float>, *extra) of one version from a raw table DataFrame, columns checked.
 
+    The id is read as the id rule says (`bclib.tables.ids`): int/smallint/tinyint and decimal(p <= 18, 0)
+    cast to bigint, bigint and string as they are.
+
     Raises MissingColumnError naming the missing column (and the available ones), or the vector
-    column's actual type when it is not array<float|double> (a VectorUDT column: use vector_to_array).
+    column's actual type when it is not array<float|double> (a VectorUDT column: use vector_to_array);
+    IdTypeError when the id column's type is refused (decimal(20, 0), double, binary, ...).
     """
     from pyspark.sql import functions as F
-    from pyspark.sql.types import ArrayType, DoubleType, FloatType
+    from pyspark.sql.types import ArrayType, DoubleType, FloatType, LongType
 
     emb = cfg.embeddings
     needed = [emb.id_column, emb.vector_column] + ([emb.version_column] if emb.version_column else [])
@@ -58,22 +67,52 @@ def select_version(df, cfg, version: int, location: str, extra: Sequence[str] = 
         raise MissingColumnError(
             f"table '{location}' column '{emb.vector_column}' must be array<float>, found {vtype.simpleString()}{hint}"
         )
+    id_type = df.schema[emb.id_column].dataType
+    id_kind = spark_read_type(id_type)
+    if id_kind is None:
+        raise IdTypeError(refused_message(version, location, emb.id_column, id_type))
     if emb.version_column:
         df = df.where(F.col(emb.version_column) == F.lit(version))
+    ids = F.col(emb.id_column)
+    if id_kind == "bigint" and not isinstance(id_type, LongType):
+        ids = ids.cast("bigint")
     vec = F.col(emb.vector_column)
     if isinstance(vtype.elementType, DoubleType):
         vec = vec.cast("array<float>")
-    return df.select(F.col(emb.id_column).alias("id"), vec.alias("vector"), *extra)
+    return df.select(ids.alias("id"), vec.alias("vector"), *extra)
+
+
+def check_version_ids(spark, cfg) -> dict[int, str]:
+    """The id rule across every configured version whose table exists (current schemas; no rows read).
+
+    Per version its read type ('bigint' | 'string'). Raises IdTypeError naming the version, table, column
+    and type when one is refused, or a numeric and a string version when they disagree. A version whose
+    table or id column is missing is skipped here (its own read names that).
+    """
+    emb = cfg.embeddings
+    schemas: dict[str, object] = {}
+    found = {}
+    for v in sorted(emb.versions):
+        location = cfg.version_location(v)
+        if location not in schemas:
+            schemas[location] = read_delta(spark, location).schema if table_exists(spark, location) else None
+        schema = schemas[location]
+        if schema is not None and emb.id_column in schema.fieldNames():
+            found[v] = (location, schema[emb.id_column].dataType)
+    return check_id_kinds(found, emb.id_column)
 
 
 def read_embedding_version(spark, cfg, version: int, delta_version: Optional[int] = None) -> VersionRead:
     """Select one version as (id, vector array<float>), pinned to a Delta version (the current one if None).
 
     Raises MissingTableError if the table does not exist, MissingColumnError if the id/vector/version
-    column is missing or the vector column is not array<float|double>.
+    column is missing or the vector column is not array<float|double>, IdTypeError when any configured
+    version's id type is refused or the versions disagree on it (`check_version_ids`): every step reads
+    through here before it writes anything.
     """
     location = cfg.version_location(version)
     require_table(spark, location, f"embedding version {version}")
+    check_version_ids(spark, cfg)
     if delta_version is None:
         delta_version = current_delta_version(spark, location)
     df = select_version(read_delta(spark, location, delta_version), cfg, version, location)
@@ -88,14 +127,22 @@ def read_versions(spark, cfg) -> dict[int, VersionRead]:
 # --------------------------------------------------------------------------- deterministic sampling
 
 
-def hash_unit(id_column: str, salt: str):
+def hash_unit(id_column: str, salt: str, id_type=None):
     """A Column: deterministic pseudo-uniform double in [0, 1) per id (same id -> same value, any table).
 
-    pmod(xxhash64(salt, id), 2^52) / 2^52, Spark's `xxhash64` (stable across versions and clusters).
+    pmod(xxhash64(salt, id), 2^52) / 2^52, Spark's `xxhash64` (stable across versions and clusters), on
+    the id's read type (`bclib.tables.ids`): given the column's Spark type `id_type`, an int/smallint/
+    tinyint or decimal(p <= 18, 0) id is hashed as the bigint it is read as (xxhash64 hashes an int in 4
+    bytes, a bigint in 8), so the same entity falls in the same slice whichever of these types a table has.
+    Bigint and string ids hash as they always did.
     """
     from pyspark.sql import functions as F
+    from pyspark.sql.types import LongType
 
-    h = F.xxhash64(F.lit(salt), F.col(id_column))
+    ids = F.col(id_column)
+    if id_type is not None and spark_read_type(id_type) == "bigint" and not isinstance(id_type, LongType):
+        ids = ids.cast("bigint")
+    h = F.xxhash64(F.lit(salt), ids)
     return F.pmod(h, F.lit(_HASH_MODULUS)).cast("double") / F.lit(float(_HASH_MODULUS))
 
 
@@ -107,7 +154,7 @@ def hash_window(df, id_column: str, salt: str, lo: float, hi: float):
     """
     from pyspark.sql import functions as F
 
-    return df.withColumn(HASH_COLUMN, hash_unit(id_column, salt)).where(
+    return df.withColumn(HASH_COLUMN, hash_unit(id_column, salt, df.schema[id_column].dataType)).where(
         (F.col(HASH_COLUMN) >= F.lit(lo)) & (F.col(HASH_COLUMN) < F.lit(hi))
     )
 
