@@ -96,3 +96,19 @@ def small_config(tmp_path: Path, **sections):
         else:
             data[key] = value
     return config_from_dict(data)
+
+
+def assert_same_vectors(a, b, what: str = "vectors") -> None:
+    """The promise between two computations of the same rows (engines, batch sizes, incremental vs full):
+    equal shapes and, per vector, ||a - b|| <= VECTOR_RTOL * ||b|| (bclib.numerics.kernel). Not bitwise."""
+    import numpy as np
+
+    from bclib.numerics.kernel import VECTOR_RTOL
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} != {b.shape}"
+    if a.size == 0:
+        return
+    rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), np.finfo(np.float32).tiny)
+    worst = int(np.argmax(rel))
+    assert rel[worst] <= VECTOR_RTOL, f"{what}: row {worst} differs by {rel[worst]:.3g} of its norm (> {VECTOR_RTOL})"

@@ -6,7 +6,6 @@ Every incremental result is compared with what a full rewrite of the same source
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -188,39 +187,6 @@ def test_deletes_beyond_max_shrink_are_refused_unless_allowed(spark, tmp_path):
     n_src = spark.read.format("delta").load(cfg.version_location(2)).count()
     assert {r.space_version: r["count"] for r in spark.read.format("delta").load(cfg.output_location)
             .groupBy("space_version").count().collect()} == {0: n_src, 1: n_src}
-
-
-def test_two_concurrent_backfills_one_wins_the_other_replans(spark, tmp_path):
-    cfg = small_config(tmp_path, evaluate={"label_location": None})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
-    results, errors = [], []
-
-    def go():
-        try:
-            results.append(run_backfill(spark, cfg))
-        except Exception as exc:  # noqa: BLE001 - the test inspects whatever happened
-            errors.append(exc)
-
-    threads = [threading.Thread(target=go) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    from bclib.errors import ConcurrentRunError
-
-    assert all(isinstance(e, ConcurrentRunError) for e in errors), errors
-    assert len(results) + len(errors) == 2 and results
-    # whatever the interleaving: the table holds each space once, with the source's rows
-    n_src = spark.read.format("delta").load(cfg.version_location(2)).count()
-    counts = {r.space_version: r["count"] for r in spark.read.format("delta").load(cfg.output_location)
-              .groupBy("space_version").count().collect()}
-    assert counts == {0: n_src, 1: n_src}
-    dup = spark.read.format("delta").load(cfg.output_location).groupBy("space_version", "id").count() \
-        .where("count > 1").count()
-    assert dup == 0
-    writes = [h for h in delta_table(spark, cfg.output_location).history().collect() if h.operation == "WRITE"]
-    assert len(writes) == 1  # the loser re-planned and found nothing to do (or failed by name)
 
 
 def test_maintain_compacts_and_vacuums_and_the_output_stays_up_to_date(spark, tmp_path):
