@@ -37,15 +37,19 @@ demo: install ## set up, then run the whole demo (generate, fit, backfill, evalu
 	$(PYTHON) -m bclib.cli demo --config $(CONFIG)
 
 # two workers (pytest-xdist, one Spark session each; a file's tests stay on one worker so module fixtures are
-# built once), a random order whose seed the header prints (pytest-randomly; replay an order with
-# `make test PYTEST_ARGS="-n 2 --dist loadfile -p randomly --randomly-seed=N"`, file order with -p no:randomly),
-# the 15 slowest tests at the end
-PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15
+# built once), a random test order (pytest-randomly) from SEED, printed first (replay an order: make test SEED=N;
+# file order: make test PYTEST_ARGS="-n 2 --dist loadfile -p no:randomly"), the 15 slowest tests at the end
+ifndef SEED
+SEED := $(shell $(PYTHON) -c "import random; print(random.randrange(10**6))")
+endif
+PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15 -p randomly --randomly-seed=$(SEED)
 
 test: install ## the full test suite (what CI runs): two workers, random order, seed printed
+	@echo "test order: random, seed $(SEED) (replay: make test SEED=$(SEED))"
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install ## the suite without tests marked slow
+	@echo "test order: random, seed $(SEED) (replay: make test-fast SEED=$(SEED))"
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) -m "not slow"
 
 bench-fit: install ## transform family x objective quality on the demo data (benchmarks/fit_quality.py)

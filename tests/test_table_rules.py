@@ -1,0 +1,93 @@
+"""Table rules are kept: the arrow engine writes only tables whose rules it can keep, and falls back (or is
+refused by name) otherwise; outputs laid out another way and source layouts its raw reads would get wrong
+are named before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from bclib.errors import EngineUnavailableError, OutputLocationError
+from bclib.steps.backfill import run_backfill
+from bclib.steps.fit import run_fit
+from bclib.steps.generate import run_generate
+from bclib.tables.delta import current_delta_version
+
+from conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def fitted(spark, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rules")
+    cfg = small_config(tmp, evaluate={"label_location": None})
+    run_generate(spark, cfg)
+    run_fit(spark, cfg)
+    return tmp
+
+
+def _cfg(fitted, tmp_path, **backfill):
+    return small_config(fitted, evaluate={"label_location": None}, output_location=str(tmp_path / "out"),
+                        backfill=backfill)
+
+
+def test_a_check_constraint_sends_the_rewrite_to_spark_which_enforces_it(spark, fitted, tmp_path):
+    cfg = _cfg(fitted, tmp_path)
+    assert run_backfill(spark, cfg).engine == "arrow"
+    out = cfg.output_location
+    # an analyst's rule that today's rows keep and any rewrite breaks (newer produced_at)
+    now = spark.sql(f"SELECT max(produced_at) AS t FROM delta.`{out}`").first().t
+    spark.sql(f"ALTER TABLE delta.`{out}` ADD CONSTRAINT frozen CHECK (produced_at <= TIMESTAMP '{now.isoformat()}')")
+    before = current_delta_version(spark, out)
+    with pytest.raises(EngineUnavailableError, match=r"CHECK constraint\(s\) \['frozen'\]"):
+        run_backfill(spark, _cfg(fitted, tmp_path, engine="arrow", force=True))
+    with pytest.raises(Exception, match=r"(?i)CHECK constraint frozen"):  # Spark's writer enforces the rule
+        run_backfill(spark, _cfg(fitted, tmp_path, force=True))  # auto: falls back to spark
+    assert current_delta_version(spark, out) == before  # nothing written (the arrow engine used to write them all)
+
+
+def test_a_generated_column_or_a_foreign_delta_property_falls_back_to_spark_by_name(spark, fitted, tmp_path):
+    cfg = _cfg(fitted, tmp_path)
+    run_backfill(spark, cfg)
+    out = cfg.output_location
+    spark.sql(f"ALTER TABLE delta.`{out}` SET TBLPROPERTIES ('delta.appendOnly' = 'false', "
+              "'delta.checkpointInterval' = '5')")
+    result = run_backfill(spark, _cfg(fitted, tmp_path, force=True))
+    assert result.engine == "spark" and "properties bcemb did not set (delta.appendOnly, delta.checkpointInterval)" \
+        in result.engine_reason
+
+
+def test_a_clustered_output_is_refused_at_plan_time_by_name(spark, fitted, tmp_path):
+    out = str(tmp_path / "out")
+    spark.sql(f"CREATE TABLE delta.`{out}` (id BIGINT, vector ARRAY<FLOAT>, space_version INT, source_version INT, "
+              "chain_id STRING, produced_at TIMESTAMP) USING DELTA CLUSTER BY (id)")
+    before = current_delta_version(spark, out)
+    for engine in ("spark", "arrow"):
+        with pytest.raises(OutputLocationError, match=r"is clustered by \['id'\] \(liquid clustering\); bcemb writes "
+                                                      r"an output partitioned by space_version"):
+            run_backfill(spark, _cfg(fitted, tmp_path, engine=engine))
+    assert current_delta_version(spark, out) == before
+
+
+def test_source_layouts_the_raw_reads_would_get_wrong_fall_back_to_spark(spark, tmp_path):
+    """One table holding every version: a string version column, and a table partitioned by the version."""
+    for layout in ("string_version", "partitioned"):
+        root = tmp_path / layout
+        gen = small_config(root, evaluate={"label_location": None})
+        run_generate(spark, gen)
+        df = None
+        for v in gen.embeddings.versions:
+            part = spark.read.format("delta").load(gen.version_location(v)).selectExpr(
+                "id", "vector", f"CAST({v} AS {'STRING' if layout == 'string_version' else 'INT'}) AS version")
+            df = part if df is None else df.unionByName(part)
+        writer = df.write.format("delta")
+        if layout == "partitioned":
+            writer = writer.partitionBy("version")
+        writer.save(str(root / "all"))
+        cfg = small_config(root, evaluate={"label_location": None},
+                           embeddings={"location": str(root / "all"), "version_column": "version",
+                                       "versions": [0, 1, 2]})
+        run_fit(spark, cfg)
+        result = run_backfill(spark, cfg)
+        assert result.engine == "spark", (layout, result.engine_reason)
+        assert ("partitioned by ['version']" if layout == "partitioned" else "'version' is") in result.engine_reason
+        n = spark.read.format("delta").load(gen.version_location(2)).count()
+        assert spark.read.format("delta").load(cfg.output_location).where("space_version = 0").count() == n
