@@ -91,3 +91,21 @@ def test_source_layouts_the_raw_reads_would_get_wrong_fall_back_to_spark(spark, 
         assert ("partitioned by ['version']" if layout == "partitioned" else "'version' is") in result.engine_reason
         n = spark.read.format("delta").load(gen.version_location(2)).count()
         assert spark.read.format("delta").load(cfg.output_location).where("space_version = 0").count() == n
+
+
+def test_part_files_of_a_killed_first_run_neither_block_the_location_nor_stay(spark, fitted, tmp_path):
+    """A first arrow run killed after its tasks wrote files but before the commit that creates the table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bclib.tables.output import read_output_state
+
+    orphan = tmp_path / "out" / "space_version=0" / "part-00000-1b2c3d4e-c000.snappy.parquet"
+    orphan.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1]}), orphan)
+    assert not read_output_state(spark, str(tmp_path / "out")).exists  # read-only: tolerated, not removed
+    assert orphan.exists()
+    cfg = _cfg(fitted, tmp_path, deletion_vectors=True)  # the DDL create refuses a non-empty directory
+    run_backfill(spark, cfg)
+    assert not orphan.exists()
+    assert spark.read.format("delta").load(cfg.output_location).where("space_version = 0").count() > 0

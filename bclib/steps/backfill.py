@@ -37,8 +37,8 @@ from bclib.tables.changes import ChangesUnavailable, read_changes
 from bclib.tables.delta import is_path, retry_on_conflict
 from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version
 from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, output_layout, \
-    quarantine_rows, quarantine_state, read_output_state, space_rows, space_state, validity_filter, write_full, \
-    write_quarantine
+    quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, space_state, \
+    validity_filter, write_full, write_quarantine
 from bclib.tables.lease import leased
 from bclib.tables.retention import retention_properties
 from bclib.tables.registry import active_transforms
@@ -304,6 +304,7 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     if full:  # before anything is written: engine: arrow where it cannot run fails here (EngineUnavailableError)
         result.engine, result.engine_reason = choose_engine(cfg, source, out_location)
     if not state.exists and cfg.backfill.deletion_vectors:
+        remove_orphan_part_files(spark, out_location)  # a killed first run's files (this run holds the lease)
         create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True,
                       properties=retention_properties(cfg))
         log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", out_location)

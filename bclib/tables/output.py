@@ -97,7 +97,7 @@ def _check_location(spark, location: str) -> None:
     """OutputLocationError when a path holds files but no Delta table (a Parquet dataset, anything else).
 
     Part files of an interrupted bcemb run that never committed (no table yet) are not data anyone owns:
-    they are removed, with a log line, so the next run starts on an empty directory."""
+    they are tolerated here (read-only callers too) and removed by `remove_orphan_part_files` before a write."""
     if not is_path(location):
         return
     path, fs = _hadoop_path(spark, location)
@@ -105,12 +105,7 @@ def _check_location(spark, location: str) -> None:
         return
     if not fs.getFileStatus(path).isDirectory():
         raise OutputLocationError(f"output location '{location}' is a file, not a Delta table directory")
-    orphans = _orphan_part_files(fs, path)
-    if orphans:
-        log.warning("output: %s has no Delta table but %d part file(s) of an interrupted run (space_version=*/"
-                    "part-*.parquet, never committed): removing them", location, len(orphans))
-        for status in fs.listStatus(path):
-            fs.delete(status.getPath(), True)
+    if _orphan_part_files(fs, path):
         return
     names = [s.getPath().getName() for s in fs.listStatus(path)]
     if names:
@@ -119,6 +114,24 @@ def _check_location(spark, location: str) -> None:
             f"output location '{location}' is not empty and is not a Delta table ({len(names)} entries: {shown}); "
             "bcemb never writes over data it does not own: move it away or set output_location elsewhere"
         )
+
+
+def remove_orphan_part_files(spark, location: str) -> int:
+    """Before a write that creates the output: delete the never-committed part files an interrupted run left
+    where no table exists yet (Delta's CREATE TABLE refuses a non-empty directory). Call it holding the run
+    lease. Returns how many were removed (0 when there is a table or anything else in the directory)."""
+    if not is_path(location) or table_exists(spark, location):
+        return 0
+    path, fs = _hadoop_path(spark, location)
+    if not fs.exists(path):
+        return 0
+    orphans = _orphan_part_files(fs, path) or []
+    if orphans:
+        log.warning("output: %s has no Delta table but %d part file(s) of an interrupted run (space_version=*/"
+                    "part-*.parquet, never committed): removing them", location, len(orphans))
+        for status in fs.listStatus(path):
+            fs.delete(status.getPath(), True)
+    return len(orphans)
 
 
 def check_output_schema(spark, location: str, id_type: str) -> None:
