@@ -98,6 +98,17 @@ def small_config(tmp_path: Path, **sections):
     return config_from_dict(data)
 
 
+def generated_and_fitted(spark, tmp_path: Path, **sections):
+    """small_config(tmp_path, **sections) with its demo versions generated and its transforms fitted."""
+    from bclib.steps.fit import run_fit
+    from bclib.steps.generate import run_generate
+
+    cfg = small_config(tmp_path, **sections)
+    run_generate(spark, cfg)
+    run_fit(spark, cfg)
+    return cfg
+
+
 def assert_same_vectors(a, b, what: str = "vectors") -> None:
     """The promise between two computations of the same rows (engines, batch sizes, incremental vs full):
     equal shapes and, per vector, ||a - b|| <= VECTOR_RTOL * ||b|| (bclib.numerics.kernel). Not bitwise."""

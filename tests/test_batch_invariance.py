@@ -12,7 +12,7 @@ from bclib.numerics.arrow import list_to_matrix
 from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn
 from bclib.numerics.transforms import AffineTransform
 
-from conftest import assert_same_vectors, small_config
+from conftest import assert_same_vectors, generated_and_fitted, small_config
 
 BATCHES = [1, 2, 7, 1000, 65536]
 
@@ -75,13 +75,8 @@ def test_one_row_batches_and_one_thousand_row_batch_agree_within_the_promise():
 
 @pytest.fixture(scope="module")
 def fitted(spark, tmp_path_factory):
-    from bclib.steps.fit import run_fit
-    from bclib.steps.generate import run_generate
-
     tmp = tmp_path_factory.mktemp("batches")
-    cfg = small_config(tmp, evaluate={"label_location": None}, demo={"n_entities": 600})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    generated_and_fitted(spark, tmp, evaluate={"label_location": None}, demo={"n_entities": 600})
     return tmp
 
 

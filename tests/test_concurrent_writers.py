@@ -15,12 +15,10 @@ import shutil
 import pytest
 
 from bclib.steps.backfill import run_backfill
-from bclib.steps.fit import run_fit
-from bclib.steps.generate import run_generate
 from bclib.tables import commits
 from bclib.tables.delta import delta_table
 
-from conftest import small_config
+from conftest import generated_and_fitted, small_config
 
 ENGINES = ["spark", "arrow"]
 
@@ -30,9 +28,7 @@ def fitted(spark, tmp_path_factory):
     """Versions 0..2, their transforms and two published outputs (spaces 0 and 1 by the spark engine, 3 files
     per space so OPTIMIZE has work; one with deletion vectors), shared read-only: each test copies one."""
     tmp = tmp_path_factory.mktemp("writers")
-    cfg = small_config(tmp, evaluate={"label_location": None})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    cfg = generated_and_fitted(spark, tmp, evaluate={"label_location": None})
     for name, dv in (("published", False), ("published_dv", True)):
         run_backfill(spark, _cfg((tmp, 0), tmp / name, engine="spark", output_partitions=3, deletion_vectors=dv))
     n_src = spark.read.format("delta").load(cfg.version_location(2)).count()

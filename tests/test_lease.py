@@ -18,7 +18,7 @@ import yaml
 from bclib.errors import LeaseHeldError, LeaseLostError
 from bclib.tables.lease import Lease, holder_is_dead, store_options
 
-from conftest import REPO, small_config
+from conftest import REPO, generated_and_fitted
 
 
 def _leases(tmp_path):
@@ -130,13 +130,8 @@ def test_on_an_s3_compatible_store_the_lease_is_a_conditional_put(s3_server):
 
 @pytest.fixture(scope="module")
 def project(spark, tmp_path_factory):
-    from bclib.steps.fit import run_fit
-    from bclib.steps.generate import run_generate
-
     tmp = tmp_path_factory.mktemp("lease_project")
-    cfg = small_config(tmp, evaluate={"label_location": None})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    cfg = generated_and_fitted(spark, tmp, evaluate={"label_location": None})
     data = {"spark": {"master": "local[1]"},
             "embeddings": {"location": cfg.embeddings.location, "versions": [0, 1, 2]},
             "registry_location": cfg.registry_location, "output_location": str(tmp / "out"),

@@ -12,15 +12,13 @@ from bclib.steps.fit import run_fit
 from bclib.steps.generate import run_generate
 from bclib.tables.delta import current_delta_version
 
-from conftest import small_config
+from conftest import generated_and_fitted, small_config
 
 
 @pytest.fixture(scope="module")
 def fitted(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rules")
-    cfg = small_config(tmp, evaluate={"label_location": None})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    generated_and_fitted(spark, tmp, evaluate={"label_location": None})
     return tmp
 
 

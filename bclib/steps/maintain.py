@@ -27,7 +27,7 @@ from typing import Optional
 from bclib.config import JobConfig
 from bclib.errors import MaintenanceError, OutputLocationError
 from bclib.spark import commit_conf, session_conf
-from bclib.tables.delta import delta_table, table_exists
+from bclib.tables.delta import current_delta_version, delta_table, table_exists
 from bclib.tables.lease import leased
 from bclib.tables.output import LINEAGE_FORMAT, read_output_state
 from bclib.tables.retention import (FILE_RETENTION, interval_hours, retention_properties, set_table_properties,
@@ -131,7 +131,7 @@ def _vacuum(spark, cfg: JobConfig, result: MaintainResult) -> None:
     # the check on, and logging on so that VACUUM writes the START / END commits checked below
     confs = {**commit_conf(meta), "spark.databricks.delta.retentionDurationCheck.enabled": "true",
              "spark.databricks.delta.vacuum.logging.enabled": "true"}
-    before = _latest_version(spark, loc)
+    before = current_delta_version(spark, loc)
     with session_conf(spark, confs):
         delta_table(spark, loc).vacuum(float(hours))
     starts = []
@@ -165,7 +165,3 @@ def _check_recorded_retention(starts: list, asked_hours: int, promised_hours: fl
             f"maintain asked for {asked_hours} h and maintenance.time_travel_hours promises {promised_hours:g} h: "
             "files of versions inside that window may have been deleted")
     return recorded_hours
-
-
-def _latest_version(spark, location: str) -> int:
-    return int(delta_table(spark, location).history(1).select("version").first()[0])

@@ -133,12 +133,6 @@ def winning_commits(spark, location: str, read_version: int, latest: int) -> dic
     return out
 
 
-def latest_version(spark, location: str) -> int:
-    from bclib.tables.delta import delta_table
-
-    return int(delta_table(spark, location).history(1).select("version").first()[0])
-
-
 def check_commit(spark, location: str, read_version: Optional[int], spaces: Sequence[int], what: str) -> int:
     """Apply the commit rule before a commit replacing `spaces` of the table at `location`.
 
@@ -148,7 +142,7 @@ def check_commit(spark, location: str, read_version: Optional[int], spaces: Sequ
     process held a run lease and lost it. Sources: Delta protocol (actions), delta-io/delta ConflictChecker.
     """
     from bclib.tables import lease
-    from bclib.tables.delta import table_exists
+    from bclib.tables.delta import current_delta_version, table_exists
 
     run_seams(BEFORE_CHECK, location, -1 if read_version is None else read_version)
     lease.verify_held()
@@ -157,7 +151,7 @@ def check_commit(spark, location: str, read_version: Optional[int], spaces: Sequ
             raise ConcurrentCommitError(f"{what}: the output table at {location} was created by another writer "
                                         "after this run planned; re-planning")
         return -1
-    latest = latest_version(spark, location)
+    latest = current_delta_version(spark, location)
     for version, actions in sorted(winning_commits(spark, location, read_version, latest).items()):
         why = classify(actions, spaces) if actions else "its log entry could not be read"
         if why:
