@@ -10,7 +10,7 @@ EXTRAS ?= dev,bench,torch,report,arrow
 export OPENBLAS_NUM_THREADS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install jars dist demo test test-fast bench-fit bench-backfill bench-paper clean
+.PHONY: help install jars s3a-jars dist demo test test-fast bench-fit bench-backfill bench-paper clean
 
 help: ## list the targets with their one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -29,6 +29,14 @@ jars: ## fetch the Delta jars matching delta-spark into $(JAR_CACHE) with mvn (e
 	  mvn -q -B dependency:copy -Dartifact=$$c -DoutputDirectory="$(JAR_CACHE)" \
 	    || { echo "mvn could not fetch $$c: Spark will resolve the Delta jars through Ivy"; exit 0; }; \
 	done; echo "Delta jars cached in $(JAR_CACHE)"
+	@$(MAKE) --no-print-directory s3a-jars
+
+s3a-jars: ## fetch Spark's S3A connector (hadoop-aws + the AWS SDK v2 modules it uses) into $(JAR_CACHE)/s3a with mvn
+	@if ls "$(JAR_CACHE)/s3a/hadoop-aws-"*.jar >/dev/null 2>&1; then echo "S3A jars cached in $(JAR_CACHE)/s3a"; exit 0; fi; \
+	if ! command -v mvn >/dev/null; then echo "mvn not found: no S3A jars (s3a:// tables need them)"; exit 0; fi; \
+	rm -rf "$(JAR_CACHE)/s3a.partial"; mvn -q -B -f conf/s3a-connector.pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+	  -DoutputDirectory="$(JAR_CACHE)/s3a.partial" && mv "$(JAR_CACHE)/s3a.partial" "$(JAR_CACHE)/s3a" \
+	  && echo "S3A jars cached in $(JAR_CACHE)/s3a" || { rm -rf "$(JAR_CACHE)/s3a.partial"; echo "mvn could not fetch the S3A jars"; }
 
 dist: ## zip the library for spark-submit --py-files (dist/bclib.zip)
 	$(PYTHON) -c "import shutil; shutil.make_archive('dist/bclib', 'zip', root_dir='.', base_dir='bclib')"

@@ -165,6 +165,9 @@ class MaintenanceSettings:
     allow_short_retention: bool = False  # ... unless this is true
     optimize_min_files: int = 8  # OPTIMIZE a space holding at least this many files ...
     optimize_small_file_mb: int = 64  # ... of which more than half are smaller than this
+    # tasks of VACUUM's file listing (Delta uses spark.sql.sources.parallelPartitionDiscovery.parallelism, 10,000
+    # by default: 10,000 tasks to list a few directories, ~30 s on 2 local cores); 0: twice the session's cores
+    vacuum_listing_parallelism: int = 0
 
 
 @dataclass(frozen=True)
@@ -523,6 +526,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),
     "maintenance.min_retention_hours": (0.0, None),
     "maintenance.optimize_min_files": (2, None), "maintenance.optimize_small_file_mb": (1, None),
+    "maintenance.vacuum_listing_parallelism": (0, 100_000),
     "transform.hidden": (1, None), "transform.epochs": (1, None), "transform.batch_size": (1, None),
     "transform.patience": (1, None), "transform.clusters": (1, None), "transform.anchor_tolerance": (0.0, None),
     "spark.shuffle_partitions": (1, None),

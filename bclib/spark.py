@@ -108,11 +108,21 @@ def session_builder(settings: SparkSettings) -> SparkSession.Builder:
         defaults["spark.ui.enabled"] = "false"
         # local tables are small: Delta's default of 50 partitions to rebuild a snapshot costs seconds per read
         defaults["spark.databricks.delta.snapshotPartitions"] = "4"
+        # ... and 10,000 tasks to list a table's directories in parallel (VACUUM, large path lists): ~30 s each
+        defaults["spark.sql.sources.parallelPartitionDiscovery.parallelism"] = "8"
         # local-mode Python workers inherit the driver's environment
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     for key, value in {**defaults, **settings.conf}.items():
         builder = builder.config(key, value)
     return _with_delta_jars(builder, settings, submitted)
+
+
+def joined_list_conf(user: Optional[str], ours: list[str]) -> str:
+    """A comma-separated Spark list conf (`spark.jars`, `spark.jars.packages`) holding the user's entries
+    first, then ours not already there: bcemb adds Delta's jars, never replaces the user's (an S3A or
+    cloud-storage connector given as `--conf spark.jars=...` stays on the class path)."""
+    entries = [e.strip() for e in (user or "").split(",") if e.strip()]
+    return ",".join(entries + [e for e in ours if e not in entries])
 
 
 def _with_delta_jars(builder: SparkSession.Builder, settings: SparkSettings, submitted: bool) -> SparkSession.Builder:
@@ -130,11 +140,12 @@ def _with_delta_jars(builder: SparkSession.Builder, settings: SparkSettings, sub
         )
     if jars is not None and mode in ("auto", "cache"):
         log.info("Delta jars: local cache %s", settings.jar_cache_dir)
-        return builder.config("spark.jars", ",".join(jars))
+        return builder.config("spark.jars", joined_list_conf(settings.conf.get("spark.jars"), jars))
     log.info("Delta jars: Ivy (%s)", ", ".join(delta_maven_coordinates()))
     # Ivy resolves both jars from the coordinates (delta-spark's pom depends on delta-storage); the same
     # coordinates delta's configure_spark_with_delta_pip would add, without importing delta here
-    return builder.config("spark.jars.packages", delta_maven_coordinates()[0])
+    return builder.config("spark.jars.packages",
+                          joined_list_conf(settings.conf.get("spark.jars.packages"), delta_maven_coordinates()[:1]))
 
 
 def get_or_create(settings: SparkSettings) -> SparkSession:

@@ -8,9 +8,11 @@ on one output: whatever the interleaving, one writes, the other waits or exits 7
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -191,6 +193,58 @@ def test_two_backfill_processes_on_one_output_write_once(spark, project, subproc
 
     writes = [h.operation for h in delta_table(spark, out).history().collect()]
     assert len(writes) == 1, writes  # the second run found the spaces up to date
+
+
+S3A_JARS = Path(os.path.expanduser("~/.cache/bcemb/jars/s3a"))  # `make s3a-jars` (part of `make install`)
+
+
+def _s3a_spark_conf(s3: dict) -> dict:
+    """Spark's S3A settings for the moto server: endpoint, path-style bucket addressing, plain HTTP, keys."""
+    jars = sorted(str(j) for j in S3A_JARS.glob("*.jar"))
+    if not any("hadoop-aws" in j for j in jars):
+        if shutil.which("mvn") is None:
+            pytest.skip("no S3A jars and no mvn to fetch them (`make s3a-jars`)")
+        raise AssertionError(f"no S3A jars in {S3A_JARS}: run `make s3a-jars`")
+    return {"spark.jars": ",".join(jars),
+            "spark.hadoop.fs.s3a.endpoint": s3["aws_endpoint"],
+            "spark.hadoop.fs.s3a.endpoint.region": s3["aws_region"],
+            "spark.hadoop.fs.s3a.path.style.access": "true",
+            "spark.hadoop.fs.s3a.connection.ssl.enabled": "false",
+            "spark.hadoop.fs.s3a.access.key": s3["aws_access_key_id"],
+            "spark.hadoop.fs.s3a.secret.key": s3["aws_secret_access_key"],
+            "spark.hadoop.fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"}
+
+
+def test_two_processes_on_one_output_on_an_s3_compatible_store_lose_no_commit(project, subprocess_jvm_options,
+                                                                                s3_server, tmp_path):
+    """The object-store case of the issue: Spark's S3 log store PUTs the next commit without a condition, so
+    only the lease keeps two bcemb processes (here one on each engine, both told to wait) from both "winning"
+    a version. Output on the S3-compatible server, sources on local disk; read back with delta-rs."""
+    from deltalake import DeltaTable
+
+    path, _, n_src = project
+    data = yaml.safe_load(path.read_text())
+    data["output_location"] = "s3a://bcemb-lease/warehouse/out"
+    data["spark"]["conf"] = _s3a_spark_conf(s3_server)
+    data["backfill"] = {"storage_options": s3_server}
+    procs = []
+    for engine in ("spark", "arrow"):
+        data["backfill"]["engine"] = engine
+        conf = tmp_path / f"s3_{engine}.yaml"
+        conf.write_text(yaml.safe_dump(data))
+        procs.append(_bcemb(conf, "--wait-lease", "600", jvm_options=subprocess_jvm_options))
+    results = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-3000:] for r in results]
+    table = DeltaTable("s3://bcemb-lease/warehouse/out", storage_options=s3_server)
+    rows = table.to_pyarrow_table(columns=["space_version", "id"]).to_pylist()
+    per_space: dict = {}
+    for r in rows:
+        per_space.setdefault(r["space_version"], []).append(r["id"])
+    assert {s: len(ids) for s, ids in per_space.items()} == {0: n_src, 1: n_src}  # nothing lost
+    assert all(len(set(ids)) == len(ids) for ids in per_space.values())  # nothing duplicated
+    writes = [h["operation"] for h in table.history()]
+    assert len(writes) == 1, writes  # one process wrote; the other waited, then found the spaces up to date
+    assert table.version() == 0
 
 
 def test_a_lease_lost_before_the_commit_stops_the_run_and_writes_nothing(spark, project, tmp_path):

@@ -170,3 +170,16 @@ def test_a_vacuum_that_recorded_less_than_the_promise_is_a_maintenance_error(spa
     with pytest.raises(MaintenanceError, match=r"recorded a retention of 0 h; maintain asked for 0 h and "
                                                r"maintenance.time_travel_hours promises 0.1 h"):
         maintain.run_maintain(spark, cfg)
+
+
+def test_vacuum_lists_with_tasks_sized_to_the_session_not_delta_s_10000(spark):
+    """Delta lists a table's directories for VACUUM with spark.sql.sources.parallelPartitionDiscovery.parallelism
+    tasks (10,000 by default: ~30 s per VACUUM of a small table on 2 cores); maintain sets it for its VACUUM."""
+    from bclib.steps.maintain import vacuum_listing_parallelism
+
+    assert vacuum_listing_parallelism(spark, 0) == 2 * spark.sparkContext.defaultParallelism
+    assert vacuum_listing_parallelism(spark, 64) == 64
+    cfg = config_from_dict({"maintenance": {"vacuum_listing_parallelism": 16}})
+    assert cfg.maintenance.vacuum_listing_parallelism == 16
+    with pytest.raises(ConfigError, match="vacuum_listing_parallelism"):
+        config_from_dict({"maintenance": {"vacuum_listing_parallelism": -1}})

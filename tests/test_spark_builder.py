@@ -41,6 +41,25 @@ def test_cached_jars_are_used_without_ivy(monkeypatch, tmp_path):
     assert "spark.jars.packages" not in opts or "io.delta" not in opts.get("spark.jars.packages", "")
 
 
+def test_a_users_jars_and_packages_are_kept_beside_deltas(monkeypatch, tmp_path):
+    """`--conf spark.jars=<S3A connector>` (or packages) stays: Delta's jars are added after the user's, once."""
+    from bclib.spark import delta_maven_coordinates
+
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    for name in delta_jar_names():
+        (tmp_path / name).write_bytes(b"jar")
+    delta_jar = str(tmp_path / delta_jar_names()[0])
+    user = f"/opt/jars/hadoop-aws.jar, {delta_jar},/opt/jars/s3-2.35.4.jar"
+    opts = _options(session_builder(SparkSettings(master="local[1]", jar_cache_dir=str(tmp_path),
+                                                  conf={"spark.jars": user})))
+    assert opts["spark.jars"].split(",") == ["/opt/jars/hadoop-aws.jar", delta_jar, "/opt/jars/s3-2.35.4.jar",
+                                             str(tmp_path / delta_jar_names()[1])]
+    opts = _options(session_builder(SparkSettings(master="local[1]", jar_cache_dir=str(tmp_path / "empty"),
+                                                  conf={"spark.jars.packages": "org.apache.hadoop:hadoop-aws:3.5.0"})))
+    assert opts["spark.jars.packages"].split(",") == ["org.apache.hadoop:hadoop-aws:3.5.0",
+                                                      delta_maven_coordinates()[0]]
+
+
 def test_without_cache_ivy_resolves_the_matching_version(monkeypatch, tmp_path):
     from bclib.spark import delta_artifact, delta_version
 
