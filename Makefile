@@ -50,7 +50,7 @@ demo: install ## set up, then run the whole demo (generate, fit, backfill, evalu
 ifndef SEED
 SEED := $(shell $(PYTHON) -c "import random; print(random.randrange(10**6))")
 endif
-PYTEST_ARGS ?= -n 2 --dist loadfile --durations=15 -p randomly --randomly-seed=$(SEED)
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -p randomly --randomly-seed=$(SEED)
 
 test: install ## the full test suite (what CI runs): two workers, random order, seed printed
 	@echo "test order: random, seed $(SEED) (replay: make test SEED=$(SEED))"

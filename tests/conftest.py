@@ -14,6 +14,33 @@ JIT_FOR_TESTS = "-XX:TieredStopAtLevel=1"  # short-lived JVMs of subprocess test
 SESSION_JVM_OPTIONS = "-XX:+UseParallelGC"
 
 
+# Files whose tests together take a minute or more (measured with `--durations=0` under `-n 2`, 2026-12-06). The
+# workers take whole files (--dist loadfile, --no-loadscope-reorder) in collection order: these go first, so the
+# run does not end with one worker alone on a long file while the other idles. Each group is shuffled by the seed.
+LONG_FILES = frozenset({
+    "test_crash_events.py", "test_cluster.py", "test_concurrent_writers.py", "test_bad_input_catalogue.py",
+    "test_incremental.py", "test_id_types.py", "test_lifecycle.py", "test_lease.py", "test_paper_quick.py",
+    "test_crash.py", "test_engines.py", "test_end_to_end.py", "test_bad_input.py", "test_table_rules.py",
+})
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle: the order inside each file stays its own
+def pytest_collection_modifyitems(config, items):
+    """Long files first (in an order drawn from the run's seed), then the rest (likewise)."""
+    import random
+
+    seed = getattr(config.option, "randomly_seed", None)
+    rng = random.Random(seed if isinstance(seed, int) else 0)
+    files = list(dict.fromkeys(item.path.name for item in items))
+    long_files = [f for f in files if f in LONG_FILES]
+    short_files = [f for f in files if f not in LONG_FILES]
+    if isinstance(seed, int):  # pytest-randomly active: both groups in a seeded random order
+        rng.shuffle(long_files)
+        rng.shuffle(short_files)
+    rank = {f: i for i, f in enumerate(long_files + short_files)}
+    items.sort(key=lambda item: rank[item.path.name])  # stable: each file's own order is kept
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from bclib.config import SparkSettings
@@ -54,18 +81,38 @@ spark.stop()
 
 
 @pytest.fixture(scope="session")
-def subprocess_jvm_options(tmp_path_factory) -> str:
+def subprocess_jvm_options() -> str:
     """JVM options for tests that start their own Spark (CLI, kill -9, cluster): C1 JIT plus a class-data
-    sharing archive dumped once by a warm-up run, which halves each JVM's start (measured 16.7 s -> 8 s)."""
+    sharing archive dumped once by a warm-up run, which halves each JVM's start (measured 16.7 s -> 8 s).
+
+    The archive is kept in ~/.cache/bcemb/jvm under a name drawn from the java, pyspark and Delta versions, and
+    made under a file lock: the two pytest workers (and later runs on the same machine) share one warm-up."""
+    import fcntl
+    import hashlib
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("jvm")
-    archive = root / "spark-classes.jsa"
-    dump = f"{JIT_FOR_TESTS} -XX:ArchiveClassesAtExit={archive}"
-    out = subprocess.run([sys.executable, "-c", WARMUP, dump, str(root / "warm")], cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    if out.returncode != 0 or not archive.exists():
+    from bclib.spark import delta_version, spark_version
+
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+    key = hashlib.sha256(f"{java}|{spark_version()}|{delta_version()}|{JIT_FOR_TESTS}".encode()).hexdigest()[:16]
+    root = Path(os.path.expanduser("~/.cache/bcemb/jvm"))
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / f"spark-classes-{key}.jsa"
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while one dumps
+        if not archive.exists():
+            partial = root / f"spark-classes-{key}.{os.getpid()}.jsa"
+            warm = root / f"warm-{os.getpid()}"
+            dump = f"{JIT_FOR_TESTS} -XX:ArchiveClassesAtExit={partial}"
+            out = subprocess.run([sys.executable, "-c", WARMUP, dump, str(warm)], cwd=REPO, capture_output=True,
+                                 text=True, timeout=600)
+            import shutil
+
+            shutil.rmtree(warm, ignore_errors=True)
+            if out.returncode == 0 and partial.exists():
+                partial.rename(archive)  # whole or not at all
+    if not archive.exists():
         return JIT_FOR_TESTS  # an archive is an optimisation only
     return f"{JIT_FOR_TESTS} -XX:SharedArchiveFile={archive}"
 
