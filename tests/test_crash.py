@@ -68,6 +68,14 @@ def _run_to_end(args: list[str]) -> float:
     return time.time() - started
 
 
+def _rerun_in_process(args: list[str]) -> None:
+    """The CLI step run to its end in this process, on the suite's Spark session (`bclib.cli.main`, as the
+    lifecycle tests run it): a convergence rerun needs no JVM of its own, only the kills do."""
+    from bclib.cli import main
+
+    assert main([*args, "--log-level", "WARNING"]) == 0, args
+
+
 def _kill_at(args: list[str], delay: float) -> bool:
     """Start the command, SIGKILL its whole process group (Python driver and JVM) after `delay` s; True if killed."""
     proc = _start(args)
@@ -195,7 +203,7 @@ def test_kill_minus_9_during_full_and_incremental_backfills_and_fit(spark, world
         tally["tried"] += 1
         tally["killed"] += _kill_at(incr_args, float(delay))
         _check_output(spark, cfg, before, counts, tally)
-    _run_to_end(incr_args)  # the rerun converges ...
+    _rerun_in_process(incr_args)  # the rerun converges ...
     reference = load_config(_config(tmp, out="reference"))
     run_backfill(spark, reference)  # ... to what an uninterrupted full rewrite of the same source gives
     _same_spaces(spark, cfg.output_location, reference.output_location)

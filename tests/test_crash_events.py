@@ -16,7 +16,7 @@ import pytest
 
 from bclib.tables.delta import current_delta_version, delta_table, read_delta
 
-from test_crash import _change, _check_output, _counts, _make_world, _run_to_end, _start
+from test_crash import _change, _check_output, _counts, _make_world, _rerun_in_process, _start
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def test_kills_at_the_first_part_file_the_log_entry_and_before_the_side_tables(s
     tally["tried"] += 1
     tally["killed"] += _kill_when(["backfill", "--config", str(conf)], commit_after(out, before))
     _check_output(spark, cfg, before, counts, tally)
-    _run_to_end(["backfill", "--config", str(conf)])  # converges: no LeaseHeldError from the killed holders
+    _rerun_in_process(["backfill", "--config", str(conf)])  # converges: no LeaseHeldError from the killed holders
     tally["converged"] = tally["tried"]
 
     registry = Path(cfg.registry_location)
@@ -93,7 +93,7 @@ def test_kills_at_the_first_part_file_the_log_entry_and_before_the_side_tables(s
     active = read_delta(spark, cfg.registry_location).where("status = 'active'") \
         .groupBy("source_version", "target_version").count().collect()
     assert sorted((r.source_version, r.target_version, r["count"]) for r in active) == [(1, 0, 1), (2, 1, 1)]
-    _run_to_end(["fit", "--config", str(conf)])
+    _rerun_in_process(["fit", "--config", str(conf)])
     tally["converged"] += 1
 
     before = current_delta_version(spark, cfg.output_location)  # maintain: killed at its OPTIMIZE commit
@@ -103,8 +103,8 @@ def test_kills_at_the_first_part_file_the_log_entry_and_before_the_side_tables(s
     versions = delta_table(spark, cfg.output_location).history().select("version").collect()
     for v in sorted(r.version for r in versions)[-3:]:  # time travel still reads the recent versions
         spark.read.format("delta").option("versionAsOf", v).load(cfg.output_location).count()
-    _run_to_end(["maintain", "--config", str(conf), "--set", "maintenance.optimize_min_files=2"])
-    _run_to_end(["backfill", "--config", str(conf)])  # still up to date after maintain: converged
+    _rerun_in_process(["maintain", "--config", str(conf), "--set", "maintenance.optimize_min_files=2"])
+    _rerun_in_process(["backfill", "--config", str(conf)])  # still up to date after maintain: converged
     tally["converged"] += 1
     n_src = read_delta(spark, cfg.version_location(2)).count()
     assert _counts(spark, cfg) == {0: n_src, 1: n_src}
