@@ -24,6 +24,59 @@ LONG_FILES = frozenset({
 })
 
 
+# Tests marked `slow` here, beside the files that mark themselves (kill -9, the cluster, the paper run), so that
+# `make test-fast` (-m "not slow") stays a smoke run of a few minutes: every file keeps a fast representative and
+# every test still runs in `make test`. Node-id prefixes; figures are each test's seconds under `-n 2` (2026-12-06).
+SLOW_TESTS = (
+    "tests/test_lifecycle.py::test_four_days_of_scheduled_runs",  # 109 s
+    "tests/test_lifecycle.py::test_restore_of_the_output_makes_run_rewrite",  # 59 s
+    "tests/test_lifecycle.py::test_registry_commands_and_a_tampered_checksum",  # 31 s
+    "tests/test_table_rules.py::test_source_layouts_the_raw_reads_would_get_wrong_fall_back_to_spark",  # 108 s
+    "tests/test_table_rules.py::test_a_clustered_output_is_refused_at_plan_time_by_name",  # 16 s
+    "tests/test_table_rules.py::test_a_generated_column_or_a_foreign_delta_property",  # 11 s
+    "tests/test_lease.py::test_two_processes_on_one_output_on_an_s3_compatible_store",  # 64 s, two bcemb processes
+    "tests/test_lease.py::test_two_backfill_processes_on_one_output_write_once",  # 52 s, two bcemb processes
+    "tests/test_lease.py::test_a_held_lease_makes_backfill_exit_75",  # 41 s, two bcemb processes
+    "tests/test_batch_invariance.py::test_both_engines_over_batch_sizes",  # 63 s (the kernel's own check stays)
+    "tests/test_incremental.py::test_without_deletion_vectors",  # 33 s
+    "tests/test_incremental.py::test_deletes_beyond_max_shrink",  # 28 s
+    "tests/test_incremental.py::test_maintain_compacts_and_vacuums",  # 28 s
+    "tests/test_incremental.py::test_without_change_data_feed",  # 24 s
+    "tests/test_incremental.py::test_a_retried_commit_is_skipped",  # 20 s
+    "tests/test_concurrent_writers.py::test_a_concurrent_commit_to_the_spaces_makes_the_rewrite_replan[insert_only",
+    "tests/test_concurrent_writers.py::test_a_concurrent_commit_to_the_spaces_makes_the_rewrite_replan[overwrite",
+    "tests/test_concurrent_writers.py::test_a_concurrent_commit_to_the_spaces_makes_the_rewrite_replan[property",
+    "tests/test_concurrent_writers.py::test_a_concurrent_commit_to_the_spaces_makes_the_rewrite_replan[schema",
+    "tests/test_concurrent_writers.py::test_a_merge_with_deletion_vectors",  # 24 s
+    "tests/test_concurrent_writers.py::test_a_concurrent_vacuum",  # 20 s
+    "tests/test_concurrent_writers.py::test_two_backfills_of_a_new_output",
+    "tests/test_engines.py::test_an_all_invalid_file_in_quarantine_mode",  # 24 s
+    "tests/test_engines.py::test_arrow_commits_read_by_spark_delta_rs_and_duckdb",  # 23 s
+    "tests/test_engines.py::test_a_bad_row_fails_the_arrow_engine",  # 15 s
+    "tests/test_engines.py::test_arrow_and_spark_engines_write_the_same_table[one_big_file",
+    "tests/test_engines.py::test_arrow_and_spark_engines_write_the_same_table[with_empty",
+    "tests/test_id_types.py::test_a_type_widened_source",  # 18 s
+    "tests/test_id_types.py::test_decimal_18_ids",  # 16 s
+    "tests/test_id_types.py::test_int_and_bigint_versions",  # 16 s
+    "tests/test_id_types.py::test_string_ids_beside_numeric_ids",  # 15 s
+    "tests/test_id_types.py::test_the_gate_refuses_an_edge_judged",  # 11 s
+    "tests/test_bad_input.py::test_quarantine_takes_the_bad_rows",  # 26 s
+    "tests/test_storage_errors.py::test_a_full_disk",  # 16 s
+    "tests/test_end_to_end.py::test_the_default_fit_uses_at_least_90_percent",  # 12 s
+    "tests/test_end_to_end.py::test_fit_sampling_is_one_scan_per_table",  # 22 s
+)
+# the bad-input catalogue: these cases stay in the fast run, every other case is slow (6-15 s each)
+FAST_CATALOGUE_CASES = ("[NaN element]", "[null ids]", "[wrong vector length]", "[empty source]")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection reads the marks
+def pytest_itemcollected(item):
+    nodeid = item.nodeid
+    catalogue = nodeid.startswith("tests/test_bad_input_catalogue.py::test_bad_input_gets_a_named_error")
+    if nodeid.startswith(SLOW_TESTS) or (catalogue and not nodeid.endswith(FAST_CATALOGUE_CASES)):
+        item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle: the order inside each file stays its own
 def pytest_collection_modifyitems(config, items):
     """Long files first (in an order drawn from the run's seed), then the rest (likewise)."""
