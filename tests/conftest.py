@@ -60,6 +60,8 @@ SLOW_TESTS = (
     "tests/test_id_types.py::test_int_and_bigint_versions",  # 16 s
     "tests/test_id_types.py::test_string_ids_beside_numeric_ids",  # 15 s
     "tests/test_id_types.py::test_the_gate_refuses_an_edge_judged",  # 11 s
+    "tests/test_id_types.py::test_decimal_20_ids",  # 9-43 s
+    "tests/test_engines.py::test_auto_says_why_it_falls_back",  # 18-27 s
     "tests/test_bad_input.py::test_quarantine_takes_the_bad_rows",  # 26 s
     "tests/test_storage_errors.py::test_a_full_disk",  # 16 s
     "tests/test_end_to_end.py::test_the_default_fit_uses_at_least_90_percent",  # 12 s
