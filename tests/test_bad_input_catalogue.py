@@ -229,6 +229,40 @@ def test_bad_input_gets_a_named_error_and_moves_no_table(spark, base, tmp_path, 
     assert _versions(spark, root) == before
 
 
+# backfill cases whose input reaches the engine (not refused by config, registry or location checks first);
+# each must end in the same named error on both engines. Left out: "incremental required without a change
+# feed" and "a space would shrink by half" (an incremental MERGE runs on Spark whatever the engine) and "arrow
+# engine where it cannot run" (about the engine choice itself).
+ENGINE_CASES = [c for c in CASES if c.step == "backfill" and c.name not in (
+    "incremental required without a change feed", "a space would shrink by half", "arrow engine where it cannot run",
+    "source version with no older space")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["spark", "arrow"])
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=[c.name for c in ENGINE_CASES])
+def test_each_engine_refuses_bad_backfill_input_by_the_same_name(spark, base, tmp_path, capsys, case, engine):
+    """The catalogue's backfill inputs on each engine forced: the same exit code, error class and message
+    fragments, and no table moved (the arrow path handles every input the spark path refuses by name)."""
+    root = tmp_path / "w"
+    shutil.copytree(base, root)
+    (root / "job.yaml").write_text(_config_text(root))
+    if case.prepare:
+        case.prepare(spark, root)
+    before = _versions(spark, root)
+    argv = ["backfill", "--config", str(root / "job.yaml"), "--log-level", os.environ.get("BCEMB_TEST_LOG", "ERROR"),
+            *[a.replace("{root}", str(root)) for a in case.argv], "--set", f"backfill.engine={engine}"]
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = [x for x in captured.err.splitlines() if x.startswith("bcemb ")]
+    assert code == case.code, (engine, code, lines, captured.out)
+    assert len(lines) == 1 and lines[0].startswith(f"bcemb backfill: {case.error}: "), (engine, lines)
+    for fragment in case.message:
+        assert fragment in lines[0], (engine, fragment, lines[0])
+    assert _versions(spark, root) == before
+
+
 def test_a_quote_in_a_config_value_reaches_no_sql(spark, base, tmp_path, capsys):
     """A salt and an output path with quotes are values, not SQL: the run works and uses them verbatim."""
     root = tmp_path / "w"
