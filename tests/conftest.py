@@ -66,6 +66,8 @@ SLOW_TESTS = (
     "tests/test_storage_errors.py::test_a_full_disk",  # 16 s
     "tests/test_end_to_end.py::test_the_default_fit_uses_at_least_90_percent",  # 12 s
     "tests/test_end_to_end.py::test_fit_sampling_is_one_scan_per_table",  # 22 s
+    "tests/test_bad_input_catalogue.py::test_a_quote_in_a_config_value",  # 12-20 s
+    "tests/test_ids_and_time.py::test_ids_keep_their_exact_value_through_fit_and_backfill[near 2^63",  # 11-13 s
 )
 # the bad-input catalogue: these cases stay in the fast run, every other case is slow (6-15 s each)
 FAST_CATALOGUE_CASES = ("[NaN element]", "[null ids]", "[wrong vector length]", "[empty source]")

@@ -208,8 +208,9 @@ def _versions(spark, root: Path) -> dict:
             for t in TABLES}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gets_a_named_error_and_moves_no_table(spark, base, tmp_path, capsys, case):
+def _check_case(spark, base, tmp_path, capsys, case, extra: tuple = ()) -> None:
+    """Run the case's step through the CLI on a copy of the base world (plus `extra` arguments): the case's exit
+    code, one `bcemb <step>: <Error>: ...` line holding its fragments, and no table moved."""
     root = tmp_path / "w"
     shutil.copytree(base, root)
     (root / "job.yaml").write_text(_config_text(root))
@@ -217,16 +218,21 @@ def test_bad_input_gets_a_named_error_and_moves_no_table(spark, base, tmp_path, 
         case.prepare(spark, root)
     before = _versions(spark, root)
     argv = [case.step, "--config", str(root / "job.yaml"), "--log-level", os.environ.get("BCEMB_TEST_LOG", "ERROR")]
-    argv += [a.replace("{root}", str(root)) for a in case.argv]
+    argv += [a.replace("{root}", str(root)) for a in case.argv] + list(extra)
     capsys.readouterr()
     code = main(argv)
     captured = capsys.readouterr()
     lines = [x for x in captured.err.splitlines() if x.startswith("bcemb ")]
-    assert code == case.code, (code, lines, captured.out)
-    assert len(lines) == 1 and lines[0].startswith(f"bcemb {case.step}: {case.error}: "), lines
+    assert code == case.code, (extra, code, lines, captured.out)
+    assert len(lines) == 1 and lines[0].startswith(f"bcemb {case.step}: {case.error}: "), (extra, lines)
     for fragment in case.message:
-        assert fragment in lines[0], (fragment, lines[0])
+        assert fragment in lines[0], (extra, fragment, lines[0])
     assert _versions(spark, root) == before
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gets_a_named_error_and_moves_no_table(spark, base, tmp_path, capsys, case):
+    _check_case(spark, base, tmp_path, capsys, case)
 
 
 # backfill cases whose input reaches the engine (not refused by config, registry or location checks first);
@@ -244,23 +250,7 @@ ENGINE_CASES = [c for c in CASES if c.step == "backfill" and c.name not in (
 def test_each_engine_refuses_bad_backfill_input_by_the_same_name(spark, base, tmp_path, capsys, case, engine):
     """The catalogue's backfill inputs on each engine forced: the same exit code, error class and message
     fragments, and no table moved (the arrow path handles every input the spark path refuses by name)."""
-    root = tmp_path / "w"
-    shutil.copytree(base, root)
-    (root / "job.yaml").write_text(_config_text(root))
-    if case.prepare:
-        case.prepare(spark, root)
-    before = _versions(spark, root)
-    argv = ["backfill", "--config", str(root / "job.yaml"), "--log-level", os.environ.get("BCEMB_TEST_LOG", "ERROR"),
-            *[a.replace("{root}", str(root)) for a in case.argv], "--set", f"backfill.engine={engine}"]
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    lines = [x for x in captured.err.splitlines() if x.startswith("bcemb ")]
-    assert code == case.code, (engine, code, lines, captured.out)
-    assert len(lines) == 1 and lines[0].startswith(f"bcemb backfill: {case.error}: "), (engine, lines)
-    for fragment in case.message:
-        assert fragment in lines[0], (engine, fragment, lines[0])
-    assert _versions(spark, root) == before
+    _check_case(spark, base, tmp_path, capsys, case, ("--set", f"backfill.engine={engine}"))
 
 
 def test_a_quote_in_a_config_value_reaches_no_sql(spark, base, tmp_path, capsys):
