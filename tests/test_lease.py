@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from bclib.errors import LeaseHeldError, LeaseLostError
-from bclib.tables.lease import Lease, holder_is_dead, store_options
+from bclib.tables.lease import Lease, holder_is_dead
+from bclib.tables.storage import pyarrow_s3_options, store_options
 
 from conftest import REPO, generated_and_fitted
 
@@ -92,6 +93,16 @@ def test_storage_options_reach_obstore_with_its_names():
     assert client == {"allow_http": True}
 
 
+def test_storage_options_reach_pyarrow_with_its_names_and_small_files_as_one_put():
+    opts = pyarrow_s3_options({"AWS_ENDPOINT_URL": "127.0.0.1:9", "aws_allow_http": "true", "region": "eu-west-1",
+                               "aws_access_key_id": "k", "secret_access_key": "s", "aws_conditional_put": "etag"})
+    assert opts == {"endpoint_override": "127.0.0.1:9", "scheme": "http", "region": "eu-west-1", "access_key": "k",
+                    "secret_key": "s", "allow_delayed_open": True}
+    # pyarrow's own names pass through; a user can turn the single PUT off; a URL endpoint gives the scheme
+    assert pyarrow_s3_options({"allow_delayed_open": "false", "endpoint": "https://s3.example:9000"}) == {
+        "allow_delayed_open": False, "endpoint_override": "s3.example:9000", "scheme": "https"}
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3-compatible server on 127.0.0.1, stopped with the module."""
@@ -156,6 +167,16 @@ def _bcemb(path, *args, jvm_options=""):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _failures(procs, results) -> str:
+    """Each failed process's error lines in full (a stderr tail alone is mostly Spark's start-up log)."""
+    parts = []
+    for proc, (_, stderr) in zip(procs, results):
+        if proc.returncode:
+            lines = [ln for ln in stderr.splitlines() if "Error" in ln or "ERROR" in ln or "Exception" in ln]
+            parts.append(f"rc {proc.returncode}: " + "\n".join(lines[-12:] or stderr.splitlines()[-20:]))
+    return "\n---\n".join(parts)
+
+
 def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project, subprocess_jvm_options):
     from bclib.tables.delta import table_exists
 
@@ -216,27 +237,53 @@ def _s3a_spark_conf(s3: dict) -> dict:
             "spark.hadoop.fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"}
 
 
+def _lease_holder_pid(s3: dict, prefix: str):
+    """The pid in the newest lease object under `prefix` on the moto server (None: no lease), read with boto3."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["aws_endpoint"], aws_access_key_id="test",
+                          aws_secret_access_key="test", region_name="us-east-1")
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="bcemb-lease", Prefix=prefix).get("Contents", []))
+    if not keys:
+        return None
+    try:
+        return json.loads(client.get_object(Bucket="bcemb-lease", Key=keys[-1])["Body"].read()).get("pid")
+    except client.exceptions.NoSuchKey:  # released between the listing and the read
+        return None
+
+
+@pytest.mark.parametrize("first", ["arrow", "spark"])
 def test_two_processes_on_one_output_on_an_s3_compatible_store_lose_no_commit(project, subprocess_jvm_options,
-                                                                                s3_server, tmp_path):
+                                                                                s3_server, tmp_path, first):
     """The object-store case of the issue: Spark's S3 log store PUTs the next commit without a condition, so
-    only the lease keeps two bcemb processes (here one on each engine, both told to wait) from both "winning"
-    a version. Output on the S3-compatible server, sources on local disk; read back with delta-rs."""
+    only the lease keeps two bcemb processes (one on each engine, both told to wait) from both "winning" a
+    version. Output on the S3-compatible server, sources on local disk; read back with delta-rs.
+
+    The order is fixed, not raced: the second process starts once the first holds the lease (its pid in the
+    newest lease object), so each engine's S3 write is the one tested in one of the two cases."""
     from deltalake import DeltaTable
 
     path, _, n_src = project
     data = yaml.safe_load(path.read_text())
-    data["output_location"] = "s3a://bcemb-lease/warehouse/out"
+    output = f"s3a://bcemb-lease/warehouse/out_{first}"
+    data["output_location"] = output
     data["spark"]["conf"] = _s3a_spark_conf(s3_server)
     data["backfill"] = {"storage_options": s3_server}
     procs = []
-    for engine in ("spark", "arrow"):
+    for engine in (first, "spark" if first == "arrow" else "arrow"):
         data["backfill"]["engine"] = engine
         conf = tmp_path / f"s3_{engine}.yaml"
         conf.write_text(yaml.safe_dump(data))
         procs.append(_bcemb(conf, "--wait-lease", "600", jvm_options=subprocess_jvm_options))
+        deadline = time.monotonic() + 300
+        while len(procs) == 1 and _lease_holder_pid(s3_server, f"warehouse/_bcemb_leases/out_{first}/") != \
+                procs[0].pid:
+            assert procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first process never took the lease"
+            time.sleep(0.2)
     results = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [r[1][-3000:] for r in results]
-    table = DeltaTable("s3://bcemb-lease/warehouse/out", storage_options=s3_server)
+    assert [p.returncode for p in procs] == [0, 0], _failures(procs, results)
+    table = DeltaTable(output.replace("s3a://", "s3://"), storage_options=s3_server)
     rows = table.to_pyarrow_table(columns=["space_version", "id"]).to_pylist()
     per_space: dict = {}
     for r in rows:
@@ -249,13 +296,15 @@ def test_two_processes_on_one_output_on_an_s3_compatible_store_lose_no_commit(pr
 
     client = boto3.client("s3", endpoint_url=s3_server["aws_endpoint"], aws_access_key_id="test",
                           aws_secret_access_key="test", region_name="us-east-1")
-    listing = client.list_objects_v2(Bucket="bcemb-lease", Prefix="warehouse/out/_delta_log/")
+    listing = client.list_objects_v2(Bucket="bcemb-lease", Prefix=f"warehouse/out_{first}/_delta_log/")
     commits = sorted(o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".json"))
-    operations = [next(json.loads(line)["commitInfo"]["operation"] for line in client.get_object(
+    infos = [next(json.loads(line)["commitInfo"] for line in client.get_object(
         Bucket="bcemb-lease", Key=key)["Body"].read().decode().splitlines() if '"commitInfo"' in line)
         for key in commits]
-    # one process wrote (one commit); the other waited for the lease, then found the spaces up to date
-    assert len(operations) == 1 and table.version() == 0, operations
+    # one process wrote (one commit): the first; the other waited for the lease, then found the spaces up to date
+    assert len(infos) == 1 and table.version() == 0, infos
+    writer = "spark" if str(infos[0].get("engineInfo", "")).startswith("Apache-Spark") else "arrow"
+    assert writer == first, infos
 
 
 def test_a_lease_lost_before_the_commit_stops_the_run_and_writes_nothing(spark, project, tmp_path):

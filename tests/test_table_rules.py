@@ -92,12 +92,16 @@ def test_source_layouts_the_raw_reads_would_get_wrong_fall_back_to_spark(spark, 
 
 
 def test_part_files_of_a_killed_first_run_neither_block_the_location_nor_stay(spark, fitted, tmp_path):
-    """A first arrow run killed after its tasks wrote files but before the commit that creates the table."""
+    """A first arrow run killed after its tasks wrote files but before the commit that creates the table; and
+    an empty space folder, what a failed task leaves where its files were removed (on an object store a
+    folder-marker object: CI once saw the next run refuse such a location as "not empty")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from bclib.tables.output import read_output_state
 
+    (tmp_path / "out" / "space_version=1").mkdir(parents=True)
+    assert not read_output_state(spark, str(tmp_path / "out")).exists  # only the empty folder: no refusal
     orphan = tmp_path / "out" / "space_version=0" / "part-00000-1b2c3d4e-c000.snappy.parquet"
     orphan.parent.mkdir(parents=True)
     pq.write_table(pa.table({"id": [1]}), orphan)

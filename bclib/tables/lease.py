@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from bclib.errors import LeaseHeldError, LeaseLostError
+from bclib.tables.storage import store_options
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +74,6 @@ def holder_is_dead(body: dict) -> bool:
     return body.get("pid_start") is not None and start != body.get("pid_start")
 _lock = threading.RLock()
 _held: dict[str, list] = {}  # location -> [Lease, depth]
-
-
-# object_store client settings (obstore's client_options), given among delta-rs style storage options
-_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url", "user_agent"}
-
-
-def store_options(location: str, storage_options: Optional[dict]) -> tuple[dict, dict]:
-    """(config, client_options) for obstore from bcemb's storage options (the keys delta-rs takes: both are
-    the Rust object_store crate's names, e.g. aws_endpoint, aws_region, aws_allow_http). Pure."""
-    config: dict = {}
-    client: dict = {}
-    s3 = location.startswith(("s3://", "s3a://"))
-    for key, value in (storage_options or {}).items():
-        k = str(key).lower()
-        bare = k.split("_", 1)[1] if k.startswith(("aws_", "azure_", "google_")) else k
-        if bare in _CLIENT_KEYS:
-            client[bare] = str(value).lower() == "true" if str(value).lower() in ("true", "false") else value
-        elif s3 and k in ("endpoint", "endpoint_url", "aws_endpoint_url"):
-            config["aws_endpoint"] = value
-        elif s3 and not k.startswith("aws_"):
-            config["aws_" + k] = value
-        else:
-            config[k] = value
-    return config, client
 
 
 def _store(location: str, storage_options: Optional[dict]):

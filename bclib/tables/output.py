@@ -81,7 +81,10 @@ _PART_FILE = re.compile(r"^\.?part-[0-9a-zA-Z-]+-c\d+\.snappy\.parquet(\.crc)?$"
 
 def _orphan_part_files(fs, path) -> Optional[list]:
     """The part files of an interrupted run that never created the table (`space_version=<j>/part-*.parquet`
-    only, the layout bcemb writes), as Hadoop paths; None when the directory holds anything else."""
+    only, the layout bcemb writes), as Hadoop paths; None when the directory holds anything else.
+
+    An empty `space_version=<j>` directory counts as such a leftover too (the list may be empty): on an
+    object store it is a directory-marker object a writer left, or what stays of a failed task's files."""
     found = []
     for status in fs.listStatus(path):
         if not (status.isDirectory() and _SPACE_DIR.match(status.getPath().getName())):
@@ -105,7 +108,7 @@ def _check_location(spark, location: str) -> None:
         return
     if not fs.getFileStatus(path).isDirectory():
         raise OutputLocationError(f"output location '{location}' is a file, not a Delta table directory")
-    if _orphan_part_files(fs, path):
+    if _orphan_part_files(fs, path) is not None:
         return
     names = [s.getPath().getName() for s in fs.listStatus(path)]
     if names:
@@ -125,13 +128,14 @@ def remove_orphan_part_files(spark, location: str) -> int:
     path, fs = _hadoop_path(spark, location)
     if not fs.exists(path):
         return 0
-    orphans = _orphan_part_files(fs, path) or []
-    if orphans:
-        log.warning("output: %s has no Delta table but %d part file(s) of an interrupted run (space_version=*/"
-                    "part-*.parquet, never committed): removing them", location, len(orphans))
-        for status in fs.listStatus(path):
+    orphans = _orphan_part_files(fs, path)
+    leftovers = list(fs.listStatus(path)) if orphans is not None else []
+    if leftovers:
+        log.warning("output: %s has no Delta table but %d part file(s) in %d space_version=* folder(s) of an "
+                    "interrupted run (never committed): removing them", location, len(orphans), len(leftovers))
+        for status in leftovers:
             fs.delete(status.getPath(), True)
-    return len(orphans)
+    return len(orphans or [])
 
 
 def check_output_schema(spark, location: str, id_type: str) -> None:

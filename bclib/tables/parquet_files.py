@@ -24,11 +24,13 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+from pyarrow import fs as pafs
 
 from bclib.numerics.arrow import usable_rows
 from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn
 from bclib.errors import output_write_error
 from bclib.tables.ids import normalise_ids
+from bclib.tables.storage import pyarrow_s3_options
 
 PARTITION = "space_version"
 
@@ -50,54 +52,18 @@ def _fs_and_path(uri: str, storage_options: Optional[dict] = None):
     Spark's `s3a://` is read as `s3://`. Credentials come from `storage_options` (passed to the
     filesystem, e.g. access_key/secret_key/region for S3) or the environment, as pyarrow documents.
     """
-    from pyarrow import fs
-
     if "://" not in uri:
-        return fs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
     if uri.startswith("file://"):
-        return fs.LocalFileSystem(), uri[len("file://"):]
+        return pafs.LocalFileSystem(), uri[len("file://"):]
     if uri.startswith("s3a://"):
         uri = "s3://" + uri[len("s3a://"):]
     if storage_options and uri.startswith("s3://"):
         bucket_path = uri[len("s3://"):]
-        return fs.S3FileSystem(**pyarrow_s3_options(storage_options)), bucket_path
-    return fs.FileSystem.from_uri(uri)
-
-
-# object_store (delta-rs, obstore) key -> pyarrow.fs.S3FileSystem argument; pyarrow's own names pass through
-_S3_KEYS = {"access_key_id": "access_key", "secret_access_key": "secret_key", "session_token": "session_token",
-            "token": "session_token", "region": "region", "default_region": "region", "endpoint": "endpoint_override",
-            "endpoint_url": "endpoint_override"}
-_PYARROW_S3 = {"access_key", "secret_key", "session_token", "region", "endpoint_override", "scheme",
-               "allow_delayed_open", "connect_timeout", "request_timeout", "anonymous"}
-
-
-def pyarrow_s3_options(storage_options: dict) -> dict:
-    """pyarrow.fs.S3FileSystem keyword arguments from bcemb's storage options, which use the Rust object_store
-    crate's names (what delta-rs and obstore take: aws_access_key_id, aws_secret_access_key, aws_region,
-    aws_endpoint, aws_allow_http, ... with or without `aws_`, any case). pyarrow's own argument names are
-    accepted as they are; keys pyarrow has no use for (e.g. aws_conditional_put) are left out. A plain-http
-    endpoint or aws_allow_http=true selects scheme http. Pure."""
-    out: dict = {}
-    allow_http = False
-    for key, value in storage_options.items():
-        k = str(key).lower()
-        if k in _PYARROW_S3:
-            out[k] = value
-            continue
-        bare = k[len("aws_"):] if k.startswith("aws_") else k
-        if bare == "allow_http":
-            allow_http = str(value).lower() == "true"
-        elif bare in _S3_KEYS:
-            out[_S3_KEYS[bare]] = value
-    endpoint = out.get("endpoint_override")
-    if isinstance(endpoint, str) and "://" in endpoint:
-        scheme, rest = endpoint.split("://", 1)
-        out["endpoint_override"] = rest
-        out.setdefault("scheme", scheme)
-    elif allow_http:
-        out.setdefault("scheme", "http")
-    return out
+        return pafs.S3FileSystem(**pyarrow_s3_options(storage_options)), bucket_path
+    if uri.startswith("s3://") and "?" not in uri:  # credentials from the environment: one PUT per small file too
+        return pafs.FileSystem.from_uri(uri + "?allow_delayed_open=true")
+    return pafs.FileSystem.from_uri(uri)
 
 
 @dataclass
@@ -204,7 +170,8 @@ def make_task_fn(
             full = f"{out_path.rstrip('/')}/{name}"
             written.append(full)
             try:
-                out_fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
+                if isinstance(out_fs, pafs.LocalFileSystem):  # object stores have no folders: no marker objects
+                    out_fs.create_dir(full.rsplit("/", 1)[0], recursive=True)
                 with out_fs.open_output_stream(full) as sink:
                     pq.write_table(table, sink, compression="snappy", use_compliant_nested_type=True,
                                    coerce_timestamps="us")
