@@ -53,6 +53,9 @@ class EmbeddingSource:
     id_column: str = "id"
     vector_column: str = "vector"
     versions: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    # how the vector column stores a vector: array<float|double> ("array"), little-endian float32 bytes in a
+    # binary column ("float32_le", lossless), or a JSON array in a string column ("json"); decoded on read
+    vector_encoding: Literal["array", "float32_le", "json"] = "array"
 
 
 @dataclass(frozen=True)

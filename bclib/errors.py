@@ -30,6 +30,10 @@ class MissingColumnError(BcembError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class VectorTypeError(BcembError, TypeError):
+    """The vector column exists but its type is not one bcemb reads (the found type and a conversion are named)."""
+
+
 class DimensionMismatchError(BcembError, ValueError):
     """Arrays or vectors do not have the dimension the transform expects."""
 

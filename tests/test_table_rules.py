@@ -111,3 +111,42 @@ def test_part_files_of_a_killed_first_run_neither_block_the_location_nor_stay(sp
     run_backfill(spark, cfg)
     assert not orphan.exists()
     assert spark.read.format("delta").load(cfg.output_location).where("space_version = 0").count() > 0
+
+
+def test_an_analysts_columns_comment_and_constraint_keep_the_output_current_and_their_values(spark, fitted,
+                                                                                             tmp_path):
+    """Schema-only commits by others (ADD COLUMNS, a column comment, a constraint, a property) do not make the
+    output foreign: no rewrite, status current. The values an analyst then puts in an added column survive a
+    full rewrite (the spark engine joins them back by space and id; auto leaves the arrow engine, which would
+    write nulls, and a forced arrow engine is refused by the column's name)."""
+    from bclib.steps.status import run_status
+    from bclib.tables.output import read_output_state
+
+    cfg = _cfg(fitted, tmp_path)
+    assert run_backfill(spark, cfg).engine == "arrow"
+    out = cfg.output_location
+    spark.sql(f"ALTER TABLE delta.`{out}` ADD COLUMNS (note STRING COMMENT 'the analyst''s')")
+    spark.sql(f"ALTER TABLE delta.`{out}` ALTER COLUMN chain_id COMMENT 'which transforms'")
+    spark.sql(f"ALTER TABLE delta.`{out}` ADD CONSTRAINT has_id CHECK (id IS NOT NULL)")
+    spark.sql(f"ALTER TABLE delta.`{out}` SET TBLPROPERTIES ('team.owner' = 'analytics')")
+    edited = current_delta_version(spark, out)
+    assert not read_output_state(spark, out).foreign
+    assert run_backfill(spark, cfg).skipped and current_delta_version(spark, out) == edited  # 0 commits
+    assert run_status(spark, cfg).current
+    # the analyst fills the column (a data change: the next run rewrites), then a rewrite keeps the values
+    spark.sql(f"UPDATE delta.`{out}` SET note = concat('n', cast(id AS string)) WHERE id % 3 = 0")
+    notes = {(r.space_version, r.id): r.note for r in spark.read.format("delta").load(out).collect()}
+    assert sum(v is not None for v in notes.values()) > 0
+    with pytest.raises(EngineUnavailableError, match=r"column\(s\) bcemb does not own \(note\)"):
+        run_backfill(spark, _cfg(fitted, tmp_path, engine="arrow"))
+    assert current_delta_version(spark, out) == edited + 1  # the refusal wrote nothing
+    result = run_backfill(spark, cfg)
+    assert result.engine == "spark" and "note" in result.engine_reason and result.commits == 1
+    after = spark.read.format("delta").load(out)
+    assert {(r.space_version, r.id): r.note for r in after.collect()} == notes
+    fields = {f.name: f for f in after.schema.fields}
+    assert fields["note"].metadata.get("comment") == "the analyst's"
+    assert fields["chain_id"].metadata.get("comment") == "which transforms"
+    props = spark.sql(f"DESCRIBE DETAIL delta.`{out}`").first().properties
+    assert props.get("delta.constraints.has_id") and props.get("team.owner") == "analytics"
+    assert run_status(spark, cfg).current

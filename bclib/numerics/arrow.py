@@ -110,3 +110,63 @@ def usable_rows(vectors: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, int]:
         row_of = np.repeat(np.flatnonzero(valid), lengths[valid])
         bad_elem_rows[np.unique(row_of[~elem_ok])] = True
     return mask & ~bad_elem_rows, dim
+
+
+VECTOR_ENCODINGS = ("array", "float32_le", "json")
+
+
+def decode_vectors(encoded: pa.Array | pa.ChunkedArray, encoding: str) -> pa.ListArray:
+    """list<float32> vectors from a column that stores them encoded (`embeddings.vector_encoding`).
+
+    encoding 'float32_le': binary, each row the vector's float32 values as little-endian bytes (4 * d bytes,
+    as numpy's `astype('<f4').tobytes()`, feature-store exports and pgvector's binary format write them);
+    'json': string, each row a JSON array of numbers (e.g. "[0.1, -2.5e-3]"), each parsed as a float64 and
+    rounded once to float32. 'array': returned as list<float32> (cast when float64).
+    Lossless for float32_le; a row that cannot be decoded (byte length not a multiple of 4, text that is not a
+    JSON array of finite-or-not numbers, a null element) becomes a null vector, which the readers then refuse
+    or quarantine by id like any null vector. Shape: rows in = rows out. Pure (numpy/pyarrow only).
+    Raises ValueError for an unknown encoding or a column of the wrong Arrow type for it.
+    """
+    import json
+
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
+    if encoding == "array":
+        return encoded if encoded.type == pa.list_(pa.float32()) else encoded.cast(pa.list_(pa.float32()))
+    if encoding == "float32_le":
+        if not (pa.types.is_binary(encoded.type) or pa.types.is_large_binary(encoded.type)):
+            raise ValueError(f"vector_encoding float32_le needs a binary column, found {encoded.type}")
+        if pa.types.is_binary(encoded.type) and encoded.null_count == 0 and len(encoded):
+            offsets = np.frombuffer(encoded.buffers()[1], np.int32)[encoded.offset:encoded.offset + len(encoded) + 1]
+            if not np.any(offsets % 4 - offsets[0] % 4):  # every row whole floats: one view of the data buffer
+                values = np.frombuffer(encoded.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].view("<f4")
+                return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]) // 4, pa.int32()),
+                                                pa.array(values.astype(np.float32, copy=False), pa.float32()))
+        rows = encoded.to_pylist()
+        vectors = [np.frombuffer(b, dtype="<f4").astype(np.float32) if b is not None and len(b) % 4 == 0
+                   else None for b in rows]
+    elif encoding == "json":
+        if not (pa.types.is_string(encoded.type) or pa.types.is_large_string(encoded.type)):
+            raise ValueError(f"vector_encoding json needs a string column, found {encoded.type}")
+
+        def parse(text: Optional[str]) -> Optional[np.ndarray]:
+            if text is None:
+                return None
+            try:
+                value = json.loads(text)
+            except ValueError:
+                return None
+            if not isinstance(value, list) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+                return None
+            return np.asarray(value, dtype=np.float64).astype(np.float32)
+
+        vectors = [parse(t) for t in encoded.to_pylist()]
+    else:
+        raise ValueError(f"unknown vector_encoding {encoding!r}; one of {VECTOR_ENCODINGS}")
+    lengths = np.array([0 if v is None else len(v) for v in vectors], dtype=np.int64)
+    offsets = np.zeros(len(vectors) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([v for v in vectors if v is not None]) if lengths.sum() else np.zeros(0, np.float32)
+    mask = pa.array([v is None for v in vectors], pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.float32()), mask=mask)

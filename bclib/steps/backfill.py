@@ -460,7 +460,7 @@ def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: Version
                                                                    cfg.backfill.target_batch_mb)
     fn = make_task_fn(plan.kernel, plan.chain_ids, plan.source_version, produced_at, root, emb.id_column,
                       emb.vector_column, emb.version_column, source.version, drop_invalid, file_rows, opts,
-                      batch_rows)
+                      batch_rows, emb.vector_encoding)
     log.info("backfill: arrow engine: %d task(s) over %d row groups of Delta v%d", len(tasks),
              sum(len(g) for t in tasks for _, g in t.parts), source.delta_version)
     texts = [t.to_json() for t in tasks]

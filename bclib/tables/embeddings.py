@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from bclib.errors import DuplicateIdError, IdTypeError, MissingColumnError, NullIdError
+from bclib.errors import DuplicateIdError, IdTypeError, NullIdError, VectorTypeError
 from bclib.numerics.arrow import list_to_matrix, usable_rows
 from bclib.numerics.samples import Sample
 from bclib.tables.delta import current_delta_version, read_delta, require_columns, require_table, table_exists
@@ -48,25 +48,22 @@ def select_version(df, cfg, version: int, location: str, extra: Sequence[str] = 
     The id is read as the id rule says (`bclib.tables.ids`): int/smallint/tinyint and decimal(p <= 18, 0)
     cast to bigint, bigint and string as they are.
 
-    Raises MissingColumnError naming the missing column (and the available ones), or the vector
-    column's actual type when it is not array<float|double> (a VectorUDT column: use vector_to_array);
+    The vector is read as `embeddings.vector_encoding` says: array<float|double> as it is (double cast to
+    float), binary little-endian float32 bytes or JSON text decoded (`decode_vectors`; undecodable rows
+    become null vectors, refused or quarantined by id downstream).
+
+    Raises MissingColumnError naming the missing column (and the available ones); VectorTypeError naming the
+    vector column's actual type and a conversion when the encoding cannot read it (`check_vector_type`);
     IdTypeError when the id column's type is refused (decimal(20, 0), double, binary, ...).
     """
     from pyspark.sql import functions as F
-    from pyspark.sql.types import ArrayType, DoubleType, FloatType, LongType
+    from pyspark.sql.types import DoubleType, LongType
 
     emb = cfg.embeddings
     needed = [emb.id_column, emb.vector_column] + ([emb.version_column] if emb.version_column else [])
     require_columns(df, needed, location)
     vtype = df.schema[emb.vector_column].dataType
-    if not (isinstance(vtype, ArrayType) and isinstance(vtype.elementType, (FloatType, DoubleType))):
-        hint = ""
-        if type(vtype).__name__ == "VectorUDT":
-            hint = ("; it is a Spark ML vector: convert it with pyspark.ml.functions.vector_to_array("
-                    f"'{emb.vector_column}', 'float32') into an array<float> column")
-        raise MissingColumnError(
-            f"table '{location}' column '{emb.vector_column}' must be array<float>, found {vtype.simpleString()}{hint}"
-        )
+    check_vector_type(vtype, emb.vector_encoding, emb.vector_column, location)
     id_type = df.schema[emb.id_column].dataType
     id_kind = spark_read_type(id_type)
     if id_kind is None:
@@ -77,9 +74,56 @@ def select_version(df, cfg, version: int, location: str, extra: Sequence[str] = 
     if id_kind == "bigint" and not isinstance(id_type, LongType):
         ids = ids.cast("bigint")
     vec = F.col(emb.vector_column)
-    if isinstance(vtype.elementType, DoubleType):
+    if emb.vector_encoding != "array":
+        vec = _decoder(emb.vector_encoding)(vec)
+    elif isinstance(vtype.elementType, DoubleType):
         vec = vec.cast("array<float>")
     return df.select(ids.alias("id"), vec.alias("vector"), *extra)
+
+
+def check_vector_type(vtype, encoding: str, column: str, location: str) -> None:
+    """VectorTypeError unless the vector column's Spark type `vtype` is one `embeddings.vector_encoding` reads:
+    array<float|double> for "array", binary for "float32_le", string for "json". The message names the found
+    type and the conversion for the common ones (binary float32 bytes, JSON text, a Spark ML vector)."""
+    from pyspark.sql.types import ArrayType, BinaryType, DoubleType, FloatType, StringType
+
+    wanted = {"array": "array<float>", "float32_le": "binary", "json": "string"}[encoding]
+    if encoding == "array" and isinstance(vtype, ArrayType) and isinstance(vtype.elementType, (FloatType, DoubleType)):
+        return
+    if (encoding == "float32_le" and isinstance(vtype, BinaryType)) or (
+            encoding == "json" and isinstance(vtype, StringType)):
+        return
+    hint = ""
+    if type(vtype).__name__ == "VectorUDT":
+        hint = ("; it is a Spark ML vector: convert it with pyspark.ml.functions.vector_to_array("
+                f"'{column}', 'float32') into an array<float> column")
+    elif isinstance(vtype, BinaryType):
+        hint = ("; if each value is the vector's float32 values as little-endian bytes (4 bytes a value), set "
+                "embeddings.vector_encoding: float32_le (decoded on read, lossless), or convert it to "
+                "array<float> (numpy: np.frombuffer(value, '<f4'))")
+    elif isinstance(vtype, StringType):
+        hint = ("; if each value is a JSON array of numbers, set embeddings.vector_encoding: json (decoded on "
+                f"read), or convert it with from_json({column}, 'array<float>')")
+    elif isinstance(vtype, ArrayType):
+        hint = f"; cast its elements: {column}.cast('array<float>')"
+    raise VectorTypeError(f"table '{location}' column '{column}' must be {wanted} (embeddings.vector_encoding: "
+                          f"{encoding}), found {vtype.simpleString()}{hint}")
+
+
+def _decoder(encoding: str):
+    """A pandas UDF (one Arrow batch at a time) decoding an encoded vector column with `decode_vectors`: the
+    same function the arrow engine runs, so both engines read the same float32 values."""
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    def decode(col):
+        from bclib.numerics.arrow import decode_vectors
+
+        arrow_type = pa.binary() if encoding == "float32_le" else pa.string()
+        return decode_vectors(pa.array(col, arrow_type, from_pandas=True), encoding).to_pandas()
+
+    decode.__annotations__ = {"col": pd.Series, "return": pd.Series}  # real types: this module's hints are strings
+    return pandas_udf(decode, "array<float>")
 
 
 def check_version_ids(spark, cfg) -> dict[int, str]:

@@ -138,6 +138,15 @@ def remove_orphan_part_files(spark, location: str) -> int:
     return len(orphans or [])
 
 
+def others_columns(spark, location: str) -> list[str]:
+    """The output table's columns that bcemb does not write (an analyst's ADD COLUMNS), in table order.
+
+    bcemb owns OUTPUT_COLUMNS; a full rewrite on the spark engine carries the others' values through by
+    (space_version, id) (`write_full`), an incremental MERGE leaves them on the rows it updates; the arrow
+    engine does not write them (auto chooses spark, `delta_rs.target_blockers`)."""
+    return [f.name for f in read_delta(spark, location).schema.fields if f.name not in OUTPUT_COLUMNS]
+
+
 def check_output_schema(spark, location: str, id_type: str) -> None:
     """OutputLocationError when an existing output table lacks a column or has another type for one."""
     df = read_delta(spark, location)
@@ -164,8 +173,10 @@ def check_output_schema(spark, location: str, id_type: str) -> None:
 # Delta operations that leave the table's rows as they were: a run after them still knows what each space
 # holds from the last bcemb commit before them (VACUUM writes START/END commits since Delta 3; OPTIMIZE and
 # REORG rewrite files with dataChange = false; the others change only metadata or the protocol)
+# an analyst's ADD COLUMNS, column comment (CHANGE COLUMN) or constraint adds no rows and changes none of bcemb's
 CONTENT_PRESERVING_OPERATIONS = frozenset({"VACUUM START", "VACUUM END", "OPTIMIZE", "REORG", "SET TBLPROPERTIES",
-                                           "UNSET TBLPROPERTIES", "UPGRADE PROTOCOL"})
+                                           "UNSET TBLPROPERTIES", "UPGRADE PROTOCOL", "ADD COLUMNS",
+                                           "CHANGE COLUMN", "ADD CONSTRAINT", "DROP CONSTRAINT"})
 _STATE_HISTORY = 200  # commits looked back through for the last bcemb lineage
 
 
@@ -270,8 +281,19 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
     = `txn` (Delta skips the commit if that application id already reached that version). `read_version`:
     the output's Delta version the work was planned on (None: no table then); the commit rule
     (`tables/commits.py`) runs first and raises ConcurrentCommitError when a commit since touched `spaces`.
+    Columns of the table that bcemb does not own (`others_columns`, an analyst's) keep their values: they are
+    joined back by (space_version, id) from `read_version`; rows of new ids get null there.
     """
     spaces_sql = ", ".join(str(int(s)) for s in spaces)
+    check_commit(spark, location, read_version, spaces, f"full rewrite of spaces {list(spaces)}")
+    before = _version_or_none(spark, location)
+    carried = others_columns(spark, location) if before is not None else []
+    if carried:  # an analyst's columns: their values stay with their (space, id), read at the planned version
+        old = read_delta(spark, location, read_version if read_version is not None else before).where(
+            f"space_version IN ({spaces_sql})").select("space_version", "id", *carried)
+        df = df.join(old, ["space_version", "id"], "left")
+        log.info("output: carrying column(s) %s that bcemb does not own through the rewrite of spaces %s "
+                 "(joined back by space_version and id; new ids get null)", carried, list(spaces))
     writer = (
         df.write.format("delta").mode("overwrite")
         .option("maxRecordsPerFile", int(max_records_per_file))
@@ -280,8 +302,6 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
         .option("txnAppId", txn[0]).option("txnVersion", int(txn[1]))
         .partitionBy("space_version")
     )
-    check_commit(spark, location, read_version, spaces, f"full rewrite of spaces {list(spaces)}")
-    before = _version_or_none(spark, location)
     # a table this write creates gets `create_properties` (Delta's properties.defaults apply at creation only)
     defaults = {f"spark.databricks.delta.properties.defaults.{k.removeprefix('delta.')}": v
                 for k, v in (create_properties or {}).items()} if before is None else {}

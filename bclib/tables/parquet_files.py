@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import fs as pafs
 
-from bclib.numerics.arrow import usable_rows
+from bclib.numerics.arrow import decode_vectors, usable_rows
 from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn
 from bclib.errors import output_write_error
 from bclib.tables.ids import normalise_ids
@@ -138,11 +138,15 @@ def make_task_fn(
     kernel: MultiSpaceKernel, chain_ids: dict[int, str], source_version: int, produced_at_us: int,
     out_root: str, id_column: str, vector_column: str, version_column: Optional[str], version: int,
     drop_invalid: bool, file_rows: int, storage_options: Optional[dict] = None, batch_rows: Optional[int] = None,
+    vector_encoding: str = "array",
 ) -> Callable[[Iterator[str]], Iterator[str]]:
     """The function Spark tasks run: task JSON in, the add-action JSON of every file written out.
 
     The kernel runs on slices of at most `batch_rows` rows (None: one call per file part), as the
     spark engine's Arrow batches of `spark.sql.execution.arrow.maxRecordsPerBatch` rows.
+
+    Vectors stored encoded (`vector_encoding` float32_le / json) are decoded with `decode_vectors`, the
+    function the spark engine's reads run, so both engines read the same values.
 
     Ids are cast per file part to their read type (`bclib.tables.ids`: int32 and decimal(p <= 18, 0) ->
     int64), the type the spark engine reads and the output table gets: a table whose id column Delta widened
@@ -208,14 +212,18 @@ def make_task_fn(
 
                     data = data.filter(pc.equal(data.column(version_column), version))
                 ids, vectors = normalise_ids(data.column(id_column)), data.column(vector_column)
-                if pa.types.is_list(vectors.type) and vectors.type.value_type != pa.float32():
+                if vector_encoding != "array":  # binary float32 bytes or JSON text: as the spark engine decodes
+                    vectors = decode_vectors(vectors, vector_encoding)
+                elif pa.types.is_list(vectors.type) and vectors.type.value_type != pa.float32():
                     vectors = vectors.cast(pa.list_(pa.float32()))
+                if isinstance(vectors, pa.ChunkedArray):
+                    vectors = vectors.combine_chunks()
                 if drop_invalid and data.num_rows:
                     mask, dim = usable_rows(vectors)
                     mask &= np.asarray(ids.combine_chunks().is_valid())
                     mask &= dim == kernel.dim_in
                     keep = pa.array(mask)
-                    ids, vectors = ids.combine_chunks().filter(keep), vectors.combine_chunks().filter(keep)
+                    ids, vectors = ids.combine_chunks().filter(keep), vectors.filter(keep)
                 batch = pa.RecordBatch.from_arrays([ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids,
                                                     vectors.combine_chunks() if isinstance(vectors, pa.ChunkedArray)
                                                     else vectors], names=["id", "vector"])
