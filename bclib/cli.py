@@ -22,6 +22,7 @@ log = logging.getLogger("bcemb")
 
 EXIT_OK, EXIT_DATA, EXIT_CONFIG, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_LEASE = 75  # EX_TEMPFAIL (sysexits.h): a scheduler retries later
+EXIT_PARTIAL = 4  # published, but some spaces were left as they were (their version table unreadable)
 
 WRITING_STEPS = ("run", "demo", "fit", "backfill", "evaluate", "maintain")  # they hold the run lease
 
@@ -286,12 +287,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         named = executor_error(exc)
         if isinstance(named, GateRejectedError):
             return fail(named, EXIT_GATE)
+        if named is None:
+            from bclib.tables.embeddings import files_missing_error
+
+            gone = files_missing_error(exc, cfg)  # a version's data file deleted outside Delta, named
+            if gone is not None:
+                gone.__cause__ = exc
+                return fail(gone, EXIT_DATA)
         return fail(exc, EXIT_DATA)
     if text:
         print(text)
     if hasattr(result, "summary") and not (text and text.endswith(result.summary())):
         log.info(result.summary())
+    left = unpublished_spaces(result)
+    if left:
+        print(f"bcemb {name}: partly published: space(s) {sorted(left)} left as they were: "
+              + "; ".join(f"space {j}: {why}" for j, why in sorted(left.items())), file=sys.stderr)
+        return EXIT_PARTIAL
     return EXIT_OK
+
+
+def unpublished_spaces(result) -> dict:
+    """Spaces a backfill (alone or inside `run`) left as they were because their version table is unreadable."""
+    from bclib.steps.backfill import BackfillResult
+
+    backfill = getattr(result, "backfill", None) if not isinstance(result, BackfillResult) else result
+    return dict(backfill.unreadable) if isinstance(backfill, BackfillResult) else {}
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ class MissingTableError(BcembError, LookupError):
     """An input Delta table (path or catalog name) does not exist."""
 
 
+class VersionTableEmptyError(BcembError, ValueError):
+    """An embedding version's table exists but holds no rows (every row deleted, an empty export)."""
+
+
+class VersionFilesMissingError(BcembError, LookupError):
+    """An embedding version's Delta log lists data files that are gone (deleted outside Delta)."""
+
+
 class MissingColumnError(BcembError, KeyError):
     """A table lacks a column the config names."""
 

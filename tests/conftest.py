@@ -68,6 +68,10 @@ SLOW_TESTS = (
     "tests/test_end_to_end.py::test_fit_sampling_is_one_scan_per_table",  # 22 s
     "tests/test_bad_input_catalogue.py::test_a_quote_in_a_config_value",  # 12-20 s
     "tests/test_ids_and_time.py::test_ids_keep_their_exact_value_through_fit_and_backfill[near 2^63",  # 11-13 s
+    "tests/test_vector_encoding.py::test_an_encoded_source_backfills_as_its_array_twin_on_both_engines",  # 4 x 8 s
+    "tests/test_lost_versions.py::test_a_lost_old_version_is_named_and_holds_back_only_its_own_space[removed",
+    "tests/test_lost_versions.py::test_a_lost_old_version_is_named_and_holds_back_only_its_own_space[files_gone",
+    "tests/test_table_rules.py::test_an_analysts_columns_comment_and_constraint",
 )
 # the bad-input catalogue: these cases stay in the fast run, every other case is slow (6-15 s each)
 FAST_CATALOGUE_CASES = ("[NaN element]", "[null ids]", "[wrong vector length]", "[empty source]")
@@ -202,14 +206,37 @@ def small_config(tmp_path: Path, **sections):
     return config_from_dict(data)
 
 
+# sections that change neither what `generate` writes nor what `fit` fits: a world with only these is a copy
+_COPYABLE_SECTIONS = {"evaluate", "gate", "backfill", "output_location", "metrics_location", "maintenance", "lease"}
+
+
 def generated_and_fitted(spark, tmp_path: Path, **sections):
-    """small_config(tmp_path, **sections) with its demo versions generated and its transforms fitted."""
+    """small_config(tmp_path, **sections) with its demo versions generated and its transforms fitted.
+
+    The default demo and fit are the same bytes in every module: they are generated and fitted once per
+    pytest worker (beside the module folders, `<basetemp>/_demo_world`) and copied; Delta tables hold
+    relative file paths, so a copied folder is the same table at its new place. Other demo or fit settings
+    generate and fit afresh."""
+    import shutil
+
     from bclib.steps.fit import run_fit
     from bclib.steps.generate import run_generate
 
     cfg = small_config(tmp_path, **sections)
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    if not set(sections) <= _COPYABLE_SECTIONS:
+        run_generate(spark, cfg)
+        run_fit(spark, cfg)
+        return cfg
+    world = tmp_path.parent / "_demo_world"
+    if not (world / "done").exists():
+        shutil.rmtree(world, ignore_errors=True)
+        base = small_config(world)
+        run_generate(spark, base)
+        run_fit(spark, base)
+        (world / "done").touch()
+    for name in ("emb", "labels", "registry"):
+        if (world / name).exists():
+            shutil.copytree(world / name, tmp_path / name)
     return cfg
 
 

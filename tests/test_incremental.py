@@ -12,11 +12,9 @@ import pytest
 
 from bclib.errors import IncrementalUnavailableError, ShrinkGuardError
 from bclib.steps.backfill import run_backfill
-from bclib.steps.fit import run_fit
-from bclib.steps.generate import run_generate
 from bclib.tables.delta import current_delta_version, delta_table
 
-from conftest import assert_same_vectors, small_config
+from conftest import assert_same_vectors, generated_and_fitted, small_config
 
 
 def _space(spark, location, space):
@@ -39,9 +37,7 @@ def _same_content(spark, a, b, spaces=(0, 1)):
 def published(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("incr")
     # deletion vectors on the output: auto MERGEs small changes (without them it rewrites in full, tested below)
-    cfg = small_config(tmp, evaluate={"label_location": None}, backfill={"deletion_vectors": True})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    cfg = generated_and_fitted(spark, tmp, evaluate={"label_location": None}, backfill={"deletion_vectors": True})
     run_backfill(spark, cfg)
     return tmp, cfg
 
@@ -151,11 +147,9 @@ def test_a_retried_commit_is_skipped_by_delta_itself(spark, published, tmp_path)
 def test_without_change_data_feed_auto_rewrites_and_require_refuses(spark, tmp_path, caplog):
     import logging
 
-    cfg = small_config(tmp_path, evaluate={"label_location": None})
-    run_generate(spark, cfg)
+    cfg = generated_and_fitted(spark, tmp_path, evaluate={"label_location": None})
     loc = cfg.version_location(2)
     spark.sql(f"ALTER TABLE delta.`{loc}` SET TBLPROPERTIES (delta.enableChangeDataFeed = false)")
-    run_fit(spark, cfg)
     run_backfill(spark, cfg)
     _change_source(spark, cfg, seed=2, re_insert=False)
     before = current_delta_version(spark, cfg.output_location)
@@ -172,10 +166,8 @@ def test_without_change_data_feed_auto_rewrites_and_require_refuses(spark, tmp_p
 
 
 def test_deletes_beyond_max_shrink_are_refused_unless_allowed(spark, tmp_path):
-    cfg = small_config(tmp_path, evaluate={"label_location": None},
-                       backfill={"deletion_vectors": True, "incremental_max_fraction": 0.5})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    cfg = generated_and_fitted(spark, tmp_path, evaluate={"label_location": None},
+                               backfill={"deletion_vectors": True, "incremental_max_fraction": 0.5})
     run_backfill(spark, cfg)
     delta_table(spark, cfg.version_location(2)).delete("id % 4 = 0")  # a quarter of the rows
     before = current_delta_version(spark, cfg.output_location)
@@ -192,12 +184,11 @@ def test_deletes_beyond_max_shrink_are_refused_unless_allowed(spark, tmp_path):
 def test_maintain_compacts_and_vacuums_and_the_output_stays_up_to_date(spark, tmp_path):
     from bclib.steps.maintain import run_maintain
 
-    cfg = small_config(tmp_path, evaluate={"label_location": None},
-                       backfill={"arrow_batch_rows": 1000, "output_partitions": 6, "force": True},
-                       maintenance={"vacuum_retention_hours": 0, "time_travel_hours": 0, "allow_short_retention": True,
-                                    "optimize_min_files": 2, "optimize_small_file_mb": 1})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    cfg = generated_and_fitted(
+        spark, tmp_path, evaluate={"label_location": None},
+        backfill={"arrow_batch_rows": 1000, "output_partitions": 6, "force": True},
+        maintenance={"vacuum_retention_hours": 0, "time_travel_hours": 0, "allow_short_retention": True,
+                     "optimize_min_files": 2, "optimize_small_file_mb": 1})
     run_backfill(spark, cfg)
     run_backfill(spark, cfg)  # forced: a second set of files, the first now unreferenced
     before = _space(spark, cfg.output_location, 0)
@@ -218,3 +209,23 @@ def test_vacuum_shorter_than_the_promised_time_travel_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'maintenance.vacuum_retention_hours' = 24 is shorter than "
                                           r"maintenance.time_travel_hours = 168"):
         config_from_dict({"maintenance": {"vacuum_retention_hours": 24}})
+
+
+def test_an_incremental_merge_keeps_an_analysts_column_values(spark, published, tmp_path):
+    """The MERGE sets only bcemb's columns: values others put in a column they added stay on the rows it
+    updates and on the rows it does not touch; rows it inserts get null there."""
+    tmp, cfg = published
+    own = small_config(tmp, output_location=str(tmp_path / "own"), evaluate={"label_location": None},
+                       backfill={"deletion_vectors": True})
+    run_backfill(spark, own)
+    out = own.output_location
+    spark.sql(f"ALTER TABLE delta.`{out}` ADD COLUMNS (note STRING)")
+    spark.sql(f"UPDATE delta.`{out}` SET note = concat('n', cast(id AS string))")
+    run_backfill(spark, own)  # the UPDATE was a data change: one full rewrite, which carries the notes through
+    _change_source(spark, cfg, seed=11, re_insert=False)
+    result = run_backfill(spark, own)
+    assert {a for a, _ in result.actions.values()} == {"incremental"}
+    rows = spark.read.format("delta").load(out).select("id", "note").collect()
+    assert all(r.note == f"n{r.id}" for r in rows if r.note is not None)
+    new_ids = {r.id for r in rows if r.note is None}
+    assert 0 < len(new_ids) <= 2 * 4 and sum(r.note is not None for r in rows) > 0.9 * len(rows)

@@ -14,7 +14,7 @@ import pytest
 
 from bclib.errors import OutputWriteError, output_write_error
 
-from conftest import small_config
+from conftest import generated_and_fitted
 
 
 def test_pyarrow_and_os_errors_are_named():
@@ -41,13 +41,10 @@ def full_disk(tmp_path):
 
 def test_a_full_disk_fails_the_arrow_engine_by_name_and_frees_its_files(spark, tmp_path, full_disk):
     from bclib.steps.backfill import run_backfill
-    from bclib.steps.fit import run_fit
-    from bclib.steps.generate import run_generate
 
-    cfg = small_config(tmp_path, evaluate={"label_location": None}, output_location=str(full_disk / "out"),
-                       backfill={"engine": "arrow", "target_file_mb": 1}, lease={"enabled": False})
-    run_generate(spark, cfg)
-    run_fit(spark, cfg)
+    cfg = generated_and_fitted(spark, tmp_path, evaluate={"label_location": None},
+                               output_location=str(full_disk / "out"),
+                               backfill={"engine": "arrow", "target_file_mb": 1}, lease={"enabled": False})
     with pytest.raises(OutputWriteError, match=r"no space left on device at .*/out/space_version=\d/part-"):
         run_backfill(spark, cfg)
     left = [os.path.join(d, f) for d, _, files in os.walk(full_disk) for f in files]

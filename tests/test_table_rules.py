@@ -137,7 +137,7 @@ def test_an_analysts_columns_comment_and_constraint_keep_the_output_current_and_
     spark.sql(f"UPDATE delta.`{out}` SET note = concat('n', cast(id AS string)) WHERE id % 3 = 0")
     notes = {(r.space_version, r.id): r.note for r in spark.read.format("delta").load(out).collect()}
     assert sum(v is not None for v in notes.values()) > 0
-    with pytest.raises(EngineUnavailableError, match=r"column\(s\) bcemb does not own \(note\)"):
+    with pytest.raises(EngineUnavailableError, match=r"column\(s\) bcemb does not own holding values \(note\)"):
         run_backfill(spark, _cfg(fitted, tmp_path, engine="arrow"))
     assert current_delta_version(spark, out) == edited + 1  # the refusal wrote nothing
     result = run_backfill(spark, cfg)

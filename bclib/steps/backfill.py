@@ -24,7 +24,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from bclib.config import JobConfig
 from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUnavailableError, NullIdError, \
@@ -36,9 +36,9 @@ from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run
 from bclib.tables.changes import ChangesUnavailable, read_changes
 from bclib.tables.delta import is_path, retry_on_conflict
 from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version
-from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, output_layout, \
-    quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, space_state, \
-    validity_filter, write_full, write_quarantine
+from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, others_with_values, \
+    output_layout, quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, \
+    space_state, validity_filter, write_full, write_quarantine
 from bclib.tables.lease import leased
 from bclib.tables.retention import retention_properties
 from bclib.tables.registry import active_transforms
@@ -90,6 +90,8 @@ class BackfillResult:
     dry_run: bool = False
     engine: str = ""  # the engine of the full rewrite (spark | arrow), and why
     engine_reason: str = ""
+    # spaces left as they were because their version's table could not be read for the gate -> why (exit 4)
+    unreadable: dict[int, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         if self.dry_run:
@@ -97,12 +99,14 @@ class BackfillResult:
                                                      sorted(self.actions.items()))
         if self.skipped:
             return f"backfill: nothing to do, spaces {self.spaces} are up to date (run {self.run_id})"
-        done = {a: [j for j, (x, _) in self.actions.items() if x == a] for a in (FULL, INCREMENTAL, SKIP)}
+        done = {a: [j for j, (x, _) in self.actions.items() if x == a and j not in self.unreadable]
+                for a in (FULL, INCREMENTAL, SKIP)}
         engine = f" ({self.engine} engine)" if done[FULL] and self.engine else ""
+        left = f", NOT published {sorted(self.unreadable)} (version table unreadable)" if self.unreadable else ""
         return (f"backfill: {self.rows} rows in {self.commits} commit(s) in {self.seconds:.1f}s: rewrote "
                 f"{done[FULL] or 'none'}{engine}, merged changes into {done[INCREMENTAL] or 'none'}, up to date "
-                f"{done[SKIP] or 'none'} (run {self.run_id}" + (f", {self.quarantined} quarantined)" if
-                                                              self.quarantined else ")"))
+                f"{done[SKIP] or 'none'}{left} (run {self.run_id}" + (f", {self.quarantined} quarantined)" if
+                                                                     self.quarantined else ")"))
 
 
 def plan_backfill(spark, cfg: JobConfig) -> BackfillPlan:
@@ -245,6 +249,14 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
         if result.gate.rejected and cfg.gate.enforce:
             record_verdicts(spark, cfg, run_id, result.gate)  # the verdict is the only thing this run writes
         raise_if_rejected(result.gate)  # GateRejectedError when enforced; otherwise logs and goes on
+        for j, why in sorted(result.gate.unreadable.items()):  # one space's trouble stays with that space
+            actions[j] = (SKIP, f"not published: version {j}'s table cannot be read for the gate ({why})")
+            result.unreadable[j] = why
+        if all(a == SKIP for a, _ in actions.values()):
+            record_verdicts(spark, cfg, run_id, result.gate)
+            result.seconds = time.time() - started
+            log.warning("backfill: nothing published: every space to write has an unreadable version table")
+            return result
 
     n_source = source.df.count()
     if n_source == 0:
@@ -302,7 +314,9 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
                  for v in (result.gate.verdicts if result.gate else [])}
     base = state
     if full:  # before anything is written: engine: arrow where it cannot run fails here (EngineUnavailableError)
-        result.engine, result.engine_reason = choose_engine(cfg, source, out_location)
+        held = others_with_values(spark, out_location, full) if state.exists and cfg.backfill.engine != "spark" \
+            else []
+        result.engine, result.engine_reason = choose_engine(cfg, source, out_location, held)
     if not state.exists and cfg.backfill.deletion_vectors:
         remove_orphan_part_files(spark, out_location)  # a killed first run's files (this run holds the lease)
         create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True,
@@ -415,14 +429,22 @@ def delta_rs_table_exists(location: str, storage_options: Optional[dict]) -> boo
     return DeltaTable.is_deltatable(delta_rs.table_uri(location), storage_options=storage_options)
 
 
-def choose_engine(cfg: JobConfig, source: VersionRead, out_location: str) -> tuple[str, str]:
-    """(spark | arrow, why) for a full rewrite; EngineUnavailableError names why `engine: arrow` cannot run."""
+def choose_engine(cfg: JobConfig, source: VersionRead, out_location: str,
+                  others_with_values: Sequence[str] = ()) -> tuple[str, str]:
+    """(spark | arrow, why) for a full rewrite; EngineUnavailableError names why `engine: arrow` cannot run.
+
+    `others_with_values`: the output's columns bcemb does not own that hold values in the spaces to rewrite
+    (`output.others_with_values`): only the spark engine carries them through."""
     from bclib.errors import EngineUnavailableError
 
     mode = cfg.backfill.engine
     if mode == "spark":
         return "spark", "backfill.engine: spark"
     reasons = arrow_blockers(cfg, source, out_location)
+    if others_with_values:
+        reasons.append(f"the output table has column(s) bcemb does not own holding values "
+                       f"({', '.join(others_with_values)}): the spark engine carries them through a rewrite, the "
+                       "arrow engine would leave them null")
     if not reasons:
         return "arrow", "plain Delta paths that pyarrow reads and delta-rs commits to"
     if mode == "arrow":

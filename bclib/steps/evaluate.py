@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -26,7 +26,8 @@ from bclib.numerics.transforms import apply_chain, truncate_or_pad
 from bclib.steps.fit import fit_window_end
 from bclib.steps.report import format_table, write_report
 from bclib.tables.delta import read_delta, require_columns, require_table, table_exists
-from bclib.tables.embeddings import collect_sample, hash_window, read_embedding_version, sample_versions
+from bclib.tables.embeddings import UNREADABLE, collect_sample, hash_window, read_embedding_version, \
+    sample_versions, tolerant_counts
 from bclib.tables.metrics_table import append_metrics
 from bclib.tables.registry import active_transforms
 from bclib.tables.lease import leased
@@ -54,10 +55,12 @@ class EvaluateResult:
     pairs: list[PairResult] = field(default_factory=list)
     report_dir: Optional[Path] = None
     seconds: float = 0.0
+    unreadable: dict[int, str] = field(default_factory=dict)  # versions left out, and why
 
     def summary(self) -> str:
+        left_out = f"; versions left out (unreadable): {sorted(self.unreadable)}" if self.unreadable else ""
         return (f"evaluate: {len(self.pairs)} (source, space) pairs in {self.seconds:.1f}s, run {self.run_id}; "
-                f"report in {self.report_dir}")
+                f"report in {self.report_dir}{left_out}")
 
 
 @dataclass
@@ -68,6 +71,7 @@ class HeldOut:
     labels: Optional[Sample]
     window: tuple[float, float]
     delta_versions: dict[int, int]
+    unreadable: dict[int, str] = field(default_factory=dict)  # version -> why it could not be sampled
 
 
 def evaluation_window(cfg: JobConfig, rows: int) -> tuple[float, float]:
@@ -78,15 +82,34 @@ def evaluation_window(cfg: JobConfig, rows: int) -> tuple[float, float]:
     return fit_window_end(cfg, rows), 1.0
 
 
-def held_out(spark, cfg: JobConfig, versions: Optional[list[int]] = None, labels: bool = True) -> HeldOut:
-    """Sample the evaluation window of `versions` (default: all configured), one scan each, plus labels."""
+def held_out(spark, cfg: JobConfig, versions: Optional[list[int]] = None, labels: bool = True,
+             tolerate: Sequence[int] = ()) -> HeldOut:
+    """Sample the evaluation window of `versions` (default: all configured), one scan each, plus labels.
+
+    A version in `tolerate` whose table is missing, empty or lacks data files is left out and named in
+    `HeldOut.unreadable`; for any other version that is MissingTableError, VersionTableEmptyError or
+    VersionFilesMissingError."""
     wanted = sorted(versions or cfg.embeddings.versions)
-    reads = {v: read_embedding_version(spark, cfg, v) for v in wanted}
-    lo, cap = evaluation_window(cfg, min(r.df.count() for r in reads.values()))  # counts from Delta's log
+    unreadable: dict[int, str] = {}
+    reads = {}
+    for v in wanted:
+        try:
+            reads[v] = read_embedding_version(spark, cfg, v)
+        except UNREADABLE as exc:
+            if v not in tolerate:
+                raise
+            unreadable[v] = f"{type(exc).__name__}: {exc}"
+    counts = tolerant_counts(reads, tolerate, unreadable)  # Delta answers counts from its log
+    reads = {v: reads[v] for v in counts}
+    lo, cap = evaluation_window(cfg, min(counts.values()))
     samples, hi = sample_versions(reads, cfg.fit.salt, cfg.evaluate.sample_size, lo, cap=cap - lo,
-                                  drop_invalid=cfg.backfill.quarantine_location is not None)
+                                  drop_invalid=cfg.backfill.quarantine_location is not None, tolerate=tolerate,
+                                  unreadable=unreadable, counts=counts)
+    for v, why in sorted(unreadable.items()):
+        log.warning("evaluate: version %d left out: %s", v, why)
     label_sample = _labels_for(spark, cfg, lo, hi) if labels else None
-    return HeldOut(samples, label_sample, (lo, hi), {v: r.delta_version for v, r in reads.items()})
+    return HeldOut(samples, label_sample, (lo, hi), {v: r.delta_version for v, r in reads.items() if v in samples},
+                   unreadable)
 
 
 def _output_sample(spark, cfg: JobConfig, source_version: int, space: int, lo: float, hi: float):
@@ -248,14 +271,15 @@ def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> Evaluat
     """
     started = time.time()
     run_id = run_id or uuid.uuid4().hex[:12]
-    heldout = held_out(spark, cfg)
+    # a version whose table is gone, empty or lacks files leaves out its pairs (named), not the whole step
+    heldout = held_out(spark, cfg, tolerate=[v for v in cfg.embeddings.versions if v != cfg.source_version])
     lo, hi = heldout.window
     versions = sorted(heldout.samples)
     active = active_transforms(spark, cfg.registry_location)
     results: list[PairResult] = []
     for s in versions[1:]:
         for j in [v for v in versions if v < s]:
-            records = chain_records(active, versions, s, j)
+            records = chain_records(active, cfg.embeddings.versions, s, j)
             src, true = heldout.samples[s], heldout.samples[j]
             out, stored_chains = None, []
             if s == cfg.source_version and j in cfg.target_spaces:
@@ -282,6 +306,6 @@ def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> Evaluat
     print(format_table(results))
     report = write_report(results, cfg.evaluate.report_dir, run_id, report_header(cfg, active))
     log.info("evaluate: report with plots in %s", report)
-    result = EvaluateResult(run_id, results, report, time.time() - started)
+    result = EvaluateResult(run_id, results, report, time.time() - started, dict(heldout.unreadable))
     log.info("evaluate: %d (source, space) pairs in %.1fs, run %s", len(results), result.seconds, run_id)
     return result

@@ -71,6 +71,11 @@ class GateResult:
     verdicts: list[GateVerdict]
     enforced: bool
     seconds: float = 0.0
+    # spaces not judged because their version's table could not be read (missing, empty, files gone) -> why;
+    # the backfill skips them (they keep what they hold) and publishes the others
+    unreadable: dict[int, str] = field(default_factory=dict)
+    source_version: int = -1
+    chains: dict[int, str] = field(default_factory=dict)  # space -> candidate chain id (named on unreadable rows)
 
     @property
     def passed(self) -> bool:
@@ -131,12 +136,21 @@ def heldout_check(n: int, minimum: int, source_version: int, space: int) -> Chec
 
 def run_gate(spark, cfg: JobConfig, source_version: int, chains: dict[int, Sequence[TransformRecord]],
              heldout: Optional[HeldOut] = None) -> GateResult:
-    """Measure each candidate chain (space -> records) on held-out entities and judge it; writes nothing."""
+    """Measure each candidate chain (space -> records) on held-out entities and judge it; writes nothing.
+
+    A space whose version table is missing, empty or lacks data files is not judged: it is named in
+    `GateResult.unreadable` (the source version's own such error is raised)."""
     started = time.time()
     heldout = heldout or held_out(spark, cfg, sorted({source_version, *chains}),
-                                  labels=cfg.gate.min_probe_retention is not None)
+                                  labels=cfg.gate.min_probe_retention is not None, tolerate=sorted(chains))
     verdicts = []
+    unreadable = {j: why for j, why in heldout.unreadable.items() if j in chains}
+    for space, why in sorted(unreadable.items()):
+        log.warning("gate: space %d not judged, its version's table cannot be read (the space keeps what it holds; "
+                    "the other spaces go on): %s", space, why)
     for space, records in sorted(chains.items()):
+        if space in unreadable:
+            continue
         shared = np.intersect1d(heldout.samples[source_version].ids, heldout.samples[space].ids).size
         n, metrics = chain_metrics(records, heldout, source_version, space, cfg.evaluate, within=False) \
             if shared else (0, {})
@@ -150,12 +164,16 @@ def run_gate(spark, cfg: JobConfig, source_version: int, chains: dict[int, Seque
                         "evaluation slice (fit.holdout, a fraction or a row count) makes it reliable",
                         source_version, space, n)
         verdicts.append(verdict)
-    return GateResult(verdicts, cfg.gate.enforce, time.time() - started)
+    return GateResult(verdicts, cfg.gate.enforce, time.time() - started, unreadable, source_version,
+                      {j: chain_id(records) for j, records in chains.items()})
 
 
 def record_verdicts(spark, cfg: JobConfig, run_id: str, result: GateResult) -> int:
     """Append the verdicts to the metrics table (one commit): `gate.<check>` rows and one `gate` row per chain."""
     rows = []
+    for space, why in sorted(result.unreadable.items()):
+        rows.append((result.source_version, space, "gate.unreadable", float("nan"), 0, result.chains.get(space, ""),
+                     json.dumps({"why": why, "transforms": []}, sort_keys=True)))
     for v in result.verdicts:
         for c in v.checks:
             rows.append((v.source_version, v.space, f"gate.{c.metric.replace(' ', '_')}",

@@ -16,7 +16,7 @@ from bclib.config import JobConfig
 from bclib.errors import RegistryError
 from bclib.numerics.records import chain_id, chain_records
 from bclib.tables.delta import current_delta_version, delta_table, table_exists
-from bclib.tables.metrics_table import gate_verdicts
+from bclib.tables.metrics_table import gate_verdicts, unreadable_spaces
 from bclib.tables.output import read_output_state, space_rows
 from bclib.tables.registry import active_transforms
 
@@ -79,6 +79,7 @@ def run_status(spark, cfg: JobConfig) -> StatusResult:
     src_delta = current_delta_version(spark, src_loc) if table_exists(spark, src_loc) else None
     active = active_transforms(spark, cfg.registry_location)
     verdicts = gate_verdicts(spark, cfg.metrics_location)
+    unreadable = unreadable_spaces(spark, cfg.metrics_location)
     state = read_output_state(spark, cfg.output_location)
     rows = space_rows(spark, cfg.output_location) if state.exists else {}
     result = StatusResult(source_v, output_delta_version=state.delta_version)
@@ -107,13 +108,16 @@ def run_status(spark, cfg: JobConfig) -> StatusResult:
         elif active_chain is None:
             verdict = "stale (an edge of the chain has no active transform)"
         elif out_chain != active_chain:
-            verdict = "stale (chain changed)"
+            verdict = "stale (chain changed: the active chain is fitted but not published yet)"
         elif cur.get("source_version") != source_v:
             verdict = f"stale (holds version {cur.get('source_version')})"
         elif src_delta is not None and out_delta is not None and src_delta > out_delta:
             verdict = f"stale by {src_delta - out_delta} commit(s) of the source"
         else:
             verdict = "current"
+        skipped = unreadable.get(j)
+        if verdict != "current" and skipped and skipped["chain_id"] == active_chain:
+            verdict += f"; the last run (run {skipped['run_id']}) left it as it was: {skipped['why']}"
         result.spaces.append(SpaceStatus(j, active_chain, tids, gate, out_chain, cur.get("source_version"),
                                          out_delta, src_delta, rows.get(j, 0), verdict))
     return result

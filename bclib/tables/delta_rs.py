@@ -81,12 +81,6 @@ def target_blockers(dt) -> list[str]:
     constraints = sorted(k[len("delta.constraints."):] for k in conf if k.startswith("delta.constraints."))
     if constraints:
         out.append(f"the output table has CHECK constraint(s) {constraints}, which Delta enforces in Spark's writer")
-    from bclib.tables.output import OUTPUT_COLUMNS
-
-    others = [f.name for f in dt.schema().fields if f.name not in OUTPUT_COLUMNS]
-    if others:
-        out.append(f"the output table has column(s) bcemb does not own ({', '.join(others)}): the spark engine "
-                   "carries their values through a rewrite, the arrow engine would leave them null")
     for f in dt.schema().fields:
         for key, what in _WRITE_TIME_RULES.items():
             if key in (f.metadata or {}):

@@ -13,14 +13,17 @@ anything else is refused with IdTypeError before any step writes.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from bclib.errors import DuplicateIdError, IdTypeError, NullIdError, VectorTypeError
+from bclib.errors import BcembError, DuplicateIdError, IdTypeError, MissingTableError, NullIdError, \
+    VectorTypeError, VersionFilesMissingError, VersionTableEmptyError
 from bclib.numerics.arrow import list_to_matrix, usable_rows
 from bclib.numerics.samples import Sample
 from bclib.tables.delta import current_delta_version, read_delta, require_columns, require_table, table_exists
@@ -249,17 +252,106 @@ def window_fraction(wanted: int, available: int, cap: float = 0.5, slack: float 
     return min(cap, slack * wanted / max(available, 1))
 
 
+_FILE_GONE = ("FILE_NOT_EXIST", "FileNotFoundException", "No such file or directory")
+
+
+@contextmanager
+def version_files_guard(read: VersionRead) -> Iterator[None]:
+    """Run a Spark action on one version's rows: a data file its log lists but the storage lacks becomes
+    VersionFilesMissingError naming the version, the table, its Delta version and the file (not a Py4J trace)."""
+    try:
+        yield
+    except BcembError:
+        raise
+    except Exception as exc:  # Spark's FAILED_READ_FILE.FILE_NOT_EXIST (a Py4JJavaError or a captured error)
+        text = str(exc)
+        if not any(words in text for words in _FILE_GONE):
+            raise
+        found = re.search(r"(?:file|File|path)\s+(\S+?\.parquet)", text)
+        raise _files_gone(read.version, read.location, read.delta_version,
+                          found.group(1) if found else None) from exc
+
+
+def _files_gone(version: int, location: str, delta_version: Optional[int],
+                path: Optional[str]) -> VersionFilesMissingError:
+    pinned = f" (Delta v{delta_version})" if delta_version is not None else ""
+    return VersionFilesMissingError(
+        f"embedding version {version} at '{location}'{pinned}: its log lists a data file that is gone "
+        f"({path or 'file not found'}): files were deleted outside Delta (a VACUUM with a short retention "
+        "elsewhere, a manual delete). Restore the files, or rewrite the version's table; nothing was written")
+
+
+def files_missing_error(exc: BaseException, cfg) -> Optional[VersionFilesMissingError]:
+    """VersionFilesMissingError when `exc` (any Spark or pyarrow failure) says a data file under one of the
+    configured version tables is gone; None otherwise. For the CLI: a failure outside a guarded read still
+    names the version instead of ending in a Py4J trace."""
+    text = str(exc)
+    if not any(words in text for words in _FILE_GONE):
+        return None
+    for v in cfg.embeddings.versions:
+        location = cfg.version_location(v)
+        bare = location.split("://", 1)[-1].removeprefix("file:").rstrip("/")
+        if bare and bare in text:
+            found = re.search(re.escape(bare) + r"/?(\S*?\.parquet)", text)
+            return _files_gone(v, location, None, found.group(0) if found else None)
+    return None
+
+
+def version_rows(read: VersionRead) -> int:
+    """The version's row count (Delta answers it from its log); VersionTableEmptyError when it has none."""
+    with version_files_guard(read):
+        n = int(read.df.count())
+    if n == 0:
+        raise VersionTableEmptyError(
+            f"embedding version {read.version} at '{read.location}' (Delta v{read.delta_version}) has no rows "
+            "(every row deleted, or an empty table): it cannot serve as a source or as a space's truth; restore "
+            "it (time travel: RESTORE TABLE ... TO VERSION AS OF <n>) or drop the version from embeddings.versions")
+    return n
+
+
+UNREADABLE = (MissingTableError, VersionTableEmptyError, VersionFilesMissingError)
+
+
+def tolerant_counts(reads: dict[int, VersionRead], tolerate: Sequence[int] = (),
+                    unreadable: Optional[dict[int, str]] = None) -> dict[int, int]:
+    """`version_rows` of each read; a version in `tolerate` that is empty or has files missing is left out and
+    named in `unreadable` (error class and message), any other one raises."""
+    counts = {}
+    for v, read in reads.items():
+        try:
+            counts[v] = version_rows(read)
+        except UNREADABLE as exc:
+            if v not in tolerate or unreadable is None:
+                raise
+            unreadable[v] = f"{type(exc).__name__}: {exc}"
+    return counts
+
+
 def sample_versions(
     reads: dict[int, VersionRead], salt: str, wanted: int, lo: float, cap: float, drop_invalid: bool = False,
+    tolerate: Sequence[int] = (), unreadable: Optional[dict[int, str]] = None,
+    counts: Optional[dict[int, int]] = None,
 ) -> tuple[dict[int, Sample], float]:
-    """The same hash window of every version (same ids wherever present), one scan each; and the window's end."""
-    smallest = min(r.df.count() for r in reads.values())  # Delta answers counts from its log
-    width = window_fraction(wanted, smallest, cap=cap)
+    """The same hash window of every version (same ids wherever present), one scan each; and the window's end.
+
+    A version in `tolerate` whose rows cannot be read (VersionTableEmptyError, VersionFilesMissingError) is left
+    out of the samples and its error text put in `unreadable`; any other version's such error is raised.
+    `counts`: the versions' row counts when the caller has them (`version_rows`), else counted here."""
+    if counts is None:
+        counts = tolerant_counts(reads, tolerate, unreadable)
+    width = window_fraction(wanted, min(counts.values()) if counts else 1, cap=cap)
     samples = {}
-    for v, read in reads.items():
-        started = time.time()
-        samples[v] = collect_window(read.df, salt, lo, lo + width, f"vector of version {v}", read.location,
-                                    drop_invalid)
+    for v in counts:
+        read, started = reads[v], time.time()
+        try:
+            with version_files_guard(read):
+                samples[v] = collect_window(read.df, salt, lo, lo + width, f"vector of version {v}", read.location,
+                                            drop_invalid)
+        except UNREADABLE as exc:
+            if v not in tolerate or unreadable is None:
+                raise
+            unreadable[v] = f"{type(exc).__name__}: {exc}"
+            continue
         log.info("sample: version %d: %d rows (hash window [%.4f, %.4f)) in %.1fs",
                  v, len(samples[v]), lo, lo + width, time.time() - started)
     return samples, lo + width

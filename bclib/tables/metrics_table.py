@@ -69,6 +69,26 @@ def gate_verdicts(spark, location: str) -> dict[str, dict]:
     return out
 
 
+def unreadable_spaces(spark, location: str) -> dict[int, dict]:
+    """Per space, the latest `gate.unreadable` row (a run could not read the space's version table and left the
+    space as it was): {chain_id, run_id, computed_at, why}."""
+    from pyspark.sql import functions as F
+
+    if not table_exists(spark, location):
+        return {}
+    df = read_delta(spark, location)
+    if "detail" not in df.columns:
+        return {}
+    rows = df.where(F.col("metric") == F.lit("gate.unreadable")).select(
+        "run_id", "space_version", "chain_id", "computed_at", "detail").collect()
+    out: dict[int, dict] = {}
+    for row in sorted(rows, key=lambda r: (r.computed_at, r.run_id)):
+        out[int(row.space_version)] = {"chain_id": row.chain_id, "run_id": row.run_id,
+                                       "computed_at": row.computed_at,
+                                       "why": json.loads(row.detail or "{}").get("why", "")}
+    return out
+
+
 def last_metric_run(spark, location: str) -> Optional[tuple[str, datetime]]:
     """(run_id, computed_at) of the newest evaluate rows, if any."""
     from pyspark.sql import functions as F

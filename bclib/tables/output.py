@@ -143,8 +143,22 @@ def others_columns(spark, location: str) -> list[str]:
 
     bcemb owns OUTPUT_COLUMNS; a full rewrite on the spark engine carries the others' values through by
     (space_version, id) (`write_full`), an incremental MERGE leaves them on the rows it updates; the arrow
-    engine does not write them (auto chooses spark, `delta_rs.target_blockers`)."""
+    engine does not write them (auto chooses spark where they hold values, `others_with_values`)."""
     return [f.name for f in read_delta(spark, location).schema.fields if f.name not in OUTPUT_COLUMNS]
+
+
+def others_with_values(spark, location: str, spaces: Sequence[int]) -> list[str]:
+    """The columns of `others_columns` that hold a non-null value in `spaces` (one aggregation reading only those
+    columns; none: no query). A rewrite on the arrow engine would null them, so it is left to spark."""
+    from pyspark.sql import functions as F
+
+    others = others_columns(spark, location)
+    if not others:
+        return []
+    spaces_sql = ", ".join(str(int(s)) for s in spaces)
+    row = read_delta(spark, location).where(f"space_version IN ({spaces_sql})").agg(
+        *[F.count(F.col(c)).alias(f"c{i}") for i, c in enumerate(others)]).first()
+    return [c for i, c in enumerate(others) if row[f"c{i}"]]
 
 
 def check_output_schema(spark, location: str, id_type: str) -> None:
