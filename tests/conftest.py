@@ -69,6 +69,8 @@ SLOW_TESTS = (
     "tests/test_bad_input_catalogue.py::test_a_quote_in_a_config_value",  # 12-20 s
     "tests/test_ids_and_time.py::test_ids_keep_their_exact_value_through_fit_and_backfill[near 2^63",  # 11-13 s
     "tests/test_vector_encoding.py::test_an_encoded_source_backfills_as_its_array_twin_on_both_engines",  # 4 x 8 s
+    "tests/test_vector_encoding.py::test_an_encoded_vector_column_is_refused",  # its module fixture: ~25 s
+    "tests/test_incremental.py::test_an_incremental_merge_keeps_an_analysts_column_values",  # ~20 s
     "tests/test_lost_versions.py::test_a_lost_old_version_is_named_and_holds_back_only_its_own_space[removed",
     "tests/test_lost_versions.py::test_a_lost_old_version_is_named_and_holds_back_only_its_own_space[files_gone",
     "tests/test_table_rules.py::test_an_analysts_columns_comment_and_constraint",
