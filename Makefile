@@ -10,7 +10,7 @@ EXTRAS ?= dev,bench,torch,report,arrow
 export OPENBLAS_NUM_THREADS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install jars s3a-jars dist demo test test-fast bench-fit bench-backfill bench-paper clean
+.PHONY: help install jars s3a-jars dist demo test test-fast bench-fit bench-backfill bench-paper clean docs-config
 
 help: ## list the targets with their one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ s3a-jars: ## fetch Spark's S3A connector (hadoop-aws + the AWS SDK v2 modules it
 	rm -rf "$(JAR_CACHE)/s3a.partial"; mvn -q -B -f conf/s3a-connector.pom.xml dependency:copy-dependencies -DincludeScope=runtime \
 	  -DoutputDirectory="$(JAR_CACHE)/s3a.partial" && mv "$(JAR_CACHE)/s3a.partial" "$(JAR_CACHE)/s3a" \
 	  && echo "S3A jars cached in $(JAR_CACHE)/s3a" || { rm -rf "$(JAR_CACHE)/s3a.partial"; echo "mvn could not fetch the S3A jars"; }
+
+docs-config: ## regenerate docs/config.md (every config key) from bclib/config.py
+	$(PYTHON) -m bclib.config_reference
 
 dist: ## zip the library for spark-submit --py-files (dist/bclib.zip)
 	$(PYTHON) -c "import shutil; shutil.make_archive('dist/bclib', 'zip', root_dir='.', base_dir='bclib')"

@@ -27,14 +27,17 @@ VERSION_PLACEHOLDER = "{version}"
 class SparkSettings:
     """Session settings; `bclib.spark` is the only reader."""
 
+    # Spark master URL (local[*], spark://host:7077, yarn); None: whatever spark-submit set
     master: Optional[str] = "local[*]"
-    app_name: str = "bcemb"
-    warehouse_dir: str = "./warehouse"
-    shuffle_partitions: int = 8
+    app_name: str = "bcemb"  # the Spark application name
+    warehouse_dir: str = "./warehouse"  # spark.sql.warehouse.dir: where catalog tables without a location live
+    shuffle_partitions: int = 8  # spark.sql.shuffle.partitions
     # auto: nothing under spark-submit, cached jars if present, else Ivy.
     delta_jars: Literal["auto", "ivy", "cache", "provided"] = "auto"
+    # where `make jars` caches the Delta (and S3A) jars that delta_jars: cache uses
     jar_cache_dir: str = "~/.cache/bcemb/jars"
-    log_level: str = "WARN"
+    log_level: str = "WARN"  # Spark's own log level (the driver's log4j)
+    # any other Spark settings, passed to the session builder (spark.jars: bcemb adds Delta's)
     conf: dict[str, str] = field(default_factory=dict)
 
 
@@ -48,10 +51,14 @@ class EmbeddingSource:
     versions and `location` has no placeholder.
     """
 
+    # a Delta path or catalog table per version, with '{version}'; one table when version_column is set
     location: str = "./warehouse/embeddings/v{version}"
+    # the column that tells versions apart when one table holds them all; None: a table per version
     version_column: Optional[str] = None
+    # the entity id column (bigint or string; int, smallint, tinyint and decimal(p <= 18, 0) read as bigint)
     id_column: str = "id"
-    vector_column: str = "vector"
+    vector_column: str = "vector"  # the vector column (array<float|double>, or encoded: see vector_encoding)
+    # the versions bcemb keeps spaces for, oldest first; the newest is the source
     versions: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     # how the vector column stores a vector: array<float|double> ("array"), little-endian float32 bytes in a
     # binary column ("float32_le", lossless), or a JSON array in a string column ("json"); decoded on read
@@ -71,24 +78,30 @@ class TransformSettings:
     softmax temperature (None: chosen from the data).
     """
 
+    # the transform family: linear (affine ridge), orthogonal (Procrustes), lowrank, mlp, local (clustered linear)
     kind: Literal["linear", "orthogonal", "lowrank", "mlp", "local"] = "linear"
+    # single_step (B_k on k -> k-1 pairs), multi_step (all composed hops), anchored (multi-step kept near single-step)
     objective: Literal["single_step", "multi_step", "anchored"] = "single_step"
+    # ridge strength, scale-free (x the mean eigenvalue of X^T X), or auto (chosen by cross-validation)
     ridge: Union[float, Literal["auto"]] = "auto"
+    # fit an intercept; auto: when either space is off-centre (single-step fits)
     bias: Union[bool, Literal["auto"]] = "auto"
+    # auto: renormalise output rows when the target space is unit-norm; unit: always; none: never
     output_norm: Literal["auto", "unit", "none"] = "auto"
-    rank: Optional[int] = None
-    clusters: Optional[int] = None
-    temperature: Optional[float] = None
+    rank: Optional[int] = None  # the rank of the lowrank family (required there)
+    clusters: Optional[int] = None  # the local family's number of clusters; None: chosen from the data
+    temperature: Optional[float] = None  # the local family's softmax temperature; None: chosen from the data
+    # anchored objective: how much worse than the single-step 1-hop error it may get (fraction)
     anchor_tolerance: float = 0.02
     # target dimensions constant on the fit sample (std < 1e-4 x the median) are output as that constant
     pin_constant_dims: bool = True
-    scale: bool = True
-    hidden: int = 256
-    epochs: int = 200
-    batch_size: int = 1024
-    learning_rate: float = 1e-3
-    patience: int = 10
-    seed: int = 0
+    scale: bool = True  # orthogonal family: also fit a global scale factor
+    hidden: int = 256  # mlp family: hidden layer width
+    epochs: int = 200  # mlp family: maximum training epochs
+    batch_size: int = 1024  # mlp family: rows per training batch
+    learning_rate: float = 1e-3  # mlp family: Adam learning rate
+    patience: int = 10  # mlp family: epochs without validation improvement before stopping early
+    seed: int = 0  # mlp family: the torch seed (fits are deterministic for a given seed)
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,8 @@ class FitSettings:
     holdout: float = 0.05  # the evaluation slice: a fraction (0, 0.5] of the id-hash space, or a row count >= 1
     holdout_fraction: float = 0.05  # validation part of the fit sample (fit metrics, degenerate-fit check)
     refit_with_validation: bool = True  # after validating, fit the published map again on train + validation
-    min_pairs: int = 100
+    min_pairs: int = 100  # an edge needs at least this many shared entities in the fit sample (InsufficientDataError)
+    # the salt of the id hash that picks the fit and evaluation samples (changing it picks others)
     salt: str = "bcemb-fit"
 
 
@@ -110,7 +124,7 @@ class BackfillSettings:
     source_version: Optional[int] = None  # None: the newest configured version
     target_spaces: Optional[list[int]] = None  # None: every earlier version
     arrow_batch_rows: Optional[int] = None  # None: sized from the row width
-    target_batch_mb: int = 16
+    target_batch_mb: int = 16  # arrow batches of about this many MB when arrow_batch_rows is unset
     target_file_mb: int = 256  # output files of about this size (maxRecordsPerFile from the row width)
     output_partitions: Optional[int] = None  # None: keep the input's partitioning
     quarantine_location: Optional[str] = None  # None: bad vectors fail the run
@@ -147,10 +161,12 @@ class GateSettings:
     With `enforce: false` the verdict is logged and recorded but the space is published anyway.
     """
 
+    # refuse a chain whose neighbour recall@K is below this (None: only the baseline check)
     min_neighbour_recall: Optional[float] = None
+    # refuse a chain whose consumer-probe AUC retention is below this (needs labels)
     min_probe_retention: Optional[float] = None
-    max_relative_l2: Optional[float] = None
-    enforce: bool = True
+    max_relative_l2: Optional[float] = None  # refuse a chain whose relative L2 error is above this
+    enforce: bool = True  # false: record and log a rejection but publish anyway
     # false: no measurement at all (only for tables without stored historical versions, e.g. benchmarks)
     enabled: bool = True
     # the gate fails closed: an edge judged on fewer held-out ids than this is refused, naming the edge and count
@@ -182,7 +198,7 @@ class LeaseSettings:
     for at most `ttl_seconds`.
     """
 
-    enabled: bool = True
+    enabled: bool = True  # false: no run lease (only where nothing else can write the output)
     # where the lease objects live; None: `<output's parent>/_bcemb_leases/<output's name>` for a path output,
     # `<spark.sql.warehouse.dir>/_bcemb_leases/<name>` for a catalog output
     location: Optional[str] = None
@@ -194,16 +210,16 @@ class LeaseSettings:
 class EvaluateSettings:
     """The held-out evaluation sample (disjoint from the fit sample)."""
 
-    sample_size: int = 20_000
-    neighbours_k: int = 10
-    neighbours_sample: int = 2_000
+    sample_size: int = 20_000  # held-out entities evaluated per version (at most)
+    neighbours_k: int = 10  # K of the neighbour recall@K metrics
+    neighbours_sample: int = 2_000  # query entities of the neighbour-recall metrics
     label_location: Optional[str] = "./warehouse/labels"  # None: no probe metrics
-    label_column: str = "label"
+    label_column: str = "label"  # the label column of the label table (one consumer probe)
     # several label columns of the label table, one consumer probe each (None: just label_column)
     label_columns: Optional[list[str]] = None
     # a label whose probe on the TRUE vectors has a lower AUC is "not informative": no retention is reported
     probe_min_auc: float = 0.6
-    report_dir: str = "./reports"
+    report_dir: str = "./reports"  # where evaluate writes its report (Markdown and JSON)
 
     @property
     def labels(self) -> list[str]:
@@ -215,15 +231,16 @@ class EvaluateSettings:
 class DemoSettings:
     """The synthetic embedding versions `bcemb demo` generates."""
 
-    n_entities: int = 200_000
+    n_entities: int = 200_000  # entities of the newest synthetic version
+    # the dimension of each synthetic version (one per configured version)
     dims: list[int] = field(default_factory=lambda: [64, 80, 96, 112, 128])
-    n_clusters: int = 32
-    latent_dim: int = 48
-    churn_fraction: float = 0.03
-    nonlinear_strength: float = 0.15
-    noise: float = 0.02
-    block_rows: int = 8192
-    seed: int = 7
+    n_clusters: int = 32  # clusters of the synthetic latent space (and of the demo labels)
+    latent_dim: int = 48  # dimension of the shared latent space the versions are drawn from
+    churn_fraction: float = 0.03  # fraction of entities added and removed between consecutive versions
+    nonlinear_strength: float = 0.15  # how far each version's map from the latent space is from linear
+    noise: float = 0.02  # Gaussian noise added to every vector
+    block_rows: int = 8192  # rows generated per block (memory of generate)
+    seed: int = 7  # the generator's seed (the same seed writes the same tables)
     # None: (re)write tables `generate` created itself (marked with a table property), refuse any other;
     # true: overwrite whatever is there; false: keep existing tables
     overwrite: Optional[bool] = None
@@ -235,9 +252,10 @@ class JobConfig:
 
     spark: SparkSettings = field(default_factory=SparkSettings)
     embeddings: EmbeddingSource = field(default_factory=EmbeddingSource)
-    registry_location: str = "./warehouse/bc_registry"
+    registry_location: str = "./warehouse/bc_registry"  # the transform registry (Delta path or catalog table)
+    # the output table: every configured earlier space, partitioned by space_version
     output_location: str = "./warehouse/bc_embeddings"
-    metrics_location: str = "./warehouse/bc_metrics"
+    metrics_location: str = "./warehouse/bc_metrics"  # the metrics table (evaluate's figures, the gate's verdicts)
     transform: TransformSettings = field(default_factory=TransformSettings)
     fit: FitSettings = field(default_factory=FitSettings)
     backfill: BackfillSettings = field(default_factory=BackfillSettings)

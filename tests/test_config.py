@@ -196,3 +196,15 @@ def test_tables_bcemb_only_reads_may_coincide_but_never_with_a_table_it_writes()
     assert labels_in_v1.evaluate.label_location == "/w/emb/v1"  # labels kept in an embedding table: read only
     with pytest.raises(ConfigError, match=r"'metrics_location' = '/w/emb/v1'.*same table"):
         config_from_dict({**data, "metrics_location": "/w/emb/v1"})
+
+
+def test_the_config_reference_page_is_current_and_every_key_is_described():
+    """docs/config.md is generated from config.py (`python -m bclib.config_reference`): stale or a key without a
+    comment beside its field fails here."""
+    from bclib.config_reference import keys, main, undocumented
+
+    assert undocumented() == []
+    assert main(["--check"]) == 0, "docs/config.md is stale: run python -m bclib.config_reference"
+    dotted = {k for k, *_ in keys()}
+    assert {"embeddings.vector_encoding", "backfill.storage_options", "maintenance.vacuum_listing_parallelism",
+            "lease.wait_seconds", "output_location"} <= dotted and len(dotted) == len(keys())
