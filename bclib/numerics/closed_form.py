@@ -55,7 +55,8 @@ def ridge_grid(grid: Optional[Sequence[float]] = None) -> np.ndarray:
     return g
 
 
-def _fixed_ridge(ridge: Ridge) -> float:
+def fixed_ridge(ridge: Ridge) -> float:
+    """An explicit (scale-free) ridge as a float; ValueError for 'auto', None, NaN/Inf or a negative value."""
     if isinstance(ridge, str) or ridge is None or not math.isfinite(float(ridge)) or float(ridge) < 0:
         raise ValueError(f"ridge must be a finite number >= 0 or 'auto', found {ridge!r}")
     return float(ridge)
@@ -110,7 +111,9 @@ def space_geometry(y: np.ndarray) -> dict:
     return {"unit_norm": bool(unit), "centred": bool(centred), "mean_norm": mean_norm}
 
 
-def _check_pairs(x: np.ndarray, y: np.ndarray, min_rows: int = 2) -> None:
+def check_pairs(x: np.ndarray, y: np.ndarray, min_rows: int = 2) -> None:
+    """Paired samples X (n, d_in), Y (n, d_out) fit for a solve: DimensionMismatchError for non-2-D arrays or
+    different row counts, InsufficientDataError for fewer than `min_rows` rows."""
     if x.ndim != 2 or y.ndim != 2:
         raise DimensionMismatchError(f"X and Y must be 2-D, found shapes {x.shape} and {y.shape}")
     if x.shape[0] != y.shape[0]:
@@ -127,7 +130,7 @@ def _center(x: np.ndarray, y: np.ndarray, bias: bool):
     return x64 - mx, y64 - my, mx, my
 
 
-def _solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+def solve_spd(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve gram @ W = rhs for a symmetric PSD gram; least squares if singular."""
     try:
         return np.linalg.solve(gram, rhs)
@@ -150,7 +153,7 @@ def _ridge_solve(xc: np.ndarray, yc: np.ndarray, ridge: float, gram: Optional[np
     gram = xc.T @ xc if gram is None else gram.copy()
     if ridge:
         gram[np.diag_indices_from(gram)] += ridge_penalty(gram, ridge)
-    return _solve_spd(gram, xc.T @ yc)
+    return solve_spd(gram, xc.T @ yc)
 
 
 def _affine(weight: np.ndarray, mx: np.ndarray, my: np.ndarray, bias: bool, kind: str, meta: dict) -> AffineTransform:
@@ -177,7 +180,7 @@ def _gcv_spectrum(xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return s, np.einsum("ij,ij->i", q, q), float(np.sum(outside * outside))
 
 
-def _gcv_curve(s2: np.ndarray, proj2: np.ndarray, outside: float, n: float, dof0: float,
+def gcv_curve(s2: np.ndarray, proj2: np.ndarray, outside: float, n: float, dof0: float,
                penalties: np.ndarray) -> np.ndarray:
     """GCV(λ) = n·RSS(λ) / (n − dof0 − Σ_i f_i)² with f_i = s_i² / (s_i² + λ), RSS = outside + Σ (1 − f_i)² proj2_i.
 
@@ -208,7 +211,7 @@ def select_ridge(
     bad grid. (Golub, Heath & Wahba, "Generalized cross-validation as a method for choosing a good ridge
     parameter", Technometrics 21(2), 1979.)
     """
-    _check_pairs(x, y)
+    check_pairs(x, y)
     xc, yc, _, _ = _center(x, y, bias)
     ridge, curve, _ = _select_ridge_centred(xc, yc, bias, ridge_grid(grid))
     return ridge, curve
@@ -221,7 +224,7 @@ def _select_ridge_centred(xc: np.ndarray, yc: np.ndarray, bias: bool, grid: np.n
     s2 = s * s
     mean_eig = float(s2.sum()) / max(d, 1)  # = trace(XᵀX) / d, the `ridge_penalty` scale
     cond = _condition(s) if n >= d else math.inf
-    curve = _gcv_curve(s2, proj2, outside, float(n), float(bias), grid * mean_eig)
+    curve = gcv_curve(s2, proj2, outside, float(n), float(bias), grid * mean_eig)
     if cond > UNRELIABLE_SOLVE:
         curve[grid == 0] = math.inf
     if not np.isfinite(curve).any():
@@ -254,7 +257,7 @@ def _ridge_for(xc: np.ndarray, yc: np.ndarray, ridge: Ridge, bias: bool, what: s
                  what, chosen, len(g), xc.shape[0], xc.shape[1], cond)
         return chosen, {"ridge": chosen, "ridge_mode": "auto", "ridge_grid": [float(v) for v in g],
                         "gcv": [json_float(v) for v in curve], "condition_number": json_float(cond)}
-    chosen = _fixed_ridge(ridge)
+    chosen = fixed_ridge(ridge)
     cond = _gram_condition(gram) if xc.shape[0] >= xc.shape[1] else math.inf
     if chosen == 0:
         _require_determined(xc.shape[0], xc.shape[1], bias, what)
@@ -277,7 +280,7 @@ def fit_linear(
     Raises DimensionMismatchError for misaligned pairs, InsufficientDataError for fewer than 2 pairs or, with
     ridge 0, fewer pairs than parameters per output (d_in, +1 with bias), ValueError for a negative ridge.
     """
-    _check_pairs(x, y)
+    check_pairs(x, y)
     xc, yc, mx, my = _center(x, y, bias)
     gram = xc.T @ xc
     chosen, meta = _ridge_for(xc, yc, ridge, bias, "fit_linear", grid, gram)
@@ -287,7 +290,7 @@ def fit_linear(
 
 def fit_orthogonal(x: np.ndarray, y: np.ndarray, scale: bool = True, bias: bool = False) -> AffineTransform:
     """Procrustes: W with orthonormal columns (or rows, if d_in < d_out) via SVD of XᵀY, optional global scale."""
-    _check_pairs(x, y)
+    check_pairs(x, y)
     xc, yc, mx, my = _center(x, y, bias)
     u, s, vt = np.linalg.svd(xc.T @ yc, full_matrices=False)
     weight = u @ vt
@@ -309,7 +312,7 @@ def fit_lowrank(
     J. Multivariate Analysis 5, 1975.) Raises DimensionMismatchError for a rank outside [1, min(d_in, d_out)]
     or misaligned pairs, InsufficientDataError as `fit_linear`.
     """
-    _check_pairs(x, y)
+    check_pairs(x, y)
     if not 1 <= rank <= min(x.shape[1], y.shape[1]):
         raise DimensionMismatchError(
             f"rank must be in [1, {min(x.shape[1], y.shape[1])}] for {x.shape[1]}->{y.shape[1]}, found {rank}"
@@ -332,7 +335,7 @@ def _anchor_maps(x: np.ndarray, targets: Sequence[np.ndarray],
     if len(targets) != len(frozen_chains) or not targets:
         raise ValueError("targets and frozen_chains must be non-empty and the same length")
     for z in targets:
-        _check_pairs(x, z)
+        check_pairs(x, z)
     maps: list[np.ndarray] = []
     for z, chain in zip(targets, frozen_chains):
         links = collapse(chain) if chain else []
@@ -419,7 +422,7 @@ def fit_anchored_linear(
         ridge_value, w = chosen["ridge"], np.asarray(chosen["anchor_weights"])
         meta.update(chosen)
     else:
-        ridge_value, w = _fixed_ridge(ridge), _step_weights(weights, len(targets))
+        ridge_value, w = fixed_ridge(ridge), _step_weights(weights, len(targets))
         meta.update({"ridge": ridge_value, "ridge_mode": "fixed", "anchor_weights": [float(v) for v in w]})
     system = _AnchoredSystem.of(x64, targets, maps)
     meta["condition_number"] = json_float(_gram_condition(system.gram) if x64.shape[0] >= x64.shape[1] else math.inf)

@@ -17,7 +17,7 @@ import numpy as np
 
 from bclib.errors import InsufficientDataError
 from bclib.numerics.closed_form import (
-    Ridge, UNRELIABLE_SOLVE, _check_pairs, _fixed_ridge, _gcv_curve, _solve_spd, json_float, ridge_grid,
+    Ridge, UNRELIABLE_SOLVE, check_pairs, fixed_ridge, gcv_curve, solve_spd, json_float, ridge_grid,
 )
 from bclib.numerics.metrics import relative_l2
 from bclib.numerics.transforms import LocalAffineTransform
@@ -129,7 +129,7 @@ def _weighted_map(x: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: Ridge, gri
         total = float(np.sum(w * np.einsum("ij,ij->i", yc, yc)))
         outside = max(total - float(proj2.sum()), 0.0)
         # residuals in weights normalised to sum n_eff: the same argmin, values comparable across clusters
-        curve = _gcv_curve(np.where(usable, e, 0.0), proj2, outside, n_eff, 1.0, grid * mean_eig) * (n_eff / sw)
+        curve = gcv_curve(np.where(usable, e, 0.0), proj2, outside, n_eff, 1.0, grid * mean_eig) * (n_eff / sw)
         cond = math.sqrt(e[-1] / e[0]) if e[0] > 0 else math.inf
         if cond > UNRELIABLE_SOLVE or not usable.all():
             curve[grid == 0] = math.inf
@@ -139,7 +139,7 @@ def _weighted_map(x: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: Ridge, gri
                 "grid avoids interpolating them; use fewer clusters or more pairs (fit.sample_size)")
         chosen = float(grid[int(np.argmin(curve))])
     else:
-        chosen = _fixed_ridge(ridge)
+        chosen = fixed_ridge(ridge)
         if chosen == 0 and n_eff < d + 1:
             raise InsufficientDataError(
                 f"fit_local with ridge 0: cluster {cluster} has {n_eff:.1f} effective training pairs, needs at "
@@ -147,7 +147,7 @@ def _weighted_map(x: np.ndarray, y: np.ndarray, w: np.ndarray, ridge: Ridge, gri
                 "(fit.sample_size) or set transform.ridge: auto to regularise")
     if chosen:
         gram[np.diag_indices_from(gram)] += chosen * mean_eig
-    weight = _solve_spd(gram, cross)
+    weight = solve_spd(gram, cross)
     return weight, my - mx @ weight, chosen, curve
 
 
@@ -194,7 +194,7 @@ def fit_local(
     Raises DimensionMismatchError / InsufficientDataError for misaligned or too few pairs (also a cluster
     with fewer effective pairs than d_in + 1 under ridge 0), ValueError for k outside [1, n] or T <= 0.
     """
-    _check_pairs(x, y)
+    check_pairs(x, y)
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0 or None, found {temperature!r}")
     x64, y64 = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)

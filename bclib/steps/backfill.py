@@ -390,13 +390,13 @@ def arrow_blockers(cfg: JobConfig, source: VersionRead, out_location: str) -> li
                 "per task of backfill.arrow_task_mb)"]
     from deltalake.exceptions import DeltaError, TableNotFoundError
 
-    from bclib.tables.parquet_files import _fs_and_path
+    from bclib.tables.parquet_files import filesystem_and_path
 
     opts = cfg.backfill.storage_options or None
     try:
         src = delta_rs.open_table(source.location, source.delta_version, opts)
         reasons = delta_rs.source_blockers(src) + _source_layout_blockers(cfg, src)
-        _fs_and_path(out_location, opts)
+        filesystem_and_path(out_location, opts)
         if delta_rs_table_exists(out_location, opts):
             reasons += delta_rs.target_blockers(delta_rs.open_table(out_location, storage_options=opts))
     except (OSError, ValueError, DeltaError, TableNotFoundError) as exc:  # a filesystem or table they cannot open

@@ -46,7 +46,7 @@ def output_file_schema(id_type: pa.DataType) -> pa.Schema:
     ])
 
 
-def _fs_and_path(uri: str, storage_options: Optional[dict] = None):
+def filesystem_and_path(uri: str, storage_options: Optional[dict] = None):
     """(pyarrow FileSystem, path inside it) for a local path or an object-store URI.
 
     Spark's `s3a://` is read as `s3://`. Credentials come from `storage_options` (passed to the
@@ -92,7 +92,7 @@ def plan_tasks(files: Sequence[tuple[str, int]], target_bytes: int, storage_opti
     """
     def footer(item):
         uri, _ = item
-        filesystem, path = _fs_and_path(uri, storage_options)
+        filesystem, path = filesystem_and_path(uri, storage_options)
         import pyarrow.parquet as pq
 
         with filesystem.open_input_file(path) as f:
@@ -161,7 +161,7 @@ def make_task_fn(
     def run(task_texts: Iterator[str]) -> Iterator[str]:
         import pyarrow.parquet as pq
 
-        out_fs, out_path = _fs_and_path(out_root, storage_options)
+        out_fs, out_path = filesystem_and_path(out_root, storage_options)
         writers: dict[int, dict] = {}
         written: list[str] = []  # this task's files: deleted again if the task fails (never committed)
 
@@ -202,7 +202,7 @@ def make_task_fn(
         for text in task_texts:
             task = Task.from_json(text)
             for uri, groups in task.parts:
-                fs_in, path = _fs_and_path(uri, storage_options)
+                fs_in, path = filesystem_and_path(uri, storage_options)
                 with fs_in.open_input_file(path) as f:
                     pf = pq.ParquetFile(f)
                     cols = [id_column, vector_column] + ([version_column] if version_column else [])
