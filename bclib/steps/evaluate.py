@@ -24,7 +24,7 @@ from bclib.numerics.records import chain_id, chain_records
 from bclib.numerics.samples import Sample, align_samples
 from bclib.numerics.transforms import apply_chain, truncate_or_pad
 from bclib.steps.fit import fit_window_end
-from bclib.steps.report import format_table, write_report
+from bclib.steps.report import PairResult, format_table, write_report
 from bclib.tables.delta import read_delta, require_columns, require_table, table_exists
 from bclib.tables.embeddings import UNREADABLE, collect_sample, hash_window, read_embedding_version, \
     sample_versions, tolerant_counts
@@ -33,18 +33,6 @@ from bclib.tables.registry import active_transforms
 from bclib.tables.lease import leased
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PairResult:
-    """Metrics of one (source version, target space) pair on held-out entities."""
-
-    source_version: int
-    space_version: int
-    chain_id: str
-    sample_size: int
-    metrics: dict[str, float]
-    from_output_table: bool
 
 
 @dataclass

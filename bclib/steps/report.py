@@ -7,21 +7,31 @@ untransformed row on ONE colour scale per metric, so the two rows compare by col
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from bclib.steps.evaluate import PairResult
+
+@dataclass
+class PairResult:
+    """Metrics of one (source version, target space) pair on held-out entities (evaluate's unit of output)."""
+
+    source_version: int
+    space_version: int
+    chain_id: str
+    sample_size: int
+    metrics: dict[str, float]
+    from_output_table: bool
 
 
-def _neighbour_key(results: list["PairResult"]) -> Optional[str]:
+def _neighbour_key(results: list[PairResult]) -> Optional[str]:
     """The neighbour-recall metric's name (it carries K), if any pair has it."""
     return next((k for r in results for k in r.metrics if k.startswith("neighbour_recall_at_")), None)
 
 
-def format_table(results: list["PairResult"]) -> str:
+def format_table(results: list[PairResult]) -> str:
     """Per (source, space): transformed vs untransformed (base) figures."""
     nn_key = _neighbour_key(results)
     has_probe = any("probe_retention" in r.metrics for r in results)
@@ -40,7 +50,7 @@ def format_table(results: list["PairResult"]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: list["PairResult"], report_dir: str, run_id: str, header: Optional[dict] = None) -> Path:
+def write_report(results: list[PairResult], report_dir: str, run_id: str, header: Optional[dict] = None) -> Path:
     """report.md, report.html (the header, the table, the plot) and compat.png under report_dir/run_id.
 
     header: what was evaluated, e.g. {"config digest": ..., "transforms": [{"edge": "2 -> 1", "id": ...,
@@ -108,7 +118,7 @@ def _header_lines(header: dict) -> list[str]:
     return lines
 
 
-def _html(run_id: str, head: list[str], results: list["PairResult"]) -> str:
+def _html(run_id: str, head: list[str], results: list[PairResult]) -> str:
     """A self-contained page: header, one row per pair with every metric, the plot (compat.png beside it)."""
     import html
 
