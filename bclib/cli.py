@@ -36,6 +36,7 @@ STEPS = {
     "status": "per space: active chain, gate verdict, what the output holds, how stale it is",
     "registry": "list, show, retire, activate, import or verify transforms",
     "maintain": "OPTIMIZE small files per space and VACUUM with the configured retention",
+    "export": "write the active chain source -> space as one file for online use (bclib.serving.load_chain)",
 }
 
 EPILOG = """exit codes:
@@ -43,6 +44,7 @@ EPILOG = """exit codes:
   1  data or runtime error (one line on stderr names the error class and what to do)
   2  config error
   3  gate rejected: a candidate chain failed the compatibility gate, nothing was published
+  4  partly published: spaces whose version table could not be read were left as they were
   75  another bcemb process holds this output's run lease, or this run lost it: nothing (more) was
       committed; run again later or pass --wait-lease SECONDS
   130  interrupted (SIGINT); nothing half-written, the next run converges
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dry-run", action="store_true", help="print the plan; read metadata only, write nothing")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "export":
+            p.add_argument("--source", type=int, default=None, help="source version K (default: the newest)")
+            p.add_argument("--space", type=int, required=True, help="target space J (an older configured version)")
+            p.add_argument("--output", required=True, metavar="FILE", help="the chain file to write")
         if name in WRITING_STEPS:
             p.add_argument("--wait-lease", type=float, default=None, metavar="SECONDS",
                            help="wait up to SECONDS for another bcemb process's run lease on this output "
@@ -184,6 +190,11 @@ def run_step(spark, args: argparse.Namespace, cfg: JobConfig):
         return r, None
     if step == "registry":
         return _registry(spark, args, cfg)
+    if step == "export":
+        from bclib.steps.registry_cmd import export_chain
+
+        r = export_chain(spark, cfg, args.source, args.space, args.output)
+        return r, r.summary()
     raise ValueError(f"unknown step {step!r}")
 
 

@@ -6,21 +6,22 @@ spaces (DESIGN.md, "The executor kernel"); the rows of the spaces whose last lin
 (meta output_norm 'unit') are renormalised in their slice of that GEMM's output. `make_batch_fn`
 wraps it into the function executors run inside `mapInArrow`: zero-copy list<float> -> (rows, d)
 float32, vectorised validation, the kernel, and list<float> back with int32 offsets. It is tested
-with numpy and pyarrow alone.
+with numpy and pyarrow alone; the kernel itself needs numpy only (`bclib.serving` runs it without pyarrow).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from bclib.errors import DimensionMismatchError, InvalidVectorError
-from bclib.numerics.arrow import list_to_matrix, matrix_to_list
 from bclib.numerics.transforms import Transform, check_chain, check_input, collapse, normalize_rows
 
-BatchFn = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+if TYPE_CHECKING:  # pragma: no cover  (pyarrow is imported where batches are made: the kernel itself is numpy)
+    import pyarrow as pa
+
+BatchFn = Callable[[Iterator["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]
 
 MAX_LIST_VALUES = 2**31 - 1  # int32 list offsets (Spark's array<float> in Arrow)
 
@@ -114,6 +115,10 @@ def make_batch_fn(kernel: MultiSpaceKernel, check_finite: bool = True) -> BatchF
     Raises InvalidVectorError naming the id of a null, wrong-length or non-finite vector, and of a
     finite input the transform maps to NaN/Inf (past float32's range): outputs are validated like inputs.
     """
+    import pyarrow as pa
+
+    from bclib.numerics.arrow import list_to_matrix, matrix_to_list
+
     spaces = list(kernel.spaces)
     # list<float> offsets are int32: one output batch may hold at most 2^31 - 1 values, so a batch is
     # processed in slices of at most this many rows (sized in values, not rows)
@@ -137,7 +142,7 @@ def make_batch_fn(kernel: MultiSpaceKernel, check_finite: bool = True) -> BatchF
     return backfill_batches
 
 
-def check_output_finite(y: np.ndarray, ids: pa.Array, space: int) -> None:
+def check_output_finite(y: np.ndarray, ids: "pa.Array", space: int) -> None:
     """InvalidVectorError naming the first id whose transformed vector (rows, dim) holds NaN or Inf."""
     finite = np.isfinite(y).all(axis=1)
     if finite.all():

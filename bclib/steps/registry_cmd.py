@@ -38,6 +38,10 @@ class RegistryResult:
         if self.action == "verify":
             return (f"registry verify: {len(self.rows)} transform(s) checked, "
                     + ("all checksums match" if not self.problems else f"{len(self.problems)} FAILED"))
+        if self.action == "export":
+            r = self.rows[0]
+            return (f"export: chain {r['source']} -> {r['space']} ({r['chain_id']}: {', '.join(r['transforms'])}; "
+                    f"{r['dim_in']} -> {r['dim_out']}) written to {r['file']} (sha256 {r['sha256'][:16]}…)")
         return f"registry {self.action}: " + ("one commit" if self.committed else "nothing committed")
 
 
@@ -168,3 +172,32 @@ def registry_import(spark, cfg: JobConfig, path: str, source: int, target: int, 
 
 def to_json(result: RegistryResult) -> str:
     return json.dumps(result.rows if result.action != "show" else result.rows[0], indent=2, default=str)
+
+
+def export_chain(spark, cfg: JobConfig, source: Optional[int], space: int, output: str) -> RegistryResult:
+    """`bcemb export`: the active chain `source` (default: the newest configured version) -> `space` as one chain
+    file (`bclib.serving`), written atomically (a temporary file renamed). Its rows: the chain's id, transforms
+    and dims. Raises RegistryError when an edge of the chain has no active transform."""
+    import os
+
+    from bclib import __version__
+    from bclib.numerics.records import chain_id, chain_records
+    from bclib.serving import chain_to_bytes, load_chain
+
+    src = cfg.source_version if source is None else int(source)
+    records = chain_records(registry.active_transforms(spark, cfg.registry_location), cfg.embeddings.versions,
+                            src, int(space))
+    data = chain_to_bytes(src, int(space), [r.transform_id for r in records], [r.edge for r in records],
+                          [r.parameters for r in records], chain_id(records), __version__)
+    chain = load_chain(data, source=src, target=int(space))  # what a consumer will read back, checked first
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+    row = {"file": str(path), "source": src, "space": int(space), "chain_id": chain.chain_id,
+           "transforms": list(chain.transform_ids), "dim_in": chain.dim_in, "dim_out": chain.dim_out,
+           "sha256": checksum(data)}
+    log.info("export: chain %d -> %d (%s, %d transform(s)) written to %s", src, space, chain.chain_id,
+             len(records), path)
+    return RegistryResult("export", [row])

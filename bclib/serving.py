@@ -1,0 +1,144 @@
+"""Transforms for online consumers: a composed chain as one file, applied with numpy at request time.
+
+A service that embeds a fresh item with the new model needs that vector in an old space now, not after the
+next backfill. `bcemb export --source K --space J --output FILE` writes the active chain K -> J as one
+self-contained file that cannot execute code: an npz read with `allow_pickle=False`, holding one JSON
+metadata entry (format, source and target space, dims, chain id, each transform's id, edge, kind and SHA-256)
+and each transform's own bytes (the registry's no-pickle npz, `bclib.numerics.serialization`).
+`load_chain(FILE)` verifies every checksum and the dims, and returns a `Chain` whose `.transform(x)` maps
+float32 (n, d_K) to (n, d_J) with the backfill's own kernel (`MultiSpaceKernel`: a linear chain collapses to
+one matrix) — the same function on the same batch gives the same bits. numpy only: no Spark, no pyarrow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from bclib.errors import BcembError, ChecksumError, DimensionMismatchError, TransformFormatError
+from bclib.numerics.kernel import MultiSpaceKernel
+from bclib.numerics.serialization import checksum, transform_from_bytes
+from bclib.numerics.transforms import Transform, check_chain
+
+FORMAT = "bcemb-chain"
+FORMAT_VERSION = 1
+
+
+class ChainMismatchError(BcembError, ValueError):
+    """A loaded chain maps other spaces than the caller expects (a service must not mix spaces)."""
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The composed backward transforms from `source` to `target` space, ready to apply.
+
+    transform_ids / checksums: the registry transforms in application order (source first); chain_id: the
+    id the output table stores on rows of this chain (`bclib.numerics.records.chain_id`)."""
+
+    source: int
+    target: int
+    dim_in: int
+    dim_out: int
+    chain_id: str
+    transform_ids: tuple[str, ...]
+    checksums: tuple[str, ...]
+    transforms: tuple[Transform, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_kernel", MultiSpaceKernel(self.dim_in, {self.target: list(self.transforms)}))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """x: (n, dim_in) vectors of the source space (cast to float32) -> (n, dim_out) float32 in the target space.
+
+        Raises DimensionMismatchError naming the expected and found shape (a 1-D x of dim_in is one row)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 1 and x.shape[0] == self.dim_in:
+            x = x.reshape(1, -1)
+        if x.ndim != 2 or x.shape[1] != self.dim_in:
+            raise DimensionMismatchError(f"chain {self.source} -> {self.target} maps vectors of dimension "
+                                         f"{self.dim_in} (shape (n, {self.dim_in})), found shape {x.shape}")
+        return self._kernel(x)[self.target]
+
+    def expect(self, source: Optional[int] = None, target: Optional[int] = None,
+               transform_ids: Optional[Sequence[str]] = None) -> "Chain":
+        """Fail fast (ChainMismatchError) unless this chain maps `source` -> `target` through `transform_ids`."""
+        wrong = []
+        if source is not None and source != self.source:
+            wrong.append(f"source space {self.source}, expected {source}")
+        if target is not None and target != self.target:
+            wrong.append(f"target space {self.target}, expected {target}")
+        if transform_ids is not None and tuple(transform_ids) != self.transform_ids:
+            wrong.append(f"transforms {list(self.transform_ids)}, expected {list(transform_ids)}")
+        if wrong:
+            raise ChainMismatchError(f"chain file maps {self.source} -> {self.target}: " + "; ".join(wrong))
+        return self
+
+
+def chain_to_bytes(source: int, target: int, transform_ids: Sequence[str], edges: Sequence[tuple[int, int]],
+                   blobs: Sequence[bytes], chain_id: str, library_version: str = "") -> bytes:
+    """The export file's bytes: a no-pickle npz of `__meta__` (JSON) and `t0`, `t1`, ... (each transform's bytes,
+    in application order). blobs: the registry's parameter bytes, whose SHA-256 the metadata records."""
+    if not (len(transform_ids) == len(edges) == len(blobs)) or not blobs:
+        raise ValueError("a chain needs one id, edge and parameter blob per transform, at least one")
+    loaded = [transform_from_bytes(b) for b in blobs]
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": int(source), "target": int(target),
+            "dim_in": loaded[0].dim_in, "dim_out": loaded[-1].dim_out, "chain_id": chain_id,
+            "library_version": library_version,
+            "transforms": [{"id": tid, "edge": [int(e[0]), int(e[1])], "kind": t.kind, "sha256": checksum(b)}
+                           for tid, e, t, b in zip(transform_ids, edges, loaded, blobs)]}
+    arrays = {"__meta__": np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)}
+    arrays.update({f"t{i}": np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(blobs)})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            item = io.BytesIO()
+            np.lib.format.write_array(item, arrays[name], allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), item.getvalue())
+    return buf.getvalue()
+
+
+def load_chain(path: Union[str, os.PathLike, bytes], source: Optional[int] = None,
+               target: Optional[int] = None) -> Chain:
+    """Read an exported chain file (or its bytes): no pickle, every transform's SHA-256 and the dims verified.
+
+    source/target: when given, ChainMismatchError unless the file maps exactly those spaces.
+    Raises TransformFormatError for a file that is not a bcemb chain (or a metadata inconsistent with its
+    transforms), ChecksumError for a transform whose bytes were altered."""
+    data = path if isinstance(path, bytes) else open(path, "rb").read()
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:
+        raise TransformFormatError(f"not a bcemb chain file ({type(exc).__name__}: {exc})") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise TransformFormatError(f"not a bcemb chain file of format version {FORMAT_VERSION}: "
+                                   f"{meta.get('format')!r} {meta.get('format_version')!r}")
+    entries = meta.get("transforms") or []
+    if len(arrays) != len(entries) or not entries:
+        raise TransformFormatError(f"the chain file lists {len(entries)} transform(s) but holds {len(arrays)}")
+    transforms = []
+    for i, entry in enumerate(entries):
+        blob = arrays[f"t{i}"].tobytes() if f"t{i}" in arrays else b""
+        if checksum(blob) != entry.get("sha256"):
+            raise ChecksumError(f"transform {i} ({entry.get('id')}, edge {entry.get('edge')}) of the chain file has "
+                                f"SHA-256 {checksum(blob)[:16]}…, its metadata says {str(entry.get('sha256'))[:16]}…: "
+                                "the file was altered; export it again")
+        transforms.append(transform_from_bytes(blob))
+    try:
+        check_chain(transforms)
+    except (DimensionMismatchError, ValueError) as exc:
+        raise TransformFormatError(f"the chain file's transforms do not compose: {exc}") from exc
+    if (transforms[0].dim_in, transforms[-1].dim_out) != (meta.get("dim_in"), meta.get("dim_out")):
+        raise TransformFormatError(f"the chain file's metadata says {meta.get('dim_in')} -> {meta.get('dim_out')}, "
+                                   f"its transforms map {transforms[0].dim_in} -> {transforms[-1].dim_out}")
+    chain = Chain(int(meta["source"]), int(meta["target"]), transforms[0].dim_in, transforms[-1].dim_out,
+                  str(meta.get("chain_id", "")), tuple(e["id"] for e in entries),
+                  tuple(e["sha256"] for e in entries), tuple(transforms))
+    return chain.expect(source=source, target=target)

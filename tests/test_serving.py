@@ -1,0 +1,127 @@
+"""Transforms for online consumers: `bcemb export` writes the active chain as one no-pickle file and
+`bclib.serving.load_chain` applies it with numpy, as the backfill's kernel does (issue 26, part 5)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bclib.errors import ChecksumError, DimensionMismatchError, TransformFormatError
+from bclib.numerics.kernel import VECTOR_RTOL, MultiSpaceKernel
+from bclib.numerics.records import TransformRecord, chain_id
+from bclib.numerics.transforms import AffineTransform, LocalAffineTransform, ResidualMLPTransform
+from bclib.serving import ChainMismatchError, chain_to_bytes, load_chain
+from conftest import REPO, assert_same_vectors
+
+DIMS = (12, 10, 8)  # version 2 -> 1 -> 0
+
+
+def _family(kind: str, d_in: int, d_out: int, rng, unit: bool = False):
+    meta = {"output_norm": "unit"} if unit else {}
+    w, b = rng.normal(size=(d_in, d_out)) / np.sqrt(d_in), rng.normal(size=d_out) * 0.1
+    if kind in ("linear", "orthogonal", "lowrank"):
+        return AffineTransform(w, b, kind, meta)
+    if kind == "mlp":
+        h = 6
+        return ResidualMLPTransform(w, b, rng.normal(size=(d_in, h)), rng.normal(size=h),
+                                    rng.normal(size=(h, d_out)) * 0.1, rng.normal(size=d_out) * 0.1, meta=meta)
+    k = 3
+    return LocalAffineTransform(rng.normal(size=(k, d_in)), 2.0, rng.normal(size=(k, d_in, d_out)) / np.sqrt(d_in),
+                                rng.normal(size=(k, d_out)) * 0.1, meta=meta)
+
+
+def _records(kinds, seed=0, unit=False):
+    rng = np.random.default_rng(seed)
+    return [TransformRecord(f"t{i}{kind}", 2 - i, 1 - i, kind, "single_step",
+                            _family(kind, DIMS[i], DIMS[i + 1], rng, unit and i == len(kinds) - 1))
+            for i, kind in enumerate(kinds)]
+
+
+def _file(records, target=0) -> bytes:
+    return chain_to_bytes(2, target, [r.transform_id for r in records], [r.edge for r in records],
+                          [r.parameters for r in records], chain_id(records))
+
+
+@pytest.mark.parametrize("kinds, unit", [(("linear", "linear"), False), (("orthogonal", "lowrank"), True),
+                                         (("mlp", "linear"), False), (("linear", "local"), True)])
+def test_a_loaded_chain_maps_as_the_backfill_kernel_for_every_family_and_batch(kinds, unit):
+    records = _records(kinds, unit=unit)
+    chain = load_chain(_file(records), source=2, target=0)
+    assert (chain.source, chain.target, chain.dim_in, chain.dim_out) == (2, 0, 12, 8)
+    assert chain.transform_ids == tuple(r.transform_id for r in records) and chain.chain_id == chain_id(records)
+    kernel = MultiSpaceKernel(12, {0: [r.transform for r in records], 1: [records[0].transform]})
+    x = np.random.default_rng(5).normal(size=(100_000, 12)).astype(np.float32)
+    batch = x[:1000]
+    assert chain.transform(batch).tobytes() == kernel(batch)[0].tobytes()  # the backfill's batch: bitwise
+    whole = kernel(x)[0]
+    for n in (1, 2, 7, 1000, 100_000):  # other batches: within the float32 rounding promise
+        got = np.concatenate([chain.transform(x[i:i + n]) for i in range(0, min(len(x), 3 * n), n)])
+        assert got.dtype == np.float32 and got.shape == (min(len(x), 3 * n), 8)
+        assert_same_vectors(got, whole[:len(got)], f"batches of {n}")
+    assert VECTOR_RTOL == 1e-6
+    assert chain.transform(x[0]).shape == (1, 8)  # one vector, as a service has it
+
+
+def test_a_tampered_file_a_wrong_dimension_and_wrong_spaces_are_named():
+    records = _records(("linear", "mlp"))
+    data = bytearray(_file(records))
+    at = data.find(b"w1.npy")  # a byte inside the second transform's parameters
+    assert at > 0
+    tampered = bytes(data[:at + 200]) + bytes([data[at + 200] ^ 0xFF]) + bytes(data[at + 201:])
+    with pytest.raises((ChecksumError, TransformFormatError)):
+        load_chain(tampered)
+    with pytest.raises(TransformFormatError, match="not a bcemb chain file"):
+        load_chain(b"PK\x03\x04 not a zip at all")
+    chain = load_chain(bytes(data))
+    with pytest.raises(DimensionMismatchError, match=r"dimension 12 \(shape \(n, 12\)\), found shape \(3, 10\)"):
+        chain.transform(np.zeros((3, 10), np.float32))
+    with pytest.raises(ChainMismatchError, match="target space 0, expected 1"):
+        load_chain(bytes(data), source=2, target=1)
+    with pytest.raises(ChainMismatchError, match="transforms"):
+        chain.expect(transform_ids=["someone-else"])
+    assert chain.expect(source=2, target=0) is chain
+
+
+def test_load_chain_runs_where_pyspark_and_pyarrow_cannot_be_imported(tmp_path):
+    path = tmp_path / "chain.bcemb"
+    records = _records(("linear", "local"))
+    path.write_bytes(_file(records))
+    want = MultiSpaceKernel(12, {0: [r.transform for r in records]})(np.ones((4, 12), np.float32))[0]
+    code = ("import sys; sys.modules['pyspark'] = None; sys.modules['pyarrow'] = None; sys.modules['torch'] = None\n"
+            "import numpy as np; from bclib.serving import load_chain\n"
+            f"c = load_chain({str(path)!r}, source=2, target=0)\n"
+            "sys.stdout.write(c.transform(np.ones((4, 12), np.float32)).tobytes().hex())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert bytes.fromhex(out.stdout) == want.tobytes()
+
+
+@pytest.mark.slow
+def test_bcemb_export_gives_what_the_backfill_wrote(spark, tmp_path, capsys):
+    import dataclasses
+
+    import yaml
+
+    from bclib.cli import main
+    from bclib.steps.backfill import run_backfill
+    from bclib.tables.delta import read_delta
+    from conftest import generated_and_fitted
+
+    cfg = generated_and_fitted(spark, tmp_path, evaluate={"label_location": None})
+    run_backfill(spark, cfg)
+    conf = tmp_path / "job.yaml"
+    conf.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    capsys.readouterr()
+    assert main(["export", "--config", str(conf), "--space", "0", "--output", str(tmp_path / "c.bcemb"),
+                 "--log-level", "ERROR"]) == 0
+    assert "export: chain 2 -> 0" in capsys.readouterr().out
+    chain = load_chain(tmp_path / "c.bcemb", source=2, target=0)
+    out = {r.id: (r.vector, r.chain_id) for r in read_delta(spark, cfg.output_location)
+           .where("space_version = 0").collect()}
+    src = sorted((r.id, r.vector) for r in read_delta(spark, cfg.version_location(2)).collect())
+    assert {c for _, c in out.values()} == {chain.chain_id}
+    x = np.array([v for _, v in src], np.float32)
+    assert_same_vectors(chain.transform(x), np.array([out[i][0] for i, _ in src], np.float32), "export vs output")
