@@ -142,3 +142,59 @@ def load_chain(path: Union[str, os.PathLike, bytes], source: Optional[int] = Non
                   str(meta.get("chain_id", "")), tuple(e["id"] for e in entries),
                   tuple(e["sha256"] for e in entries), tuple(transforms))
     return chain.expect(source=source, target=target)
+
+
+def register_sql_function(spark, cfg, name: str = "bc_to_space") -> list[tuple[int, int]]:
+    """Register `name(vector, source, target)` as a Spark SQL function mapping a vector of version `source` into
+    space `target` through the registry's active chain (the same kernel as the backfill), for analysts who must
+    map a vector that is not in the output table yet: `SELECT bc_to_space(vector, 4, 2) FROM new_items`.
+
+    Every (source, target) pair of configured versions whose chain is active is served; returns those pairs.
+    The function returns null for a null vector; a pair without an active chain or a vector of another dimension
+    fails the query naming it (ChainMismatchError / DimensionMismatchError). The chains are read once, now:
+    register again after a refit. `name` must be an identifier."""
+    import re
+
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    from bclib.errors import RegistryError
+    from bclib.numerics.records import chain_records
+    from bclib.tables.registry import active_transforms
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"SQL function name must be an identifier, found {name!r}")
+    active = active_transforms(spark, cfg.registry_location)
+    versions = sorted(cfg.embeddings.versions)
+    chains: dict[tuple[int, int], list[Transform]] = {}
+    for s in versions:
+        for j in (v for v in versions if v < s):
+            try:
+                chains[(s, j)] = [r.transform for r in chain_records(active, versions, s, j)]
+            except RegistryError:
+                continue
+
+    def to_space(vectors, sources, targets):
+        out = pd.Series([None] * len(vectors), dtype=object)
+        pairs = pd.DataFrame({"s": sources, "j": targets})
+        for (s, j), rows in pairs.groupby(["s", "j"]).groups.items():
+            if (int(s), int(j)) not in chains:
+                raise ChainMismatchError(f"no active chain from version {s} to space {j}; served pairs: "
+                                         f"{sorted(chains)}")
+            chain = chains[(int(s), int(j))]
+            idx = [i for i in rows if vectors.iloc[i] is not None]
+            if not idx:
+                continue
+            x = np.stack([np.asarray(vectors.iloc[i], dtype=np.float32) for i in idx])
+            if x.shape[1] != chain[0].dim_in:
+                raise DimensionMismatchError(f"{name}: version {s} vectors have dimension {chain[0].dim_in}, "
+                                             f"found {x.shape[1]}")
+            y = MultiSpaceKernel(chain[0].dim_in, {int(j): chain})(x)[int(j)]
+            for k, i in enumerate(idx):
+                out.iloc[i] = y[k]
+        return out
+
+    to_space.__annotations__ = {"vectors": pd.Series, "sources": pd.Series, "targets": pd.Series,
+                                "return": pd.Series}  # real types: this module's hints are strings
+    spark.udf.register(name, pandas_udf(to_space, "array<float>"))
+    return sorted(chains)

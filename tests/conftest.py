@@ -73,6 +73,7 @@ SLOW_TESTS = (
     "tests/test_incremental.py::test_an_incremental_merge_keeps_an_analysts_column_values",  # ~20 s
     "tests/test_api.py::test_the_notebook_example_runs_the_daily_job_twice",  # two runs of a fresh demo
     "tests/test_serving.py::test_bcemb_export_gives_what_the_backfill_wrote",
+    "tests/test_serving.py::test_the_sql_function_maps_like_the_output_table",
     "tests/test_lost_versions.py::test_a_lost_old_version_is_named_and_holds_back_only_its_own_space[removed",
     "tests/test_lost_versions.py::test_a_lost_old_version_is_named_and_holds_back_only_its_own_space[files_gone",
     "tests/test_table_rules.py::test_an_analysts_columns_comment_and_constraint",

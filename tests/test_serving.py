@@ -99,29 +99,60 @@ def test_load_chain_runs_where_pyspark_and_pyarrow_cannot_be_imported(tmp_path):
     assert bytes.fromhex(out.stdout) == want.tobytes()
 
 
-@pytest.mark.slow
-def test_bcemb_export_gives_what_the_backfill_wrote(spark, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def published(spark, tmp_path_factory):
+    from bclib.steps.backfill import run_backfill
+    from conftest import generated_and_fitted
+
+    tmp = tmp_path_factory.mktemp("serving")
+    cfg = generated_and_fitted(spark, tmp, evaluate={"label_location": None})
+    run_backfill(spark, cfg)
+    return tmp, cfg
+
+
+def _output_and_source(spark, cfg, space: int):
+    from bclib.tables.delta import read_delta
+
+    out = {r.id: (r.vector, r.chain_id) for r in read_delta(spark, cfg.output_location)
+           .where(f"space_version = {space}").collect()}
+    src = sorted((r.id, r.vector) for r in read_delta(spark, cfg.version_location(2)).collect())
+    return out, src
+
+
+def test_bcemb_export_gives_what_the_backfill_wrote(spark, published, capsys):
     import dataclasses
 
     import yaml
 
     from bclib.cli import main
-    from bclib.steps.backfill import run_backfill
-    from bclib.tables.delta import read_delta
-    from conftest import generated_and_fitted
 
-    cfg = generated_and_fitted(spark, tmp_path, evaluate={"label_location": None})
-    run_backfill(spark, cfg)
-    conf = tmp_path / "job.yaml"
+    tmp, cfg = published
+    conf = tmp / "job.yaml"
     conf.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     capsys.readouterr()
-    assert main(["export", "--config", str(conf), "--space", "0", "--output", str(tmp_path / "c.bcemb"),
+    assert main(["export", "--config", str(conf), "--space", "0", "--output", str(tmp / "c.bcemb"),
                  "--log-level", "ERROR"]) == 0
     assert "export: chain 2 -> 0" in capsys.readouterr().out
-    chain = load_chain(tmp_path / "c.bcemb", source=2, target=0)
-    out = {r.id: (r.vector, r.chain_id) for r in read_delta(spark, cfg.output_location)
-           .where("space_version = 0").collect()}
-    src = sorted((r.id, r.vector) for r in read_delta(spark, cfg.version_location(2)).collect())
+    chain = load_chain(tmp / "c.bcemb", source=2, target=0)
+    out, src = _output_and_source(spark, cfg, 0)
     assert {c for _, c in out.values()} == {chain.chain_id}
     x = np.array([v for _, v in src], np.float32)
     assert_same_vectors(chain.transform(x), np.array([out[i][0] for i, _ in src], np.float32), "export vs output")
+
+
+def test_the_sql_function_maps_like_the_output_table(spark, published):
+    from bclib.serving import register_sql_function
+
+    tmp, cfg = published
+    assert register_sql_function(spark, cfg) == [(1, 0), (2, 0), (2, 1)]
+    out, src = _output_and_source(spark, cfg, 1)
+    rows = spark.sql(f"SELECT id, bc_to_space(vector, 2, 1) AS mapped FROM delta.`{cfg.version_location(2)}`"
+                     ).collect()
+    got = dict((r.id, r.mapped) for r in rows)
+    ids = [i for i, _ in src]
+    assert_same_vectors(np.array([got[i] for i in ids], np.float32), np.array([out[i][0] for i in ids], np.float32),
+                        "SQL function vs output")
+    nulls = spark.sql("SELECT bc_to_space(CAST(NULL AS array<float>), 2, 1) AS m").first().m
+    assert nulls is None
+    with pytest.raises(Exception, match="no active chain from version 0 to space 2"):
+        spark.sql(f"SELECT bc_to_space(vector, 0, 2) FROM delta.`{cfg.version_location(2)}`").collect()
