@@ -259,3 +259,28 @@ def assert_same_vectors(a, b, what: str = "vectors") -> None:
     rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), np.finfo(np.float32).tiny)
     worst = int(np.argmax(rel))
     assert rel[worst] <= VECTOR_RTOL, f"{what}: row {worst} differs by {rel[worst]:.3g} of its norm (> {VECTOR_RTOL})"
+
+
+def reference_chain(chain, x):
+    """An independent numpy reference for a chain of transforms (float64): each family's forward written out
+    from its stored arrays, not the product's `apply` / `apply_chain`. Affine: x W + b; residual MLP:
+    x W + b + relu(x W1 + b1) W2 + b2; local: softmax_i(-||x - c_i||^2 / T)-weighted sum of x W_i + b_i;
+    then rows divided by their norm where the link's meta says output_norm 'unit'."""
+    import numpy as np
+
+    y = np.asarray(x, dtype=np.float64)
+    for link in chain:
+        a = {k: np.asarray(v, dtype=np.float64) for k, v in link.arrays().items()}
+        if "centroids" in a:
+            d2 = ((y[:, None, :] - a["centroids"][None, :, :]) ** 2).sum(axis=2)
+            logits = -d2 / float(np.asarray(a["temperature"]).reshape(-1)[0])
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            y = np.einsum("nk,nkd->nd", p, np.einsum("ni,kid->nkd", y, a["weight"]) + a["bias"][None])
+        elif "w1" in a:
+            y = y @ a["weight"] + a["bias"] + np.maximum(y @ a["w1"] + a["b1"], 0) @ a["w2"] + a["b2"]
+        else:
+            y = y @ a["weight"] + (a["bias"] if "bias" in a else 0.0)
+        if link.meta.get("output_norm") == "unit":
+            y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return y

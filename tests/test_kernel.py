@@ -9,7 +9,8 @@ import pytest
 from bclib.errors import InvalidVectorError
 from bclib.numerics.arrow import matrix_to_list
 from bclib.numerics.kernel import MultiSpaceKernel, arrow_batch_rows, make_batch_fn
-from bclib.numerics.transforms import AffineTransform, ResidualMLPTransform, apply_chain
+from bclib.numerics.transforms import AffineTransform, ResidualMLPTransform
+from conftest import reference_chain
 
 N_ROWS = 1000
 
@@ -50,7 +51,7 @@ def test_every_batch_size_gives_the_numpy_reference(batch_rows, nonlinear, ids_t
         part = out.filter(pa.compute.equal(out["space_version"], space))
         assert part["id"].to_pylist() == table["id"].to_pylist()  # every row once, in order
         got = np.array(part["vector"].to_pylist(), dtype=np.float64)
-        expected = apply_chain(chain, x.astype(np.float64))
+        expected = reference_chain(chain, x)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
         offsets = np.asarray(part["vector"].combine_chunks().offsets)
         assert (np.diff(offsets) == expected.shape[1]).all()
