@@ -22,7 +22,7 @@ log = logging.getLogger("bcemb")
 
 EXIT_OK, EXIT_DATA, EXIT_CONFIG, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_LEASE = 75  # EX_TEMPFAIL (sysexits.h): a scheduler retries later
-EXIT_PARTIAL = 4  # published, but some spaces were left as they were (their version table unreadable)
+EXIT_PARTIAL = 4  # done in part: spaces left as they were / pairs left out (a version table unreadable)
 
 WRITING_STEPS = ("run", "demo", "fit", "backfill", "evaluate", "maintain")  # they hold the run lease
 
@@ -44,7 +44,8 @@ EPILOG = """exit codes:
   1  data or runtime error (one line on stderr names the error class and what to do)
   2  config error
   3  gate rejected: a candidate chain failed the compatibility gate, nothing was published
-  4  partly published: spaces whose version table could not be read were left as they were
+  4  done in part: spaces (backfill) or pairs (evaluate) whose version table could not be read were left
+     as they were / left out; stderr names each
   75  another bcemb process holds this output's run lease, or this run lost it: nothing (more) was
       committed; run again later or pass --wait-lease SECONDS
   130  interrupted (SIGINT); nothing half-written, the next run converges
@@ -310,20 +311,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(text)
     if hasattr(result, "summary") and not (text and text.endswith(result.summary())):
         log.info(result.summary())
-    left = unpublished_spaces(result)
-    if left:
-        print(f"bcemb {name}: partly published: space(s) {sorted(left)} left as they were: "
-              + "; ".join(f"space {j}: {why}" for j, why in sorted(left.items())), file=sys.stderr)
+    partial = partly_done(result)
+    if partial:
+        print(f"bcemb {name}: {partial}", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
 
 
-def unpublished_spaces(result) -> dict:
-    """Spaces a backfill (alone or inside `run`) left as they were because their version table is unreadable."""
+def partly_done(result) -> str:
+    """The exit-4 line, or "": spaces a backfill (alone or inside `run`) left as they were, and versions evaluate
+    (alone or inside `run`) left out, because their version table cannot be read."""
     from bclib.steps.backfill import BackfillResult
+    from bclib.steps.evaluate import EvaluateResult
 
-    backfill = getattr(result, "backfill", None) if not isinstance(result, BackfillResult) else result
-    return dict(backfill.unreadable) if isinstance(backfill, BackfillResult) else {}
+    backfill = result if isinstance(result, BackfillResult) else getattr(result, "backfill", None)
+    evaluated = result if isinstance(result, EvaluateResult) else getattr(result, "evaluate", None)
+    parts = []
+    if isinstance(backfill, BackfillResult) and backfill.unreadable:
+        parts.append(f"partly published: space(s) {sorted(backfill.unreadable)} left as they were: "
+                     + "; ".join(f"space {j}: {why}" for j, why in sorted(backfill.unreadable.items())))
+    if isinstance(evaluated, EvaluateResult) and evaluated.unreadable:
+        parts.append(f"partly evaluated: version(s) {sorted(evaluated.unreadable)} left out (their pairs are not "
+                     "measured): " + "; ".join(f"version {v}: {why}" for v, why in sorted(evaluated.unreadable.items())))
+    return " | ".join(parts)
 
 
 if __name__ == "__main__":

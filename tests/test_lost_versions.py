@@ -71,3 +71,7 @@ def test_a_lost_old_version_is_named_and_holds_back_only_its_own_space(spark, tm
     evaluated = run_evaluate(spark, cfg)  # the pairs of the lost version are left out, by name
     assert set(evaluated.unreadable) == {0} and {(p.source_version, p.space_version) for p in evaluated.pairs} \
         == {(2, 1)}
+    if how == "emptied":  # `bcemb evaluate` alone says so too: exit 4, one line
+        capsys.readouterr()
+        assert main(["evaluate", "--config", str(conf), "--log-level", "ERROR"]) == EXIT_PARTIAL
+        assert "partly evaluated: version(s) [0] left out" in capsys.readouterr().err

@@ -91,7 +91,8 @@ def test_source_layouts_the_raw_reads_would_get_wrong_fall_back_to_spark(spark, 
         assert spark.read.format("delta").load(cfg.output_location).where("space_version = 0").count() == n
 
 
-def test_part_files_of_a_killed_first_run_neither_block_the_location_nor_stay(spark, fitted, tmp_path):
+@pytest.mark.parametrize("how", ["deletion_vectors", "spark_engine"])
+def test_part_files_of_a_killed_first_run_neither_block_the_location_nor_stay(spark, fitted, tmp_path, how):
     """A first arrow run killed after its tasks wrote files but before the commit that creates the table; and
     an empty space folder, what a failed task leaves where its files were removed (on an object store a
     folder-marker object: CI once saw the next run refuse such a location as "not empty")."""
@@ -101,13 +102,16 @@ def test_part_files_of_a_killed_first_run_neither_block_the_location_nor_stay(sp
     from bclib.tables.output import read_output_state
 
     (tmp_path / "out" / "space_version=1").mkdir(parents=True)
-    assert not read_output_state(spark, str(tmp_path / "out")).exists  # only the empty folder: no refusal
+    # Delta 4's `_delta_log/_staged_commits/`, left by a spark-engine write refused before version 0
+    (tmp_path / "out" / "_delta_log" / "_staged_commits").mkdir(parents=True)
+    assert not read_output_state(spark, str(tmp_path / "out")).exists  # only empty folders: no refusal
     orphan = tmp_path / "out" / "space_version=0" / "part-00000-1b2c3d4e-c000.snappy.parquet"
     orphan.parent.mkdir(parents=True)
     pq.write_table(pa.table({"id": [1]}), orphan)
     assert not read_output_state(spark, str(tmp_path / "out")).exists  # read-only: tolerated, not removed
     assert orphan.exists()
-    cfg = _cfg(fitted, tmp_path, deletion_vectors=True)  # the DDL create refuses a non-empty directory
+    cfg = (_cfg(fitted, tmp_path, deletion_vectors=True) if how == "deletion_vectors"  # the DDL create refuses a
+           else _cfg(fitted, tmp_path, engine="spark"))                                # non-empty directory
     run_backfill(spark, cfg)
     assert not orphan.exists()
     assert spark.read.format("delta").load(cfg.output_location).where("space_version = 0").count() > 0

@@ -317,8 +317,9 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
         held = others_with_values(spark, out_location, full) if state.exists and cfg.backfill.engine != "spark" \
             else []
         result.engine, result.engine_reason = choose_engine(cfg, source, out_location, held)
+    if not state.exists:  # a failed or killed first run's leftovers (this run holds the lease)
+        remove_orphan_part_files(spark, out_location)
     if not state.exists and cfg.backfill.deletion_vectors:
-        remove_orphan_part_files(spark, out_location)  # a killed first run's files (this run holds the lease)
         create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True,
                       properties=retention_properties(cfg))
         log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", out_location)

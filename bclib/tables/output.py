@@ -81,12 +81,17 @@ _PART_FILE = re.compile(r"^\.?part-[0-9a-zA-Z-]+-c\d+\.snappy\.parquet(\.crc)?$"
 
 def _orphan_part_files(fs, path) -> Optional[list]:
     """The part files of an interrupted run that never created the table (`space_version=<j>/part-*.parquet`
-    only, the layout bcemb writes), as Hadoop paths; None when the directory holds anything else.
+    only, the layout bcemb writes, beside at most a `_delta_log` folder holding no file), as Hadoop paths;
+    None when the directory holds anything else.
 
     An empty `space_version=<j>` directory counts as such a leftover too (the list may be empty): on an
     object store it is a directory-marker object a writer left, or what stays of a failed task's files."""
     found = []
     for status in fs.listStatus(path):
+        if status.isDirectory() and status.getPath().getName() == "_delta_log":
+            if _holds_files(fs, status.getPath()):  # a log with entries: a table (or someone's), not a leftover
+                return None
+            continue  # Delta's `_delta_log/_staged_commits/` folders from a write that failed before version 0
         if not (status.isDirectory() and _SPACE_DIR.match(status.getPath().getName())):
             return None
         for inner in fs.listStatus(status.getPath()):
@@ -94,6 +99,14 @@ def _orphan_part_files(fs, path) -> Optional[list]:
                 return None
             found.append(inner.getPath())
     return found
+
+
+def _holds_files(fs, path) -> bool:
+    """Whether a Hadoop folder holds any file, at any depth (empty sub-folders do not count)."""
+    for status in fs.listStatus(path):
+        if not status.isDirectory() or _holds_files(fs, status.getPath()):
+            return True
+    return False
 
 
 def _check_location(spark, location: str) -> None:
@@ -131,8 +144,9 @@ def remove_orphan_part_files(spark, location: str) -> int:
     orphans = _orphan_part_files(fs, path)
     leftovers = list(fs.listStatus(path)) if orphans is not None else []
     if leftovers:
-        log.warning("output: %s has no Delta table but %d part file(s) in %d space_version=* folder(s) of an "
-                    "interrupted run (never committed): removing them", location, len(orphans), len(leftovers))
+        log.warning("output: %s has no Delta table but %d part file(s) in %d folder(s) (space_version=*, an empty "
+                    "_delta_log) of a failed or interrupted first run (never committed): removing them", location,
+                    len(orphans), len(leftovers))
         for status in leftovers:
             fs.delete(status.getPath(), True)
     return len(orphans or [])
