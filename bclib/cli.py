@@ -278,6 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from bclib.spark import get_or_create, progress
 
         spark = get_or_create(cfg.spark)
+        if not args.debug and cfg.spark.log_level.upper() in ("WARN", "ERROR", "FATAL", "OFF"):
+            from bclib.spark import quiet_task_failure_logs
+
+            quiet_task_failure_logs(spark)  # a failure is one named line (below), not pages of task traces
         from bclib.spark import ephemeral_catalog_warning
         from bclib.tables.delta import is_path
 

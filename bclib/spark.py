@@ -319,3 +319,25 @@ def ephemeral_catalog_warning(spark, names) -> Optional[str]:
     return (f"catalog table names {names} with Spark's in-memory catalog do not persist after this session: the "
             "next run will not find them and rewrites everything; use Delta paths or a persistent metastore "
             "(spark.sql.catalogImplementation=hive, Unity Catalog, Glue)")
+
+
+# Spark's loggers that print a failed task's whole traceback (Python worker and JVM frames) at ERROR: the CLI
+# names the same failure in one line, and `--debug` (or spark.log_level INFO/DEBUG) keeps them
+TASK_FAILURE_LOGGERS = ("org.apache.spark.executor.Executor", "org.apache.spark.scheduler.TaskSetManager",
+                        "org.apache.spark.util.Utils", "org.apache.spark.sql.delta.files.DeltaFileFormatWriter",
+                        "org.apache.spark.sql.execution.datasources.FileFormatWriter")
+
+
+def quiet_task_failure_logs(spark) -> bool:
+    """Raise TASK_FAILURE_LOGGERS to FATAL in this driver (log4j2 `Configurator.setLevel`), so a refused run
+    prints its one named line instead of pages of task tracebacks. Classic sessions only (no JVM handle on
+    Spark Connect): returns whether it applied."""
+    try:
+        jvm = spark.sparkContext._jvm
+        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+        fatal = jvm.org.apache.logging.log4j.Level.FATAL
+        for name in TASK_FAILURE_LOGGERS:
+            configurator.setLevel(name, fatal)
+        return True
+    except Exception:  # Spark Connect, or another logging backend: leave Spark's logging as it is
+        return False

@@ -126,3 +126,13 @@ def test_catalog_names_with_the_in_memory_catalog_are_warned_about(spark):
     warning = ephemeral_catalog_warning(spark, [loc for loc in locations if not is_path(loc)])
     assert warning and "['default.bc_embeddings']" in warning and "persistent metastore" in warning
     assert ephemeral_catalog_warning(spark, [loc for loc in ["/data/reg", "s3://b/out", "./w/m"] if not is_path(loc)]) is None
+
+
+def test_the_cli_quiets_the_loggers_that_print_a_failed_tasks_traceback(spark):
+    """A refused run prints its one named line, not pages of task tracebacks (newcomer trial: 265 stderr lines
+    for a spark-engine InvalidVectorError, 10 after, all of them Spark's start-up notices)."""
+    from bclib.spark import TASK_FAILURE_LOGGERS, quiet_task_failure_logs
+
+    assert quiet_task_failure_logs(spark)
+    manager = spark.sparkContext._jvm.org.apache.logging.log4j.LogManager
+    assert {str(manager.getLogger(name).getLevel()) for name in TASK_FAILURE_LOGGERS} == {"FATAL"}
