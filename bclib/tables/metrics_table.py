@@ -42,20 +42,25 @@ def append_metrics(spark, location: str, run_id: str, rows: Iterable[tuple], ste
     return len(data)
 
 
+def _rows_of_metric(spark, location: str, metric: str, *columns: str) -> list:
+    """The metrics table's rows of one `metric` (those columns), [] when there is no table or no `detail` column
+    yet (a table written before gate rows had one)."""
+    from pyspark.sql import functions as F
+
+    if not table_exists(spark, location):
+        return []
+    df = read_delta(spark, location)
+    if "detail" not in df.columns:
+        return []
+    return df.where(F.col("metric") == F.lit(metric)).select(*columns).collect()
+
+
 def gate_verdicts(spark, location: str) -> dict[str, dict]:
     """Per transform id, the latest gate verdict of a chain holding it: {passed, space, run_id, computed_at, why}.
 
     A transform in several chains judged in the same run is 'rejected' if any of them was.
     """
-    from pyspark.sql import functions as F
-
-    if not table_exists(spark, location):
-        return {}
-    df = read_delta(spark, location)
-    if "detail" not in df.columns:
-        return {}
-    rows = df.where(F.col("metric") == F.lit("gate")).select(
-        "run_id", "space_version", "computed_at", "detail").collect()
+    rows = _rows_of_metric(spark, location, "gate", "run_id", "space_version", "computed_at", "detail")
     out: dict[str, dict] = {}
     for row in sorted(rows, key=lambda r: (r.computed_at, r.run_id)):
         detail = json.loads(row.detail or "{}")
@@ -72,15 +77,8 @@ def gate_verdicts(spark, location: str) -> dict[str, dict]:
 def unreadable_spaces(spark, location: str) -> dict[int, dict]:
     """Per space, the latest `gate.unreadable` row (a run could not read the space's version table and left the
     space as it was): {chain_id, run_id, computed_at, why}."""
-    from pyspark.sql import functions as F
-
-    if not table_exists(spark, location):
-        return {}
-    df = read_delta(spark, location)
-    if "detail" not in df.columns:
-        return {}
-    rows = df.where(F.col("metric") == F.lit("gate.unreadable")).select(
-        "run_id", "space_version", "chain_id", "computed_at", "detail").collect()
+    rows = _rows_of_metric(spark, location, "gate.unreadable", "run_id", "space_version", "chain_id",
+                           "computed_at", "detail")
     out: dict[int, dict] = {}
     for row in sorted(rows, key=lambda r: (r.computed_at, r.run_id)):
         out[int(row.space_version)] = {"chain_id": row.chain_id, "run_id": row.run_id,
