@@ -6,11 +6,11 @@ CONFIG ?= conf/local.yaml
 # the Spark/Delta pair CI runs on (pyproject.toml allows ranges); override to test another pair
 TESTED_PYSPARK ?= 4.2.0
 TESTED_DELTA ?= 4.4.0
-EXTRAS ?= dev,bench,torch,report,arrow
+EXTRAS ?= dev,bench,torch,report,arrow,docs
 export OPENBLAS_NUM_THREADS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install jars s3a-jars dist demo test test-fast bench-fit bench-backfill bench-paper clean docs-config
+.PHONY: help install jars s3a-jars dist demo test test-fast bench-fit bench-backfill bench-paper clean docs-config docs
 
 help: ## list the targets with their one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ s3a-jars: ## fetch Spark's S3A connector (hadoop-aws + the AWS SDK v2 modules it
 
 docs-config: ## regenerate docs/config.md (every config key) from bclib/config.py
 	$(PYTHON) -m bclib.config_reference
+
+docs: ## build the docs site into site/ with mkdocs build --strict (pages: docs/, nav: mkdocs.yml)
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --site-dir site
 
 dist: ## zip the library for spark-submit --py-files (dist/bclib.zip)
 	$(PYTHON) -c "import shutil; shutil.make_archive('dist/bclib', 'zip', root_dir='.', base_dir='bclib')"
