@@ -9,7 +9,7 @@ version-0 embeddings scores an unintended label on the composed backward-transfo
 
 With --registry the jointly trained B_k are exported with one call each and registered in a Delta
 registry (starts local Spark); without it the exported bytes are only verified. The figures go to
-benchmarks/results/joint_training.json (--results), the file the README quotes.
+benchmarks/results/joint_training.json (--results), the file docs/transforms.md quotes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's catalogue of bad inputs, each through the CLI: exit code, error class, message, no table moved.
+"""The catalogue of bad inputs in docs/errors.md, each through the CLI: exit code, error class, message, no table moved.
 
 One small warehouse (two versions, fitted and backfilled) is built once; each case works on its own copy
 (Delta tables are directories with relative paths: a copy is a table), breaks one thing, snapshots every

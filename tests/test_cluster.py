@@ -1,4 +1,4 @@
-"""The README's cluster recipe, run as written against a real Spark standalone cluster on 127.0.0.1.
+"""The cluster recipe in docs/where-it-runs.md, run as written against a real Spark standalone cluster on 127.0.0.1.
 
 A master and one worker are started with pyspark's own `spark-class` (the pip package has no
 start-master.sh) and stopped by process group. The scheduled job goes through `spark-submit` in client
@@ -96,7 +96,7 @@ def cluster(tmp_path_factory, subprocess_jvm_options):
 
 
 def _config(tmp: Path) -> Path:
-    """The README's small-cluster config, with local paths."""
+    """The small-cluster config of docs/where-it-runs.md (conf/cluster.example.yaml), with local paths."""
     data = {
         "spark": {"app_name": "bcemb-cluster-test", "shuffle_partitions": 4, "delta_jars": "provided"},
         "embeddings": {"location": str(tmp / "emb" / "v{version}"), "versions": [0, 1, 2]},

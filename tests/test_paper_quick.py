@@ -4,7 +4,7 @@ What the paper found and what holds here: raw new embeddings (No-BC) break consu
 keeps them working; joint multi-step training (BC-Aligner) stays within 1 % of never upgrading (Fix-M0) and
 is far better aligned than post-hoc single-step. On this data post-hoc maps even beat Fix-M0 on the
 consumer AUCs (newer embeddings carry more information), so the test does not assert the paper's
-joint > post-hoc ordering on AUC; the README reports it.
+joint > post-hoc ordering on AUC; docs/transforms.md reports it.
 """
 
 import importlib.util
