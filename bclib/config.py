@@ -139,7 +139,7 @@ class BackfillSettings:
     # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and
     # a deletion vector per touched file instead of rewriting those files (readers need Delta reader v3; the
     # deltalake 1.x pyarrow reader refuses such tables). Without them, auto rewrites in full when a MERGE would
-    # touch most files anyway. Applies when bcemb creates the output; an existing one: ALTER TABLE (README).
+    # touch most files anyway. Applies when bcemb creates the output; an existing one: ALTER TABLE (docs/incremental.md).
     deletion_vectors: bool = False
     max_shrink: float = 0.1  # a space may lose at most this fraction of its rows (--allow-shrink overrides)
     max_retries: int = 3  # bounded retries on Delta's concurrent-modification exceptions
