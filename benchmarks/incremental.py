@@ -127,7 +127,7 @@ def auto_picks(spark, location: str, spaces: int, changed: int, rows: int) -> st
     """What `backfill.incremental: auto` with default settings would do with this output for `changed` ids
     of a `rows`-row source (the step's two rules: changed fraction, then files touched without DVs)."""
     from bclib.config import BackfillSettings
-    from bclib.steps.backfill import MERGE_MAX_TOUCHED_SHARE, merge_touched_share
+    from bclib.steps.backfill_plan import MERGE_MAX_TOUCHED_SHARE, merge_touched_share
     from bclib.tables.output import output_layout
 
     if changed > BackfillSettings().incremental_max_fraction * rows:

@@ -82,7 +82,8 @@ def fitted(spark, tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ["spark", "arrow"])
 def test_both_engines_over_batch_sizes_1_to_65536_keep_the_promise(spark, fitted, tmp_path, engine):
-    from bclib.steps.backfill import plan_backfill, run_backfill
+    from bclib.steps.backfill import run_backfill
+    from bclib.steps.backfill_plan import plan_backfill
 
     outputs = {}
     for b in BATCHES:

@@ -98,7 +98,7 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
                                                                                             tmp_path, caplog):
     """A copy-on-write MERGE of ids spread over every file rewrites every file: auto does a full rewrite
     instead (logged, with the share of files touched); `require` still MERGEs, to the same content."""
-    from bclib.steps.backfill import merge_touched_share
+    from bclib.steps.backfill_plan import merge_touched_share
 
     assert merge_touched_share(10, 1000) == pytest.approx(0.00995, rel=1e-3)
     assert merge_touched_share(1000, 10) == pytest.approx(1.0) and merge_touched_share(0, 0) == 0.0
@@ -125,7 +125,8 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
 
 def test_a_retried_commit_is_skipped_by_delta_itself(spark, published, tmp_path):
     """Exactly once: the same work committed twice under one transaction id lands once."""
-    from bclib.steps.backfill import plan_backfill, to_spaces
+    from bclib.steps.backfill_plan import plan_backfill
+    from bclib.steps.engines import to_spaces
     from bclib.tables.embeddings import read_embedding_version
     from bclib.tables.output import write_full
 

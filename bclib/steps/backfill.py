@@ -1,75 +1,51 @@
-"""The backfill step: decide per space, gate, transform on the executors, commit exactly once.
+"""The backfill step: decide per space, gate, validate, transform on the executors, commit exactly once.
 
-    plan_backfill(spark, cfg)        registry -> verified chains -> MultiSpaceKernel (driver)
-    decide(state, desired, ...)      per space: skip (up to date) | incremental (source changed) | full
-    run_gate(...)                    spaces whose chain changed are measured first (steps/gate.py)
-    make_batch_fn(kernel)            the pure function executors run (bclib.numerics.kernel)
-    df.transform(to_spaces(plan))    DataFrame(id, vector) -> DataFrame(output schema), mapInArrow
-    write_full / merge_changes       one Delta commit each, lineage + transaction id (tables/output.py)
+One attempt (`_backfill`, retried whole by `run_backfill` on a concurrent commit) is a row of stages, each a
+function with one job over the attempt's `_Attempt`:
+
+    _survey            registry -> chains and kernel (`backfill_plan.plan_backfill`); the output's state; per space
+                       skip | incremental | full (`backfill_plan.decide`)
+    _gate              spaces whose chain is new to the output are measured first (`steps/gate.py`)
+    _settle_changes    incremental spaces: the source's change data feed, or (auto) a full rewrite when that is
+                       cheaper or the feed is unavailable
+    _validate          before any write: ids unique and non-null, dimension, quarantine count, shrink guard
+    _commit_full       the full rewrite, on the engine `engines.choose_engine` picks (one commit)
+    _commit_changes    the changes MERGEd into the incremental spaces (one commit)
+    _write_side_tables quarantine, gate verdicts, per-space views: after the output commit(s)
 
 A space is up to date when the output's last bcemb commit (VACUUM, OPTIMIZE and property changes after
-it are looked through) says it holds the current source Delta version
-through the current chain; then nothing is read or written. Only the source changed: the change data
-feed between the two Delta versions is transformed and MERGEd (`backfill.incremental`). Otherwise the
-space is rewritten (replaceWhere). Side tables (quarantine, gate verdicts) are written after the output
-commit, so a failed run changes no table; a rerun converges.
+it are looked through) says it holds the current source Delta version through the current chain; then
+nothing is read or written. Side tables are written after the output commit, so a failed run changes no
+table; a rerun converges.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 from bclib.config import JobConfig
 from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUnavailableError, NullIdError, \
     ShrinkGuardError, reraise_executor_errors
-from bclib.numerics.kernel import MultiSpaceKernel, arrow_batch_rows, make_batch_fn
-from bclib.numerics.records import TransformRecord, chain_id, chain_records
+from bclib.numerics.kernel import arrow_batch_rows
 from bclib.spark import backfill_write_conf, session_conf
+from bclib.steps.backfill_plan import FULL, INCREMENTAL, MERGE_MAX_TOUCHED_SHARE, SKIP, BackfillPlan, decide, \
+    merge_touched_share, plan_backfill, txn_id
+from bclib.steps.engines import choose_engine, to_spaces, write_full_arrow, write_full_spark
 from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run_gate
-from bclib.tables.changes import ChangesUnavailable, read_changes
+from bclib.tables.changes import ChangeSet, ChangesUnavailable, read_changes
 from bclib.tables.delta import is_path, retry_on_conflict
 from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version
+from bclib.tables.lease import leased
 from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, others_with_values, \
     output_layout, quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, \
-    space_state, validity_filter, write_full, write_quarantine
-from bclib.tables.lease import leased
+    space_state, validity_filter, write_quarantine
 from bclib.tables.retention import retention_properties
-from bclib.tables.registry import active_transforms
 
 log = logging.getLogger(__name__)
-
-SKIP, INCREMENTAL, FULL = "skip", "incremental", "full"
-
-
-@dataclass(frozen=True)
-class BackfillPlan:
-    """Everything the write needs, decided on the driver: the source version, the spaces and their chains."""
-
-    source_version: int
-    spaces: list[int]
-    chains: dict[int, list[TransformRecord]]
-    kernel: MultiSpaceKernel
-
-    @property
-    def chain_ids(self) -> dict[int, str]:
-        return {s: chain_id(c) for s, c in self.chains.items()}
-
-    @property
-    def dims_out(self) -> list[int]:
-        return [self.kernel.dims[s] for s in self.spaces]
-
-    def restricted(self, spaces: list[int]) -> "BackfillPlan":
-        """The same plan for a subset of its spaces (its own fused kernel)."""
-        chains = {s: self.chains[s] for s in spaces}
-        kernel = MultiSpaceKernel(self.kernel.dim_in, {s: [r.transform for r in c] for s, c in chains.items()})
-        return BackfillPlan(self.source_version, sorted(spaces), chains, kernel)
 
 
 @dataclass
@@ -109,74 +85,6 @@ class BackfillResult:
                                                                      self.quarantined else ")"))
 
 
-def plan_backfill(spark, cfg: JobConfig) -> BackfillPlan:
-    """Load and verify the active chains from the registry; build the kernel."""
-    active = active_transforms(spark, cfg.registry_location)
-    source = cfg.source_version
-    chains = {s: chain_records(active, cfg.embeddings.versions, source, s) for s in cfg.target_spaces}
-    dim_in = chains[max(chains)][0].transform.dim_in
-    kernel = MultiSpaceKernel(dim_in, {s: [r.transform for r in c] for s, c in chains.items()})
-    return BackfillPlan(source, sorted(chains), chains, kernel)
-
-
-def to_spaces(plan: BackfillPlan) -> Callable:
-    """DataFrame(id, vector) -> DataFrame(id, vector, space_version, source_version, chain_id, produced_at).
-
-    The executors run `make_batch_fn(plan.kernel)` through `mapInArrow`; use as `df.transform(to_spaces(plan))`.
-    """
-    from pyspark.sql import functions as F
-
-    batch_fn = make_batch_fn(plan.kernel)
-    chain_map = F.create_map(*[x for s in plan.spaces for x in (F.lit(s), F.lit(plan.chain_ids[s]))])
-
-    def transform(df):
-        id_type = df.schema["id"].dataType.simpleString()
-        return (
-            df.select("id", "vector").mapInArrow(batch_fn, f"id {id_type}, vector array<float>, space_version int")
-            .withColumn("source_version", F.lit(plan.source_version).cast("int"))
-            .withColumn("chain_id", F.element_at(chain_map, F.col("space_version")))
-            .withColumn("produced_at", F.current_timestamp())
-        )
-
-    return transform
-
-
-def decide(state: OutputState, desired: dict[int, dict], incremental: str, force: bool) -> dict[int, tuple[str, str]]:
-    """Per space: (skip | incremental | full, why). Pure: the output's state against what it should hold."""
-    out = {}
-    for j, want in sorted(desired.items()):
-        cur = state.space(j)
-        if not state.exists:
-            out[j] = (FULL, "the output table does not exist yet")
-        elif state.foreign:
-            out[j] = (FULL, f"the output's last commit that changed rows ({state.operation or 'unknown'}; table "
-                            f"at Delta v{state.delta_version}) was not written by bcemb")
-        elif cur is None:
-            out[j] = (FULL, "the space is not in the output yet")
-        elif force:
-            out[j] = (FULL, "backfill.force")
-        elif cur == want:
-            out[j] = (SKIP, f"up to date (source Delta v{want['source_delta_version']}, chain {want['chain_id']})")
-        elif cur.get("chain_id") != want["chain_id"] or cur.get("transforms") != want["transforms"]:
-            out[j] = (FULL, f"chain changed: {cur.get('chain_id')} -> {want['chain_id']}")
-        elif (cur.get("source_location"), cur.get("source_version")) != (want["source_location"], want["source_version"]):
-            out[j] = (FULL, f"source changed: version {cur.get('source_version')} -> {want['source_version']}")
-        elif int(cur.get("source_delta_version", -1)) > want["source_delta_version"]:
-            out[j] = (FULL, f"the source table went back from Delta v{cur['source_delta_version']} to "
-                            f"v{want['source_delta_version']}")
-        elif incremental == "off":
-            out[j] = (FULL, "source changed and backfill.incremental is off")
-        else:
-            out[j] = (INCREMENTAL, f"source Delta v{cur['source_delta_version']} -> v{want['source_delta_version']}")
-    return out
-
-
-def _txn(location: str, mode: str, plan: BackfillPlan, state: OutputState, delta_version: int) -> tuple[str, int]:
-    """Delta transaction id of one commit: (app id of output + spaces + chains + base version, source version)."""
-    key = json.dumps([location, mode, plan.spaces, plan.chain_ids, state.delta_version], sort_keys=True, default=str)
-    return "bcemb-" + hashlib.sha256(key.encode()).hexdigest()[:32], int(delta_version)
-
-
 def _check_dimension(source: VersionRead, plan: BackfillPlan, probe_rows: int = 10_000) -> None:
     """Before any write: the first `probe_rows` rows' dimension against the registry's (majority, not first row)."""
     from pyspark.sql import functions as F
@@ -196,6 +104,40 @@ def _check_dimension(source: VersionRead, plan: BackfillPlan, probe_rows: int = 
         )
 
 
+@dataclass
+class _Attempt:
+    """One attempt's working state, handed from stage to stage (rebuilt from scratch on a retry)."""
+
+    spark: object
+    cfg: JobConfig
+    run_id: str
+    plan: BackfillPlan
+    source: VersionRead
+    state: OutputState  # the output as planned on
+    desired: dict  # space -> the state it should hold (tables.output.space_state)
+    actions: dict  # space -> (skip | incremental | full, why); stages may turn an action into another
+    result: BackfillResult
+    started: float
+    changes: Optional[ChangeSet] = None  # incremental spaces' change set (_settle_changes)
+    rows: object = None  # the validated source DataFrame (quarantined rows filtered out)
+    base: Optional[OutputState] = None  # the output before the next commit
+
+    @property
+    def out(self) -> str:
+        return self.cfg.output_location
+
+    @property
+    def quarantine(self) -> Optional[str]:
+        return self.cfg.backfill.quarantine_location
+
+    def spaces(self, action: str) -> list[int]:
+        return [j for j, (a, _) in sorted(self.actions.items()) if a == action]
+
+    def done(self) -> BackfillResult:
+        self.result.seconds = time.time() - self.started
+        return self.result
+
+
 @leased("backfill")
 def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None, allow_shrink: bool = False,
                  dry_run: bool = False) -> BackfillResult:
@@ -212,86 +154,126 @@ def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None, allow_shri
 
 
 def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: bool) -> BackfillResult:
+    """One attempt: the stages in order; each may end the attempt (nothing to do) or raise (nothing written)."""
+    at = _survey(spark, cfg, run_id)
+    if dry_run:
+        at.result.dry_run = True
+        return at.result
+    if not at.spaces(FULL) and not at.spaces(INCREMENTAL):
+        return _nothing_to_do(at)
+    _check_dimension(at.source, at.plan)
+    if not _gate(at):
+        return at.done()
+    n_source = at.source.df.count()
+    if n_source == 0:
+        raise EmptySourceError(f"version {at.plan.source_version} at '{at.source.location}' (Delta "
+                               f"v{at.source.delta_version}) has no rows; nothing was written (an empty source never "
+                               "replaces published spaces)")
+    _settle_changes(at, n_source)
+    _validate(at, n_source, allow_shrink)
+    write_started = time.time()
+    _prepare_output(at)
+    if at.spaces(FULL):
+        _commit_full(at)
+    if at.spaces(INCREMENTAL):
+        _commit_changes(at)
+    at.result.write_seconds = time.time() - write_started
+    _write_side_tables(at)
+    result = at.done()
+    log.info("backfill: %d rows written in %d commit(s) in %.1fs", result.rows, result.commits, result.seconds)
+    return result
+
+
+def _survey(spark, cfg: JobConfig, run_id: str) -> _Attempt:
+    """The plan, the source, the output's state and per space what to do and why (logged)."""
     started = time.time()
-    out_location = cfg.output_location
     plan = plan_backfill(spark, cfg)
     source = read_embedding_version(spark, cfg, plan.source_version)
-    state = read_output_state(spark, out_location)
+    state = read_output_state(spark, cfg.output_location)
     if state.exists:
-        check_output_schema(spark, out_location, source.df.schema["id"].dataType.simpleString())
+        check_output_schema(spark, cfg.output_location, source.df.schema["id"].dataType.simpleString())
     desired = {j: space_state(source.location, plan.source_version, source.delta_version, plan.chains[j])
                for j in plan.spaces}
     actions = decide(state, desired, cfg.backfill.incremental, cfg.backfill.force)
     for j, (action, why) in actions.items():
         log.info("backfill: space %d: %s (%s)", j, action, why)
     result = BackfillResult(run_id, False, 0, plan.spaces, actions, source_delta_version=source.delta_version)
-    quarantine = cfg.backfill.quarantine_location
-    if dry_run:
-        result.dry_run = True
-        return result
-    if all(a == SKIP for a, _ in actions.values()):
-        if quarantine and not _quarantine_current(spark, quarantine, state.lineage):
-            _write_full_quarantine(spark, cfg, source, plan, run_id)
-            result.commits = 1
-        result.skipped = True
-        result.seconds = time.time() - started
-        log.info("backfill: %s already holds version %d (Delta v%d) in spaces %s through the same chains; "
-                 "nothing to do (backfill.force rewrites)", out_location, plan.source_version,
-                 source.delta_version, plan.spaces)
-        return result
+    return _Attempt(spark, cfg, run_id, plan, source, state, desired, actions, result, started)
 
-    _check_dimension(source, plan)
-    # the gate: every space whose chain is new to the output is measured before anything is written
-    gated = {j: plan.chains[j] for j, (a, _) in actions.items()
-             if a != SKIP and (state.space(j) or {}).get("chain_id") != plan.chain_ids[j]} if cfg.gate.enabled else {}
-    if gated:
-        result.gate = run_gate(spark, cfg, plan.source_version, gated)
-        if result.gate.rejected and cfg.gate.enforce:
-            record_verdicts(spark, cfg, run_id, result.gate)  # the verdict is the only thing this run writes
-        raise_if_rejected(result.gate)  # GateRejectedError when enforced; otherwise logs and goes on
-        for j, why in sorted(result.gate.unreadable.items()):  # one space's trouble stays with that space
-            actions[j] = (SKIP, f"not published: version {j}'s table cannot be read for the gate ({why})")
-            result.unreadable[j] = why
-        if all(a == SKIP for a, _ in actions.values()):
-            record_verdicts(spark, cfg, run_id, result.gate)
-            result.seconds = time.time() - started
-            log.warning("backfill: nothing published: every space to write has an unreadable version table")
-            return result
 
-    n_source = source.df.count()
-    if n_source == 0:
-        raise EmptySourceError(f"version {plan.source_version} at '{source.location}' (Delta v{source.delta_version}) "
-                               "has no rows; nothing was written (an empty source never replaces published spaces)")
-    changes = None
-    incremental = [j for j, (a, _) in actions.items() if a == INCREMENTAL]
-    if incremental:
-        changes = _changes_or_fallback(spark, cfg, source, state, incremental, actions, n_source)
-        if changes is not None and cfg.backfill.incremental == "auto":
-            _full_if_merge_rewrites_most_files(spark, out_location, state, changes, incremental, actions)
-            if not any(actions[j][0] == INCREMENTAL for j in incremental):
-                changes = None
-    full = [j for j, (a, _) in actions.items() if a == FULL]
-    incremental = [j for j, (a, _) in actions.items() if a == INCREMENTAL]
-    current_rows = space_rows(spark, out_location) if state.exists else {}
+def _nothing_to_do(at: _Attempt) -> BackfillResult:
+    """Every space is up to date: only a quarantine table behind the output's source version is rewritten."""
+    if at.quarantine and not _quarantine_current(at.spark, at.quarantine, at.state.lineage):
+        _write_full_quarantine(at.spark, at.cfg, at.source, at.plan, at.run_id)
+        at.result.commits = 1
+    at.result.skipped = True
+    log.info("backfill: %s already holds version %d (Delta v%d) in spaces %s through the same chains; "
+             "nothing to do (backfill.force rewrites)", at.out, at.plan.source_version, at.source.delta_version,
+             at.plan.spaces)
+    return at.done()
 
-    # validation before any write: ids, dimension, quarantine count, shrink guard
-    bad = None
-    df = source.df
-    if quarantine:
+
+def _gate(at: _Attempt) -> bool:
+    """Measure every space whose chain is new to the output before anything is written; False when nothing is
+    left to publish. Raises GateRejectedError (enforced; the verdicts are the only thing written). A space whose
+    version table cannot be read is left as it was (`result.unreadable`, exit 4), the others go on."""
+    if not at.cfg.gate.enabled:
+        return True
+    gated = {j: at.plan.chains[j] for j, (a, _) in at.actions.items()
+             if a != SKIP and (at.state.space(j) or {}).get("chain_id") != at.plan.chain_ids[j]}
+    if not gated:
+        return True
+    gate = at.result.gate = run_gate(at.spark, at.cfg, at.plan.source_version, gated)
+    if gate.rejected and at.cfg.gate.enforce:
+        record_verdicts(at.spark, at.cfg, at.run_id, gate)
+    raise_if_rejected(gate)  # GateRejectedError when enforced; otherwise logs and goes on
+    for j, why in sorted(gate.unreadable.items()):  # one space's trouble stays with that space
+        at.actions[j] = (SKIP, f"not published: version {j}'s table cannot be read for the gate ({why})")
+        at.result.unreadable[j] = why
+    if all(a == SKIP for a, _ in at.actions.values()):
+        record_verdicts(at.spark, at.cfg, at.run_id, gate)
+        log.warning("backfill: nothing published: every space to write has an unreadable version table")
+        return False
+    return True
+
+
+def _settle_changes(at: _Attempt, n_source: int) -> None:
+    """Incremental spaces: read their change set, or turn them into full rewrites (feed unavailable, too many
+    changes, or — auto — a MERGE that would rewrite most files of an output without deletion vectors)."""
+    incremental = at.spaces(INCREMENTAL)
+    if not incremental:
+        return
+    changes = _changes_or_fallback(at.spark, at.cfg, at.source, at.state, incremental, at.actions, n_source)
+    if changes is not None and at.cfg.backfill.incremental == "auto":
+        _full_if_merge_rewrites_most_files(at.spark, at.out, at.state, changes, incremental, at.actions)
+        if not at.spaces(INCREMENTAL):
+            changes = None
+    at.changes = changes
+
+
+def _validate(at: _Attempt, n_source: int, allow_shrink: bool) -> None:
+    """Before any write: ids, quarantine count, shrink guard; sets `at.rows` (the usable source rows).
+    Raises DuplicateIdError, NullIdError, EmptySourceError (every row unusable), ShrinkGuardError."""
+    plan, source, cfg = at.plan, at.source, at.cfg
+    full, incremental = at.spaces(FULL), at.spaces(INCREMENTAL)
+    current_rows = space_rows(at.spark, at.out) if at.state.exists else {}
+    df, bad = source.df, None
+    if at.quarantine:
         bad = _bad_rows(df, plan)
         df = df.where(_good(plan))
+    at.rows = df
     if full:
         check_unique_ids(df, source.location, plan.source_version)
         n_bad = bad.count() if bad is not None else 0
-        result.quarantined = n_bad
+        at.result.quarantined = n_bad
         if n_bad == n_source:
             raise EmptySourceError(f"version {plan.source_version} at '{source.location}': all {n_source} rows are "
                                    f"unusable (see the quarantine reasons); nothing was written")
         _shrink_guard(cfg, full, current_rows, n_source - n_bad, allow_shrink, "rewrite")
     if incremental:
-        upserts = changes.df.where("_op = 'upsert'")
-        check_unique_ids(df, source.location, plan.source_version, only_ids=upserts)
-        if not quarantine and changes.df.where("id IS NULL").limit(1).count():
+        changes = at.changes
+        check_unique_ids(df, source.location, plan.source_version, only_ids=changes.df.where("_op = 'upsert'"))
+        if not at.quarantine and changes.df.where("id IS NULL").limit(1).count():
             raise NullIdError(f"version {plan.source_version} at '{source.location}': the changes since Delta "
                               f"v{changes.from_delta_version - 1} hold rows with a null id")
         for j in incremental:
@@ -302,206 +284,92 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
                     f"(> backfill.max_shrink = {cfg.backfill.max_shrink:.0%}) from deletes in version "
                     f"{plan.source_version}'s changes; nothing was written. If intended, run with --allow-shrink")
 
-    # the commits: full rewrites, then merged changes; each carries the state of every space after it
-    spaces_state = dict(state.spaces) if not state.foreign else {}
-    written_rows = 0
-    write_started = time.time()
-    batch_rows = cfg.backfill.arrow_batch_rows or arrow_batch_rows(plan.kernel.dim_in, plan.dims_out,
-                                                                   cfg.backfill.target_batch_mb)
-    out_row_bytes = 4 * max(plan.dims_out) + 48  # vector plus id, space, chain id, timestamp
-    file_rows = max(10_000, cfg.backfill.target_file_mb * 2**20 // out_row_bytes)
+
+def _prepare_output(at: _Attempt) -> None:
+    """Before the first commit: the engine of a full rewrite (EngineUnavailableError for a forced arrow that
+    cannot run), a killed first run's leftovers removed, an output with deletion vectors created; sets `at.base`."""
+    cfg, spark = at.cfg, at.spark
+    at.base = at.state
+    if at.spaces(FULL):
+        held = others_with_values(spark, at.out, at.spaces(FULL)) \
+            if at.state.exists and cfg.backfill.engine != "spark" else []
+        at.result.engine, at.result.engine_reason = choose_engine(cfg, at.source, at.out, held)
+    if not at.state.exists:  # a failed or killed first run's leftovers (this run holds the lease)
+        remove_orphan_part_files(spark, at.out)
+        if cfg.backfill.deletion_vectors:
+            create_output(spark, at.out, at.source.df.schema["id"].dataType.simpleString(), deletion_vectors=True,
+                          properties=retention_properties(cfg))
+            log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", at.out)
+            at.base = read_output_state(spark, at.out)
+
+
+def _batch_rows(at: _Attempt) -> int:
+    b = at.cfg.backfill
+    return b.arrow_batch_rows or arrow_batch_rows(at.plan.kernel.dim_in, at.plan.dims_out, b.target_batch_mb)
+
+
+def _commit_lineage(at: _Attempt, mode: str, spaces: list[int]) -> tuple[dict, tuple[str, int], BackfillPlan]:
+    """The commit's lineage (the state of every space after it), its transaction id, and the plan for `spaces`."""
+    sub = at.plan.restricted(spaces)
+    after = dict(at.base.spaces) if not at.base.foreign else {}
+    after.update({str(j): at.desired[j] for j in spaces})
     gate_note = {str(v.space): "passed" if v.passed else "rejected (gate.enforce false)"
-                 for v in (result.gate.verdicts if result.gate else [])}
-    base = state
-    if full:  # before anything is written: engine: arrow where it cannot run fails here (EngineUnavailableError)
-        held = others_with_values(spark, out_location, full) if state.exists and cfg.backfill.engine != "spark" \
-            else []
-        result.engine, result.engine_reason = choose_engine(cfg, source, out_location, held)
-    if not state.exists:  # a failed or killed first run's leftovers (this run holds the lease)
-        remove_orphan_part_files(spark, out_location)
-    if not state.exists and cfg.backfill.deletion_vectors:
-        create_output(spark, out_location, source.df.schema["id"].dataType.simpleString(), deletion_vectors=True,
-                      properties=retention_properties(cfg))
-        log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", out_location)
-        base = read_output_state(spark, out_location)
-    if full:
-        sub = plan.restricted(full)
-        spaces_state.update({str(j): desired[j] for j in full})
-        lineage = _lineage(run_id, "full", full, source, None, spaces_state, gate_note, quarantine)
-        txn = _txn(out_location, FULL, sub, base, source.delta_version)
-        lineage["txn"] = list(txn)
-        lineage["engine"] = result.engine
-        log.info("backfill: version %d (Delta v%d, dim %d) -> spaces %s (%s kernel): full rewrite, %s engine (%s)",
-                 plan.source_version, source.delta_version, plan.kernel.dim_in, full,
-                 "fused one-GEMM" if sub.kernel.fused else "sequential", result.engine, result.engine_reason)
-        if result.engine == "arrow":
-            with reraise_executor_errors():
-                n = _write_full_arrow(spark, cfg, sub, source, out_location, lineage, txn, base,
-                                      quarantine is not None, file_rows)
-        else:
-            src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
-            with session_conf(spark, backfill_write_conf(batch_rows, len(full))), reraise_executor_errors():
-                n = write_full(spark, src.transform(to_spaces(sub)), out_location, full, lineage, file_rows, txn,
-                               base.delta_version if base.exists else None, retention_properties(cfg))
-        written_rows += n or 0
-        result.commits += 0 if n is None else 1  # None: Delta skipped the commit (transaction id recorded)
-        base = read_output_state(spark, out_location)
-    if incremental:
-        sub = plan.restricted(incremental)
-        spaces_state.update({str(j): desired[j] for j in incremental})
-        lineage = _lineage(run_id, "incremental", incremental, source, changes, spaces_state, gate_note, quarantine)
-        txn = _txn(out_location, INCREMENTAL, sub, base, source.delta_version)
-        lineage["txn"] = list(txn)
-        log.info("backfill: version %d Delta v%d..v%d: %d upserts, %d deletes -> spaces %s (one MERGE)",
-                 plan.source_version, changes.from_delta_version, changes.to_delta_version, changes.upserts,
-                 changes.deletes, incremental)
-        change_rows = _change_rows(changes.df, sub, quarantine is not None)
-        with session_conf(spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
-            n = merge_changes(spark, change_rows, out_location, incremental, lineage, txn, base.delta_version)
-        written_rows += n or 0
-        result.commits += 0 if n is None else 1
-    result.write_seconds = time.time() - write_started
-
-    # side tables, after the output commit(s): quarantine, gate verdicts, per-space views
-    if quarantine:
-        if full or not _quarantine_current(spark, quarantine, {"source": {"delta_version": source.delta_version}}):
-            result.quarantined = _write_full_quarantine(spark, cfg, source, plan, run_id)
-            result.commits += 1
-    if result.gate is not None:
-        record_verdicts(spark, cfg, run_id, result.gate)
-    if not is_path(out_location):
-        create_space_views(spark, out_location, plan.spaces)
-    result.rows = written_rows
-    result.seconds = time.time() - started
-    log.info("backfill: %d rows written in %d commit(s) in %.1fs", written_rows, result.commits, result.seconds)
-    return result
+                 for v in (at.result.gate.verdicts if at.result.gate else [])}
+    lineage = _lineage(at.run_id, mode, spaces, at.source, at.changes if mode == INCREMENTAL else None, after,
+                       gate_note, at.quarantine)
+    txn = txn_id(at.out, mode, sub, at.base, at.source.delta_version)
+    lineage["txn"] = list(txn)
+    return lineage, txn, sub
 
 
-def arrow_blockers(cfg: JobConfig, source: VersionRead, out_location: str) -> list[str]:
-    """Why the arrow engine cannot serve this backfill (empty: it can)."""
-    from bclib.tables import delta_rs
-
-    missing = delta_rs.available()
-    if missing:
-        return [missing]
-    if not is_path(source.location) or not is_path(out_location):
-        return ["a catalog table name (the arrow engine reads and writes Delta paths)"]
-    if cfg.backfill.output_partitions:
-        return ["backfill.output_partitions is set (a Spark repartition; the arrow engine writes one file "
-                "per task of backfill.arrow_task_mb)"]
-    from deltalake.exceptions import DeltaError, TableNotFoundError
-
-    from bclib.tables.parquet_files import filesystem_and_path
-
-    opts = cfg.backfill.storage_options or None
-    try:
-        src = delta_rs.open_table(source.location, source.delta_version, opts)
-        reasons = delta_rs.source_blockers(src) + _source_layout_blockers(cfg, src)
-        filesystem_and_path(out_location, opts)
-        if delta_rs_table_exists(out_location, opts):
-            reasons += delta_rs.target_blockers(delta_rs.open_table(out_location, storage_options=opts))
-    except (OSError, ValueError, DeltaError, TableNotFoundError) as exc:  # a filesystem or table they cannot open
-        return [f"pyarrow/delta-rs cannot open the tables ({type(exc).__name__}: {exc})"]
-    return reasons
+def _count_commit(at: _Attempt, n: Optional[int]) -> None:
+    at.result.rows += n or 0
+    at.result.commits += 0 if n is None else 1  # None: Delta skipped the commit (transaction id recorded)
 
 
-def _source_layout_blockers(cfg: JobConfig, src) -> list[str]:
-    """Source layouts Spark reads but the arrow engine's raw Parquet reads would get wrong."""
-    emb = cfg.embeddings
-    wanted = [c for c in (emb.id_column, emb.vector_column, emb.version_column) if c]
-    partitioned = [c for c in (src.metadata().partition_columns or []) if c in wanted]
-    out = []
-    if partitioned:
-        out.append(f"the source table is partitioned by {partitioned} (its files do not hold those columns)")
-    if emb.version_column:
-        types = {f.name: str(f.type) for f in src.schema().fields}
-        found = types.get(emb.version_column, "missing")
-        if not any(t in found for t in ("integer", "long", "short", "byte")):
-            out.append(f"the version column '{emb.version_column}' is {found}, not an integer type (Spark compares "
-                       "it with its own casts)")
-    return out
-
-
-def delta_rs_table_exists(location: str, storage_options: Optional[dict]) -> bool:
-    from deltalake import DeltaTable
-
-    from bclib.tables import delta_rs
-
-    return DeltaTable.is_deltatable(delta_rs.table_uri(location), storage_options=storage_options)
-
-
-def choose_engine(cfg: JobConfig, source: VersionRead, out_location: str,
-                  others_with_values: Sequence[str] = ()) -> tuple[str, str]:
-    """(spark | arrow, why) for a full rewrite; EngineUnavailableError names why `engine: arrow` cannot run.
-
-    `others_with_values`: the output's columns bcemb does not own that hold values in the spaces to rewrite
-    (`output.others_with_values`): only the spark engine carries them through."""
-    from bclib.errors import EngineUnavailableError
-
-    mode = cfg.backfill.engine
-    if mode == "spark":
-        return "spark", "backfill.engine: spark"
-    reasons = arrow_blockers(cfg, source, out_location)
-    if others_with_values:
-        reasons.append(f"the output table has column(s) bcemb does not own holding values "
-                       f"({', '.join(others_with_values)}): the spark engine carries them through a rewrite, the "
-                       "arrow engine would leave them null")
-    if not reasons:
-        return "arrow", "plain Delta paths that pyarrow reads and delta-rs commits to"
-    if mode == "arrow":
-        raise EngineUnavailableError("backfill.engine is 'arrow' but " + "; ".join(reasons)
-                                     + "; use backfill.engine: auto (or spark)")
-    return "spark", "auto: " + "; ".join(reasons)
-
-
-def _arrow_id_type(df):
-    """The output's Arrow id type: the id rule's read type (int64 or string; `bclib.tables.ids`)."""
-    from bclib.tables.ids import arrow_output_type
-
-    return arrow_output_type(df.schema["id"].dataType)
-
-
-def _write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionRead, out_location: str,
-                      lineage: dict, txn: tuple[str, int], base: OutputState, drop_invalid: bool,
-                      file_rows: int) -> Optional[int]:
-    """The arrow engine: executors read row groups and write Parquet with pyarrow; one delta-rs commit.
-    Returns the rows written, None when the commit was skipped (its transaction id already recorded)."""
-    from datetime import datetime, timezone
-
-    from bclib.tables import delta_rs
-    from bclib.tables.parquet_files import make_task_fn, plan_tasks
-
-    from bclib.tables.commits import BEFORE_COMMIT, check_commit, run_seams
-
-    opts = cfg.backfill.storage_options or None
-    src = delta_rs.open_table(source.location, source.delta_version, opts)
-    tasks = plan_tasks(delta_rs.snapshot_files(src), cfg.backfill.arrow_task_mb * 2**20, opts)
-    produced_at = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
-    emb = cfg.embeddings
-    root = delta_rs.table_uri(out_location)
-    batch_rows = cfg.backfill.arrow_batch_rows or arrow_batch_rows(plan.kernel.dim_in, plan.dims_out,
-                                                                   cfg.backfill.target_batch_mb)
-    fn = make_task_fn(plan.kernel, plan.chain_ids, plan.source_version, produced_at, root, emb.id_column,
-                      emb.vector_column, emb.version_column, source.version, drop_invalid, file_rows, opts,
-                      batch_rows, emb.vector_encoding)
-    log.info("backfill: arrow engine: %d task(s) over %d row groups of Delta v%d", len(tasks),
-             sum(len(g) for t in tasks for _, g in t.parts), source.delta_version)
-    texts = [t.to_json() for t in tasks]
-    adds = [json.loads(a) for a in (spark.sparkContext.parallelize(texts, len(texts)).mapPartitions(fn).collect()
-                                    if texts else [])]
-    # the commit rule, then one delta-rs commit against exactly the version checked (no retry of its own);
-    # a new output is created by that commit, only now that every task succeeded
-    checked = check_commit(spark, out_location, base.delta_version if base.exists else None, plan.spaces,
-                           f"arrow full rewrite of spaces {plan.spaces}")
-    run_seams(BEFORE_COMMIT, out_location, checked)
-    meta = json.dumps(lineage, sort_keys=True)
-    if not base.exists:
-        delta_rs.create_output_with_files(out_location, _arrow_id_type(source.df), adds, meta, txn, opts,
-                                          retention_properties(cfg))
-        committed = True
+def _commit_full(at: _Attempt) -> None:
+    """Rewrite the full spaces in one commit on the chosen engine; `at.base` becomes the output after it."""
+    full = at.spaces(FULL)
+    lineage, txn, sub = _commit_lineage(at, FULL, full)
+    lineage["engine"] = at.result.engine
+    out_row_bytes = 4 * max(at.plan.dims_out) + 48  # vector plus id, space, chain id, timestamp
+    file_rows = max(10_000, at.cfg.backfill.target_file_mb * 2**20 // out_row_bytes)
+    log.info("backfill: version %d (Delta v%d, dim %d) -> spaces %s (%s kernel): full rewrite, %s engine (%s)",
+             at.plan.source_version, at.source.delta_version, at.plan.kernel.dim_in, full,
+             "fused one-GEMM" if sub.kernel.fused else "sequential", at.result.engine, at.result.engine_reason)
+    if at.result.engine == "arrow":
+        n = write_full_arrow(at.spark, at.cfg, sub, at.source, at.out, lineage, txn, at.base,
+                             at.quarantine is not None, file_rows)
     else:
-        committed = delta_rs.commit_replace(out_location, checked, adds, plan.spaces, meta, txn, opts)
-    return sum(int(a["rows"]) for a in adds) if committed else None
+        n = write_full_spark(at.spark, at.cfg, sub, at.rows, at.out, lineage, txn, at.base, _batch_rows(at), file_rows)
+    _count_commit(at, n)
+    at.base = read_output_state(at.spark, at.out)
+
+
+def _commit_changes(at: _Attempt) -> None:
+    """MERGE the change set into the incremental spaces in one commit (`tables.output.merge_changes`)."""
+    incremental, changes = at.spaces(INCREMENTAL), at.changes
+    lineage, txn, sub = _commit_lineage(at, INCREMENTAL, incremental)
+    log.info("backfill: version %d Delta v%d..v%d: %d upserts, %d deletes -> spaces %s (one MERGE)",
+             at.plan.source_version, changes.from_delta_version, changes.to_delta_version, changes.upserts,
+             changes.deletes, incremental)
+    change_rows = _change_rows(changes.df, sub, at.quarantine is not None)
+    with session_conf(at.spark, backfill_write_conf(_batch_rows(at), len(incremental))), reraise_executor_errors():
+        n = merge_changes(at.spark, change_rows, at.out, incremental, lineage, txn, at.base.delta_version)
+    _count_commit(at, n)
+
+
+def _write_side_tables(at: _Attempt) -> None:
+    """After the output commit(s): the quarantine table, the gate's verdicts, a catalog output's space views."""
+    if at.quarantine:
+        if at.spaces(FULL) or not _quarantine_current(at.spark, at.quarantine,
+                                                     {"source": {"delta_version": at.source.delta_version}}):
+            at.result.quarantined = _write_full_quarantine(at.spark, at.cfg, at.source, at.plan, at.run_id)
+            at.result.commits += 1
+    if at.result.gate is not None:
+        record_verdicts(at.spark, at.cfg, at.run_id, at.result.gate)
+    if not is_path(at.out):
+        create_space_views(at.spark, at.out, at.plan.spaces)
 
 
 def _lineage(run_id: str, mode: str, written: list[int], source: VersionRead, changes, spaces_state: dict,
@@ -539,21 +407,6 @@ def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: Outp
         log.info("backfill: %d changed rows of %d: full rewrite of %s", changed, n_source, spaces)
         return None
     return changes
-
-
-# auto: rewrite in full when a MERGE into an output without deletion vectors would rewrite more than this
-# share of the spaces' files anyway (it would then cost more than a full rewrite: it also joins)
-MERGE_MAX_TOUCHED_SHARE = 0.5
-
-
-def merge_touched_share(changed_ids: int, files: float) -> float:
-    """Expected share of `files` equal files holding at least one of `changed_ids` ids spread over them.
-
-    1 - (1 - 1/F)^c ~= 1 - exp(-c / F) (each id falls in one of F files uniformly: ids are not clustered by
-    arrival in an embedding table). Pure; F < 1 counts as 1.
-    """
-    files = max(1.0, float(files))
-    return -math.expm1(-max(0, changed_ids) / files)
 
 
 def _full_if_merge_rewrites_most_files(spark, out_location: str, state: OutputState, changes, spaces: list[int],

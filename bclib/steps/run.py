@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 
 from bclib.config import JobConfig
 from bclib.errors import RegistryError
-from bclib.steps.backfill import FULL, INCREMENTAL, BackfillResult, run_backfill
+from bclib.steps.backfill import BackfillResult, run_backfill
+from bclib.steps.backfill_plan import FULL, INCREMENTAL
 from bclib.steps.evaluate import EvaluateResult, run_evaluate
 from bclib.steps.fit import FitResult, plan_fit, run_fit
 from bclib.steps.status import StatusResult, run_status
