@@ -11,7 +11,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 JIT_FOR_TESTS = "-XX:TieredStopAtLevel=1"  # short-lived JVMs of subprocess tests: C1 alone starts faster
-SESSION_JVM_OPTIONS = "-XX:+UseParallelGC"
+# the session JVMs: C1 alone. With two pytest workers on two cores the CPU is the limit, and C2 spent ~20 % of a
+# session JVM's CPU compiling (138 s of 650 s by 16 min, most of it one-off generated query code); measured on
+# two files side by side (test_end_to_end + test_bad_input/test_table_rules, not slow): 169/181 s -> 154/172 s
+SESSION_JVM_OPTIONS = "-XX:+UseParallelGC -XX:TieredStopAtLevel=1"
 
 
 # Files whose tests together take a minute or more (measured with `--durations=0` under `-n 2`, 2026-12-06). The
@@ -118,8 +121,7 @@ def spark(tmp_path_factory):
         conf={"spark.default.parallelism": "2", "spark.driver.memory": "2g",
               # small tables: Delta rebuilds snapshots with 50 shuffle partitions by default
               "spark.databricks.delta.snapshotPartitions": "2",
-              # the suite's one JVM lives ~10 minutes: tiered C1 + C2 pays back (measured 75 s -> 57 s on three
-              # bad-input tests against C1 alone); the throughput collector suits a batch run
+              # SESSION_JVM_OPTIONS: C1 and the throughput collector (BCEMB_TEST_JIT overrides)
               "spark.driver.extraJavaOptions": os.environ.get("BCEMB_TEST_JIT", SESSION_JVM_OPTIONS),
               **dict(kv.split("=", 1) for kv in os.environ.get("BCEMB_TEST_CONF", "").split() if kv)},
     )
