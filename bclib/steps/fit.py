@@ -60,8 +60,29 @@ class FitResult:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        return (f"fit: {len(self.records)} edge(s): fitted {self.fitted or 'none'}, kept {self.kept or 'none'}; "
+        """One line however long the history: runs of consecutive edges collapse (`edge_runs`)."""
+        return (f"fit: {len(self.records)} edge(s): fitted {edge_runs(self.fitted)}, kept {edge_runs(self.kept)}; "
                 f"{len(self.committed)} transform(s) activated in {self.seconds:.1f}s")
+
+
+def edge_runs(edges: Sequence[tuple[int, int]], max_runs: int = 4) -> str:
+    """Edges (source, target) as a short text: a run of consecutive single-step edges k -> k-1 -> ... -> j is
+    written `k->j (n edges)`, a lone edge `k->j`; beyond `max_runs` runs, `... and n more edge(s)`.
+
+    [(4, 3), (3, 2), (2, 1), (1, 0)] -> '4->0 (4 edges)'; [(2, 1), (5, 3)] -> '5->3, 2->1'; [] -> 'none'.
+    """
+    runs: list[list[tuple[int, int]]] = []
+    for k, j in sorted(set(edges), reverse=True):
+        last = runs[-1][-1] if runs else None
+        if last is not None and k - j == 1 and last[0] - last[1] == 1 and last[1] == k:
+            runs[-1].append((k, j))
+        else:
+            runs.append([(k, j)])
+    if not runs:
+        return "none"
+    text = [f"{r[0][0]}->{r[-1][1]}" + (f" ({len(r)} edges)" if len(r) > 1 else "") for r in runs[:max_runs]]
+    rest = sum(len(r) for r in runs[max_runs:])
+    return ", ".join(text) + (f" and {rest} more edge(s)" if rest else "")
 
 
 def parse_refit(specs: Sequence[str], edges: Sequence[tuple[int, int]]) -> tuple[set[tuple[int, int]], bool]:
