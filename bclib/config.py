@@ -139,7 +139,8 @@ class BackfillSettings:
     # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and
     # a deletion vector per touched file instead of rewriting those files (readers need Delta reader v3; the
     # deltalake 1.x pyarrow reader refuses such tables). Without them, auto rewrites in full when a MERGE would
-    # touch most files anyway. Applies when bcemb creates the output; an existing one: ALTER TABLE (docs/incremental.md).
+    # touch most files anyway. Applies when bcemb creates the output; an existing one: ALTER TABLE
+    # (docs/incremental.md).
     deletion_vectors: bool = False
     max_shrink: float = 0.1  # a space may lose at most this fraction of its rows (--allow-shrink overrides)
     max_retries: int = 3  # bounded retries on Delta's concurrent-modification exceptions
@@ -149,7 +150,8 @@ class BackfillSettings:
     # auto: the arrow engine for plain path tables it can read and commit to, else spark (logged, with why)
     engine: Literal["auto", "spark", "arrow"] = "auto"
     arrow_task_mb: int = 128  # arrow engine: row groups per Spark task, about this many MB of input
-    storage_options: dict[str, str] = field(default_factory=dict)  # arrow engine: object-store credentials
+    # the arrow engine's and the lease's object-store options over storage.options (kept for older configs)
+    storage_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,23 @@ class MaintenanceSettings:
     # tasks of VACUUM's file listing (Delta uses spark.sql.sources.parallelPartitionDiscovery.parallelism, 10,000
     # by default: 10,000 tasks to list a few directories, ~30 s on 2 local cores); 0: twice the session's cores
     vacuum_listing_parallelism: int = 0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """How bcemb reaches an object store: one set of options for Spark, pyarrow and delta-rs.
+
+    Keys are the Rust object_store crate's (what delta-rs and obstore take): aws_endpoint, aws_region,
+    aws_access_key_id, aws_secret_access_key, aws_session_token, aws_allow_http, azure_storage_account_name,
+    azure_storage_account_key, google_service_account_path, ... (`bclib.storage`). bcemb translates
+    them for Spark's S3A/ABFS/GCS connectors (`spark.hadoop.*`, unless `spark.conf` sets the same key), for
+    pyarrow's S3FileSystem and for the run lease. Unset: every library takes credentials from the environment
+    or the platform's provider chain. Credentials given here never appear in a log line, an error message, a
+    commit, the report or `status`.
+    """
+
+    # object-store options (object_store names); credentials: prefer the environment or the provider chain
+    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -263,7 +282,14 @@ class JobConfig:
     gate: GateSettings = field(default_factory=GateSettings)
     maintenance: MaintenanceSettings = field(default_factory=MaintenanceSettings)
     lease: LeaseSettings = field(default_factory=LeaseSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
+
+    @property
+    def object_store_options(self) -> dict[str, str]:
+        """The options pyarrow, delta-rs and the lease get: `storage.options`, then `backfill.storage_options`
+        (the arrow engine's own, kept for configs that have it) over them."""
+        return {**self.storage.options, **self.backfill.storage_options}
 
     def version_location(self, version: int) -> str:
         """The table holding one embedding version."""
@@ -589,9 +615,49 @@ def _check_bounds(cfg: JobConfig) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> JobConfig:
     """Build and validate a JobConfig from an already-parsed mapping."""
-    cfg = _build(JobConfig, data)
+    cfg = _with_storage(_build(JobConfig, data))
     _validate(cfg)
     return cfg
+
+
+def _with_storage(cfg: JobConfig) -> JobConfig:
+    """Storage options checked (ConfigError names unknown keys, never a value), credentials hidden (`Secret`)
+    and Spark's connector settings derived from them (`spark.hadoop.*`; a key `spark.conf` sets wins)."""
+    from bclib.storage import spark_hadoop_conf, unknown_storage_keys, with_secrets_hidden
+
+    for key, options in (("storage.options", cfg.storage.options),
+                         ("backfill.storage_options", cfg.backfill.storage_options)):
+        unknown = unknown_storage_keys(options)
+        if unknown:
+            raise ConfigError(f"config key '{key}': unknown option(s) {unknown}; expected the object_store names "
+                              "that delta-rs takes (aws_endpoint, aws_region, aws_access_key_id, "
+                              "aws_secret_access_key, aws_allow_http, azure_storage_account_name, "
+                              "google_service_account_path, ...) or pyarrow S3FileSystem arguments")
+    storage = dataclasses.replace(cfg.storage, options=with_secrets_hidden(cfg.storage.options))
+    backfill = dataclasses.replace(cfg.backfill, storage_options=with_secrets_hidden(cfg.backfill.storage_options))
+    conf = {**spark_hadoop_conf(storage.options), **with_secrets_hidden(cfg.spark.conf)}
+    return dataclasses.replace(cfg, storage=storage, backfill=backfill,
+                               spark=dataclasses.replace(cfg.spark, conf=conf))
+
+
+def config_digest(cfg: JobConfig) -> str:
+    """16 hex digits of sha256 over the config with every credential left out (the report's fingerprint)."""
+    import hashlib
+    import json
+
+    from bclib.storage import Secret
+
+    def clean(value):
+        if isinstance(value, Secret):
+            return "<redacted>"
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return hashlib.sha256(json.dumps(clean(dataclasses.asdict(cfg)), sort_keys=True, default=str).encode()) \
+        .hexdigest()[:16]
 
 
 def load_config(path: str | os.PathLike[str], overrides: Optional[dict[str, Any]] = None) -> JobConfig:

@@ -13,11 +13,12 @@ from conftest import REPO
 
 PKG = REPO / "bclib"
 LAYER_OF = {"numerics": 0, "tables": 1, "steps": 2}
-# top-level modules: errors (everyone), config (settings), config_reference (the config page, from config alone),
-# spark (the session: below tables), serving (chains for online use: numerics, and the registry to export),
+# top-level modules: errors (everyone), config (settings), storage (object-store options per library, pure),
+# config_reference (the config page, from config alone), spark (the session: below tables), serving (chains
+# for online use: numerics, and the registry to export),
 # api (the notebook face over the steps), cli (entry point). The package face `bclib` hands the api out lazily.
-TOP_RANK = {"bclib": -1, "bclib.errors": -1, "bclib.config": -1, "bclib.config_reference": -0.5, "bclib.spark": 0.5,
-            "bclib.serving": 1.5, "bclib.api": 2.5, "bclib.cli": 3}
+TOP_RANK = {"bclib": -1, "bclib.errors": -1, "bclib.storage": -1, "bclib.config": -1, "bclib.config_reference": -0.5,
+            "bclib.spark": 0.5, "bclib.serving": 1.5, "bclib.api": 2.5, "bclib.cli": 3}
 
 
 def _module_name(path: Path) -> str:

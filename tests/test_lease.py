@@ -20,7 +20,7 @@ import yaml
 
 from bclib.errors import LeaseHeldError, LeaseLostError
 from bclib.tables.lease import Lease, holder_is_dead
-from bclib.tables.storage import pyarrow_s3_options, store_options
+from bclib.storage import pyarrow_s3_options, store_options
 
 from conftest import REPO, generated_and_fitted
 
@@ -220,21 +220,15 @@ def test_two_backfill_processes_on_one_output_write_once(spark, project, subproc
 S3A_JARS = Path(os.path.expanduser("~/.cache/bcemb/jars/s3a"))  # `make s3a-jars` (part of `make install`)
 
 
-def _s3a_spark_conf(s3: dict) -> dict:
-    """Spark's S3A settings for the moto server: endpoint, path-style bucket addressing, plain HTTP, keys."""
+def _s3a_jars_conf() -> dict:
+    """Spark's S3A connector on the class path (bcemb adds Delta's jars to these). The endpoint, path-style
+    addressing, plain HTTP and the keys come from `storage.options` alone (`bclib.storage.spark_hadoop_conf`)."""
     jars = sorted(str(j) for j in S3A_JARS.glob("*.jar"))
     if not any("hadoop-aws" in j for j in jars):
         if shutil.which("mvn") is None:
             pytest.skip("no S3A jars and no mvn to fetch them (`make s3a-jars`)")
         raise AssertionError(f"no S3A jars in {S3A_JARS}: run `make s3a-jars`")
-    return {"spark.jars": ",".join(jars),
-            "spark.hadoop.fs.s3a.endpoint": s3["aws_endpoint"],
-            "spark.hadoop.fs.s3a.endpoint.region": s3["aws_region"],
-            "spark.hadoop.fs.s3a.path.style.access": "true",
-            "spark.hadoop.fs.s3a.connection.ssl.enabled": "false",
-            "spark.hadoop.fs.s3a.access.key": s3["aws_access_key_id"],
-            "spark.hadoop.fs.s3a.secret.key": s3["aws_secret_access_key"],
-            "spark.hadoop.fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"}
+    return {"spark.jars": ",".join(jars)}
 
 
 def _lease_holder_pid(s3: dict, prefix: str):
@@ -267,8 +261,9 @@ def test_two_processes_on_one_output_on_an_s3_compatible_store_lose_no_commit(pr
     data = yaml.safe_load(path.read_text())
     output = f"s3a://bcemb-lease/warehouse/out_{first}"
     data["output_location"] = output
-    data["spark"]["conf"] = _s3a_spark_conf(s3_server)
-    data["backfill"] = {"storage_options": s3_server}
+    data["spark"]["conf"] = _s3a_jars_conf()
+    data["storage"] = {"options": s3_server}  # one set of options: Spark's S3A, pyarrow, delta-rs, the lease
+    data["backfill"] = {}
     procs = []
     for engine in (first, "spark" if first == "arrow" else "arrow"):
         data["backfill"]["engine"] = engine

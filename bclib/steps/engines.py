@@ -81,7 +81,7 @@ def arrow_blockers(cfg: JobConfig, source: VersionRead, out_location: str) -> li
 
     from bclib.tables.parquet_files import filesystem_and_path
 
-    opts = cfg.backfill.storage_options or None
+    opts = cfg.object_store_options or None
     try:
         src = delta_rs.open_table(source.location, source.delta_version, opts)
         reasons = delta_rs.source_blockers(src) + source_layout_blockers(cfg, src)
@@ -161,7 +161,7 @@ def write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionR
 
     from bclib.tables.commits import BEFORE_COMMIT, check_commit, run_seams
 
-    opts = cfg.backfill.storage_options or None
+    opts = cfg.object_store_options or None
     src = delta_rs.open_table(source.location, source.delta_version, opts)
     tasks = plan_tasks(delta_rs.snapshot_files(src), cfg.backfill.arrow_task_mb * 2**20, opts)
     produced_at = int(datetime.now(timezone.utc).timestamp() * 1_000_000)

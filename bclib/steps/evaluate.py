@@ -240,12 +240,9 @@ def _lookup_labels(labels: Optional[Sample], ids: np.ndarray) -> Optional[np.nda
 
 def report_header(cfg: JobConfig, active: dict) -> dict:
     """What the report evaluated: the config digest and the active transform of every edge."""
-    import hashlib
-    import json
-    from dataclasses import asdict
+    from bclib.config import config_digest
 
-    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"config digest": digest, "registry": cfg.registry_location, "output": cfg.output_location,
+    return {"config digest": config_digest(cfg), "registry": cfg.registry_location, "output": cfg.output_location,
             "transforms": [{"edge": f"{k} -> {j}", "id": r.transform_id, "kind": r.kind, "objective": r.objective,
                             "origin": r.origin} for (k, j), r in sorted(active.items(), reverse=True)]}
 

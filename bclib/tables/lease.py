@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from bclib.errors import LeaseHeldError, LeaseLostError
-from bclib.tables.storage import store_options
+from bclib.storage import store_options
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def hold(spark, cfg, step: str) -> Iterator[Optional[Lease]]:
             with _lock:
                 entry[1] -= 1
         return
-    lease = Lease(location, cfg.lease.ttl_seconds, cfg.backfill.storage_options or None, step)
+    lease = Lease(location, cfg.lease.ttl_seconds, cfg.object_store_options or None, step)
     lease.acquire(cfg.lease.wait_seconds)
     with _lock:
         _held[location] = [lease, 1]

@@ -30,7 +30,7 @@ from bclib.numerics.arrow import decode_vectors, usable_rows
 from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn
 from bclib.errors import output_write_error
 from bclib.tables.ids import normalise_ids
-from bclib.tables.storage import pyarrow_s3_options
+from bclib.storage import pyarrow_s3_options
 
 PARTITION = "space_version"
 

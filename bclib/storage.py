@@ -1,0 +1,186 @@
+"""Object-store settings: bcemb's `storage_options` turned into what each storage library takes.
+
+bcemb takes one set of storage options, named as the Rust `object_store` crate names them (the keys
+delta-rs and obstore take: aws_access_key_id, aws_region, aws_endpoint, aws_allow_http, ...; with or
+without the `aws_` prefix, any case). pyarrow's S3FileSystem names its arguments otherwise and shares
+no key with them but `region`; this module is the one place that maps them. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# object_store client settings (obstore's client_options), given among delta-rs style storage options
+_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url", "user_agent"}
+
+
+def store_options(location: str, storage_options: Optional[dict]) -> tuple[dict, dict]:
+    """(config, client_options) for obstore from bcemb's storage options (the keys delta-rs takes: both are
+    the Rust object_store crate's names, e.g. aws_endpoint, aws_region, aws_allow_http). For an s3:// or
+    s3a:// location, bare keys get the `aws_` prefix and endpoint/endpoint_url become aws_endpoint; client
+    settings "true"/"false" become booleans. Pure."""
+    config: dict = {}
+    client: dict = {}
+    s3 = location.startswith(("s3://", "s3a://"))
+    for key, value in (storage_options or {}).items():
+        k = str(key).lower()
+        bare = k.split("_", 1)[1] if k.startswith(("aws_", "azure_", "google_")) else k
+        if bare in _CLIENT_KEYS:
+            client[bare] = str(value).lower() == "true" if str(value).lower() in ("true", "false") else value
+        elif s3 and k in ("endpoint", "endpoint_url", "aws_endpoint_url"):
+            config["aws_endpoint"] = value
+        elif s3 and not k.startswith("aws_"):
+            config["aws_" + k] = value
+        else:
+            config[k] = value
+    return config, client
+
+
+# object_store name (after `aws_`) -> pyarrow.fs.S3FileSystem argument; pyarrow's own names pass through
+_S3_KEYS = {"access_key_id": "access_key", "secret_access_key": "secret_key", "session_token": "session_token",
+            "token": "session_token", "region": "region", "default_region": "region", "endpoint": "endpoint_override"}
+_PYARROW_S3 = {"access_key", "secret_key", "session_token", "region", "endpoint_override", "scheme",
+               "allow_delayed_open", "request_timeout", "anonymous"}
+_PYARROW_BOOL = {"allow_delayed_open", "anonymous"}
+
+
+def pyarrow_s3_options(storage_options: Optional[dict]) -> dict:
+    """pyarrow.fs.S3FileSystem keyword arguments from bcemb's storage options (normalised by `store_options`).
+
+    pyarrow's own argument names are accepted as they are; keys pyarrow has no use for (aws_conditional_put,
+    the object_store client's timeouts, ...) are left out. A plain-http endpoint or aws_allow_http=true
+    selects scheme http. `allow_delayed_open` defaults to True: a file smaller than one upload part is then
+    one PUT instead of CreateMultipartUpload + UploadPart + CompleteMultipartUpload (bcemb's part files
+    mostly are), and a failed open is reported at the write, where bcemb handles it anyway. Pure."""
+    config, client = store_options("s3://", storage_options)
+    out: dict = {"allow_delayed_open": True}
+    for key, value in config.items():
+        bare = key[len("aws_"):] if key.startswith("aws_") else key
+        if bare in _PYARROW_S3:
+            out[bare] = str(value).lower() == "true" if bare in _PYARROW_BOOL and isinstance(value, str) else value
+        elif bare in _S3_KEYS:
+            out[_S3_KEYS[bare]] = value
+    endpoint = out.get("endpoint_override")
+    if isinstance(endpoint, str) and "://" in endpoint:
+        scheme, rest = endpoint.split("://", 1)
+        out["endpoint_override"] = rest
+        out.setdefault("scheme", scheme)
+    elif client.get("allow_http") is True:
+        out.setdefault("scheme", "http")
+    return out
+
+
+# --------------------------------------------------------------------------- one set of options, three libraries
+
+class Secret(str):
+    """A credential: the string itself where a library needs it, `<redacted>` wherever it is shown (repr, so
+    in a logged dict, an error naming a mapping, `bcemb status --json`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<redacted>'"
+
+
+_SECRET_WORDS = ("secret", "password", "token", "sas", "access_key", "account_key", "private_key",
+                 "service_account_key", "client_secret", "credential")
+
+
+def is_secret_key(key: str) -> bool:
+    """True for an option whose value is a credential (secret key, token, password, SAS, account key)."""
+    k = key.lower().replace(".", "_")  # Spark's spark.hadoop.fs.s3a.secret.key reads as ..._secret_key
+    return any(w in k for w in _SECRET_WORDS) and not k.endswith(("_id", "_file", "_path", "provider", "_uri"))
+
+
+# the Rust object_store crate's keys (delta-rs and obstore take them; `aws_`/`azure_`/`google_` prefix optional)
+_OBJECT_STORE_KEYS = {
+    # S3
+    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_token", "aws_region",
+    "aws_default_region", "aws_endpoint", "aws_endpoint_url", "aws_virtual_hosted_style_request", "aws_bucket",
+    "aws_bucket_name", "aws_imdsv1_fallback", "aws_metadata_endpoint", "aws_unsigned_payload",
+    "aws_checksum_algorithm", "aws_container_credentials_relative_uri", "aws_skip_signature", "aws_s3_express",
+    "aws_copy_if_not_exists", "aws_conditional_put", "aws_server_side_encryption", "aws_sse_kms_key_id",
+    "aws_sse_bucket_key_enabled", "aws_request_payer", "aws_profile", "aws_s3_locking_provider",
+    "aws_s3_allow_unsafe_rename", "aws_allow_http",
+    # Azure
+    "azure_storage_account_name", "azure_storage_account_key", "azure_storage_access_key",
+    "azure_storage_client_id", "azure_storage_client_secret", "azure_storage_tenant_id",
+    "azure_storage_authority_id", "azure_storage_sas_key", "azure_storage_sas_token", "azure_storage_token",
+    "azure_storage_use_emulator", "azure_storage_endpoint", "azure_use_fabric_endpoint", "azure_use_azure_cli",
+    "azure_msi_endpoint", "azure_object_id", "azure_msi_resource_id", "azure_federated_token_file",
+    "azure_container_name", "azure_skip_signature", "azure_disable_tagging",
+    # GCS
+    "google_service_account", "google_service_account_path", "google_service_account_key",
+    "google_bucket", "google_bucket_name", "google_application_credentials", "google_skip_signature",
+}
+# bare names (no prefix) the crate also takes, and the object_store client's settings
+_BARE_KEYS = {k.split("_", 1)[1] for k in _OBJECT_STORE_KEYS} | {
+    "account_name", "account_key", "access_key", "client_id", "client_secret", "tenant_id", "sas_key",
+    "sas_token", "bearer_token", "use_emulator", "service_account", "service_account_key",
+    "service_account_path", "endpoint_url"} | _CLIENT_KEYS | {"pool_idle_timeout", "pool_max_idle_per_host",
+                                                             "http1_only", "http2_only", "retry_timeout",
+                                                             "max_retries", "conditional_put"}
+
+
+def unknown_storage_keys(options: Optional[dict]) -> list[str]:
+    """The keys of `options` that neither object_store (delta-rs, obstore) nor pyarrow's S3FileSystem takes,
+    any case, sorted. Pure."""
+    out = []
+    for key in options or {}:
+        k = str(key).lower()
+        if k in _OBJECT_STORE_KEYS or k in _BARE_KEYS or k in _PYARROW_S3:
+            continue
+        out.append(str(key))
+    return sorted(out)
+
+
+def with_secrets_hidden(options: Optional[dict]) -> dict:
+    """`options` with every credential's value a `Secret` (shown as <redacted>). Pure."""
+    return {str(k): Secret(v) if is_secret_key(str(k)) else str(v) for k, v in (options or {}).items()}
+
+
+def spark_hadoop_conf(options: Optional[dict]) -> dict:
+    """Spark's Hadoop settings for the same store from bcemb's storage options: the S3A connector's
+    (`spark.hadoop.fs.s3a.*`: endpoint, region, path-style access for a custom endpoint, plain http, keys and
+    the matching credentials provider) and the ABFS account key (`fs.azure.account.key.<account>.dfs.core.
+    windows.net`). Empty without such options: Spark then takes credentials as it does by default (instance
+    role, environment, the provider chain). Values keep their type (`Secret` stays hidden). Pure.
+
+    GCS: the GCS connector reads a service-account key file, `google_service_account_path` ->
+    `fs.gs.auth.service.account.json.keyfile`."""
+    s3, _ = store_options("s3://", options)
+    client = {k.lower(): v for k, v in (options or {}).items()}
+    out: dict = {}
+    h = "spark.hadoop.fs.s3a."
+    endpoint = s3.get("aws_endpoint")
+    if endpoint:
+        out[h + "endpoint"] = endpoint
+        plain = str(endpoint).startswith("http://") or str(client.get("aws_allow_http", client.get(
+            "allow_http", ""))).lower() == "true"
+        if plain:
+            out[h + "connection.ssl.enabled"] = "false"
+        virtual = str(s3.get("aws_virtual_hosted_style_request", "false")).lower() == "true"
+        out[h + "path.style.access"] = "false" if virtual else "true"
+    region = s3.get("aws_region") or s3.get("aws_default_region")
+    if region:
+        out[h + "endpoint.region"] = region
+    key_id, secret = s3.get("aws_access_key_id"), s3.get("aws_secret_access_key")
+    token = s3.get("aws_session_token") or s3.get("aws_token")
+    if key_id and secret:
+        out[h + "access.key"] = key_id
+        out[h + "secret.key"] = secret
+        if token:
+            out[h + "session.token"] = token
+            out[h + "aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider"
+        else:
+            out[h + "aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"
+    account = client.get("azure_storage_account_name") or client.get("account_name")
+    account_key = client.get("azure_storage_account_key") or client.get("azure_storage_access_key") \
+        or client.get("account_key")
+    if account and account_key:
+        out[f"spark.hadoop.fs.azure.account.key.{account}.dfs.core.windows.net"] = account_key
+    keyfile = client.get("google_service_account_path") or client.get("google_application_credentials")
+    if keyfile:
+        out["spark.hadoop.fs.gs.auth.type"] = "SERVICE_ACCOUNT_JSON_KEYFILE"
+        out["spark.hadoop.fs.gs.auth.service.account.json.keyfile"] = keyfile
+    return out
