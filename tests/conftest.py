@@ -24,6 +24,7 @@ LONG_FILES = frozenset({
     "test_crash_events.py", "test_cluster.py", "test_concurrent_writers.py", "test_bad_input_catalogue.py",
     "test_incremental.py", "test_id_types.py", "test_lifecycle.py", "test_lease.py", "test_paper_quick.py",
     "test_crash.py", "test_engines.py", "test_end_to_end.py", "test_bad_input.py", "test_table_rules.py",
+    "test_object_store.py", "test_secrets.py",
 })
 
 
@@ -286,3 +287,37 @@ def reference_chain(chain, x):
         if link.meta.get("output_norm") == "unit":
             y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
     return y
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1 with a bucket `bcemb-lease`, stopped with the module; yields
+    bcemb's storage options for it (object_store names: `storage.options`)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    import boto3
+
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="bcemb-lease")
+    yield {"aws_endpoint": endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
+           "aws_region": "us-east-1", "aws_allow_http": "true"}
+    server.stop()
+
+
+S3A_JARS = Path(os.path.expanduser("~/.cache/bcemb/jars/s3a"))  # `make s3a-jars` (part of `make install`)
+
+
+def s3a_jars_conf() -> dict:
+    """Spark's S3A connector on the class path (bcemb adds Delta's jars to these). The endpoint, path-style
+    addressing, plain HTTP and the keys come from `storage.options` alone (`bclib.storage.spark_hadoop_conf`)."""
+    import shutil
+
+    jars = sorted(str(j) for j in S3A_JARS.glob("*.jar"))
+    if not any("hadoop-aws" in j for j in jars):
+        if shutil.which("mvn") is None:
+            pytest.skip("no S3A jars and no mvn to fetch them (`make s3a-jars`)")
+        raise AssertionError(f"no S3A jars in {S3A_JARS}: run `make s3a-jars`")
+    return {"spark.jars": ",".join(jars)}

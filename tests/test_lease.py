@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from bclib.errors import LeaseHeldError, LeaseLostError
-from bclib.tables.lease import Lease, holder_is_dead
 from bclib.storage import pyarrow_s3_options, store_options
+from bclib.tables.lease import Lease, holder_is_dead
 
-from conftest import REPO, generated_and_fitted
+from conftest import REPO, generated_and_fitted, s3a_jars_conf
 
 
 def _leases(tmp_path):
@@ -101,23 +99,6 @@ def test_storage_options_reach_pyarrow_with_its_names_and_small_files_as_one_put
     # pyarrow's own names pass through; a user can turn the single PUT off; a URL endpoint gives the scheme
     assert pyarrow_s3_options({"allow_delayed_open": "false", "endpoint": "https://s3.example:9000"}) == {
         "allow_delayed_open": False, "endpoint_override": "s3.example:9000", "scheme": "https"}
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3-compatible server on 127.0.0.1, stopped with the module."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    import boto3
-
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="bcemb-lease")
-    yield {"aws_endpoint": endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
-           "aws_region": "us-east-1", "aws_allow_http": "true"}
-    server.stop()
 
 
 def test_on_an_s3_compatible_store_the_lease_is_a_conditional_put(s3_server):
@@ -217,20 +198,6 @@ def test_two_backfill_processes_on_one_output_write_once(spark, project, subproc
     assert len(writes) == 1, writes  # the second run found the spaces up to date
 
 
-S3A_JARS = Path(os.path.expanduser("~/.cache/bcemb/jars/s3a"))  # `make s3a-jars` (part of `make install`)
-
-
-def _s3a_jars_conf() -> dict:
-    """Spark's S3A connector on the class path (bcemb adds Delta's jars to these). The endpoint, path-style
-    addressing, plain HTTP and the keys come from `storage.options` alone (`bclib.storage.spark_hadoop_conf`)."""
-    jars = sorted(str(j) for j in S3A_JARS.glob("*.jar"))
-    if not any("hadoop-aws" in j for j in jars):
-        if shutil.which("mvn") is None:
-            pytest.skip("no S3A jars and no mvn to fetch them (`make s3a-jars`)")
-        raise AssertionError(f"no S3A jars in {S3A_JARS}: run `make s3a-jars`")
-    return {"spark.jars": ",".join(jars)}
-
-
 def _lease_holder_pid(s3: dict, prefix: str):
     """The pid in the newest lease object under `prefix` on the moto server (None: no lease), read with boto3."""
     import boto3
@@ -261,7 +228,7 @@ def test_two_processes_on_one_output_on_an_s3_compatible_store_lose_no_commit(pr
     data = yaml.safe_load(path.read_text())
     output = f"s3a://bcemb-lease/warehouse/out_{first}"
     data["output_location"] = output
-    data["spark"]["conf"] = _s3a_jars_conf()
+    data["spark"]["conf"] = s3a_jars_conf()
     data["storage"] = {"options": s3_server}  # one set of options: Spark's S3A, pyarrow, delta-rs, the lease
     data["backfill"] = {}
     procs = []
