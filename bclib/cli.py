@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import yaml
 
 from bclib.config import JobConfig, apply_override, config_from_dict, load_config
-from bclib.errors import BcembError, ConfigError, GateRejectedError, LeaseHeldError, LeaseLostError, executor_error
+from bclib.errors import BcembError, ConfigError, GateRejectedError, LeaseHeldError, LeaseLostError, executor_error, \
+    one_line
 
 log = logging.getLogger("bcemb")
 
@@ -239,7 +240,7 @@ def one_line_error(exc: BaseException) -> str:
         return f"{type(named).__name__}: {named}"
     text = str(exc).strip()
     hint = _hint(exc, text)
-    first = text.splitlines()[0] if text else repr(exc)
+    first = one_line(text.splitlines()[0]) if text else repr(exc)
     return f"{type(exc).__name__}: {first}" + (f" ({hint})" if hint else "")
 
 

@@ -206,3 +206,14 @@ def reraise_executor_errors() -> Iterator[None]:
         if named is None:
             raise
         raise named from exc
+
+
+_ANSI = __import__("re").compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` (a library's error, often several lines with terminal colour codes: delta-rs's) as one clean
+    line: colour codes removed, whitespace runs (newlines too) made one space, cut at `limit` characters
+    with '...'. Pure."""
+    clean = " ".join(_ANSI.sub("", str(text)).split())
+    return clean if len(clean) <= limit else clean[: limit - 3].rstrip() + "..."

@@ -18,3 +18,13 @@ def test_the_fit_line_at_28_edges_is_short():
     line = result.summary()
     assert line == "fit: 28 edge(s): fitted 28->27, kept 27->0 (27 edges); 0 transform(s) activated in 8.4s"
     assert len(line) < 120
+
+
+def test_a_libraries_multi_line_coloured_error_becomes_one_clean_line():
+    from bclib.errors import one_line
+
+    raw = "Generic S3 error:\n  \x1b[31mError after 3 retries\x1b[0m in 1.2s,\n\tmax_retries: 3\n" + "x" * 400
+    line = one_line(raw, 120)
+    assert "\n" not in line and "\x1b" not in line and len(line) == 120 and line.endswith("...")
+    assert line.startswith("Generic S3 error: Error after 3 retries in 1.2s, max_retries: 3 xxx")
+    assert one_line("short") == "short"

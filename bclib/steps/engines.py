@@ -19,7 +19,7 @@ import logging
 from typing import Callable, Optional, Sequence
 
 from bclib.config import JobConfig
-from bclib.errors import reraise_executor_errors
+from bclib.errors import one_line, reraise_executor_errors
 from bclib.numerics.kernel import arrow_batch_rows, make_batch_fn
 from bclib.spark import backfill_write_conf, session_conf
 from bclib.tables.delta import is_path
@@ -89,7 +89,7 @@ def arrow_blockers(cfg: JobConfig, source: VersionRead, out_location: str) -> li
         if delta_rs_table_exists(out_location, opts):
             reasons += delta_rs.target_blockers(delta_rs.open_table(out_location, storage_options=opts))
     except (OSError, ValueError, DeltaError, TableNotFoundError) as exc:  # a filesystem or table they cannot open
-        return [f"pyarrow/delta-rs cannot open the tables ({type(exc).__name__}: {exc})"]
+        return [f"pyarrow/delta-rs cannot open the tables ({type(exc).__name__}: {one_line(exc, 200)})"]
     return reasons
 
 
