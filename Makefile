@@ -13,7 +13,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 .PHONY: help install jars s3a-jars dist demo test test-fast bench-fit bench-backfill bench-paper clean docs-config docs
 
 help: ## list the targets with their one-line descriptions
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
 
 install: ## pip-install bcemb (all extras) with the tested Spark/Delta pair into the current Python, then cache the Delta jars
 	$(PIP) install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]" "pyspark==$(TESTED_PYSPARK)" "delta-spark==$(TESTED_DELTA)"

@@ -273,6 +273,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         cfg = resolve_config(args.config, args.overrides, args.spark_conf, getattr(args, "wait_lease", None))
+        if args.step == "export":  # a bad --output fails now, not after the session's start
+            from bclib.steps.registry_cmd import export_path
+
+            export_path(args.output)
     except ConfigError as exc:
         return fail(exc, EXIT_CONFIG)
     try:

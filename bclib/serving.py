@@ -16,13 +16,14 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from bclib.errors import BcembError, ChecksumError, DimensionMismatchError, TransformFormatError
 from bclib.numerics.kernel import MultiSpaceKernel
+from bclib.numerics.records import chain_id_of
 from bclib.numerics.serialization import checksum, transform_from_bytes
 from bclib.numerics.transforms import Transform, check_chain
 
@@ -47,8 +48,8 @@ class Chain:
     dim_out: int
     chain_id: str
     transform_ids: tuple[str, ...]
-    checksums: tuple[str, ...]
-    transforms: tuple[Transform, ...]
+    checksums: tuple[str, ...] = field(repr=False)
+    transforms: tuple[Transform, ...] = field(repr=False)  # a notebook shows the ids, not every weight
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_kernel", MultiSpaceKernel(self.dim_in, {self.target: list(self.transforms)}))
@@ -68,6 +69,7 @@ class Chain:
     def expect(self, source: Optional[int] = None, target: Optional[int] = None,
                transform_ids: Optional[Sequence[str]] = None) -> "Chain":
         """Fail fast (ChainMismatchError) unless this chain maps `source` -> `target` through `transform_ids`."""
+        source, target = _space_number(source, "source"), _space_number(target, "target")
         wrong = []
         if source is not None and source != self.source:
             wrong.append(f"source space {self.source}, expected {source}")
@@ -78,6 +80,15 @@ class Chain:
         if wrong:
             raise ChainMismatchError(f"chain file maps {self.source} -> {self.target}: " + "; ".join(wrong))
         return self
+
+
+def _space_number(value, what: str) -> Optional[int]:
+    """A space as an int: ints and digit strings ('4') are accepted; anything else is a TypeError naming it."""
+    if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)):
+        return None if value is None else int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise TypeError(f"{what} must be a version number (int), found {type(value).__name__} {value!r}")
 
 
 def chain_to_bytes(source: int, target: int, transform_ids: Sequence[str], edges: Sequence[tuple[int, int]],
@@ -117,6 +128,17 @@ def load_chain(path: Union[str, os.PathLike, bytes], source: Optional[int] = Non
         meta = json.loads(arrays.pop("__meta__").tobytes().decode())
     except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:
         raise TransformFormatError(f"not a bcemb chain file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise TransformFormatError(f"not a bcemb chain file (its metadata is a {type(meta).__name__}, not a mapping)")
+    try:
+        return _chain_from(meta, arrays).expect(source=source, target=target)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # metadata of the wrong shape
+        raise TransformFormatError(f"the chain file's metadata is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _chain_from(meta: dict, arrays: dict) -> Chain:
+    """The Chain a parsed file describes, after every check: format, count, checksums, composition, dims, and
+    metadata consistent with its own transforms (edges from source to target, the chain id of their ids)."""
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise TransformFormatError(f"not a bcemb chain file of format version {FORMAT_VERSION}: "
                                    f"{meta.get('format')!r} {meta.get('format_version')!r}")
@@ -138,10 +160,19 @@ def load_chain(path: Union[str, os.PathLike, bytes], source: Optional[int] = Non
     if (transforms[0].dim_in, transforms[-1].dim_out) != (meta.get("dim_in"), meta.get("dim_out")):
         raise TransformFormatError(f"the chain file's metadata says {meta.get('dim_in')} -> {meta.get('dim_out')}, "
                                    f"its transforms map {transforms[0].dim_in} -> {transforms[-1].dim_out}")
-    chain = Chain(int(meta["source"]), int(meta["target"]), transforms[0].dim_in, transforms[-1].dim_out,
-                  str(meta.get("chain_id", "")), tuple(e["id"] for e in entries),
-                  tuple(e["sha256"] for e in entries), tuple(transforms))
-    return chain.expect(source=source, target=target)
+    source, target = int(meta["source"]), int(meta["target"])
+    edges = [(int(e["edge"][0]), int(e["edge"][1])) for e in entries]
+    ids = [str(e["id"]) for e in entries]
+    steps = all(k > j for k, j in edges) and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    if not steps or edges[0][0] != source or edges[-1][1] != target:
+        raise TransformFormatError(f"the chain file says {source} -> {target} but its transforms' edges are "
+                                   f"{edges}: the metadata was altered; export it again")
+    expected_id = chain_id_of(ids)
+    if meta.get("chain_id") != expected_id:
+        raise TransformFormatError(f"the chain file's chain id {meta.get('chain_id')!r} is not the id of its "
+                                   f"transforms {ids} ({expected_id}): the metadata was altered; export it again")
+    return Chain(source, target, transforms[0].dim_in, transforms[-1].dim_out, expected_id, tuple(ids),
+                 tuple(e["sha256"] for e in entries), tuple(transforms))
 
 
 def register_sql_function(spark, cfg, name: str = "bc_to_space") -> list[tuple[int, int]]:
@@ -177,6 +208,7 @@ def register_sql_function(spark, cfg, name: str = "bc_to_space") -> list[tuple[i
     def to_space(vectors, sources, targets):
         out = pd.Series([None] * len(vectors), dtype=object)
         pairs = pd.DataFrame({"s": sources, "j": targets})
+        pairs = pairs[pairs["s"].notna() & pairs["j"].notna()]  # a null version or space gives null
         for (s, j), rows in pairs.groupby(["s", "j"]).groups.items():
             if (int(s), int(j)) not in chains:
                 raise ChainMismatchError(f"no active chain from version {s} to space {j}; served pairs: "
@@ -185,10 +217,11 @@ def register_sql_function(spark, cfg, name: str = "bc_to_space") -> list[tuple[i
             idx = [i for i in rows if vectors.iloc[i] is not None]
             if not idx:
                 continue
+            found = sorted({len(vectors.iloc[i]) for i in idx} - {chain[0].dim_in})
+            if found:
+                raise DimensionMismatchError(f"{name}: version {int(s)} vectors have dimension {chain[0].dim_in}, "
+                                             f"found dimension(s) {found}")
             x = np.stack([np.asarray(vectors.iloc[i], dtype=np.float32) for i in idx])
-            if x.shape[1] != chain[0].dim_in:
-                raise DimensionMismatchError(f"{name}: version {s} vectors have dimension {chain[0].dim_in}, "
-                                             f"found {x.shape[1]}")
             y = MultiSpaceKernel(chain[0].dim_in, {int(j): chain})(x)[int(j)]
             for k, i in enumerate(idx):
                 out.iloc[i] = y[k]

@@ -42,3 +42,5 @@ def test_the_notebook_example_runs_the_daily_job_twice(spark, tmp_path):
     out = module.main(str(tmp_path))
     assert out["first_commits"] >= 3 and out["second_commits"] == 0 and out["current"]
     assert set(out["rows"]) == {0, 1} and min(out["rows"].values()) > 1000
+    rerun = module.main(str(tmp_path))  # the cell run again, as notebook users do: nothing new, nothing written
+    assert rerun["first_commits"] == 0 and rerun["second_commits"] == 0 and rerun["rows"] == out["rows"]

@@ -85,6 +85,73 @@ def test_a_tampered_file_a_wrong_dimension_and_wrong_spaces_are_named():
     assert chain.expect(source=2, target=0) is chain
 
 
+def _with_meta(data: bytes, edit) -> bytes:
+    """The chain file `data` with its `__meta__` JSON changed by `edit(meta) -> meta` (transforms untouched)."""
+    import io
+    import json
+    import zipfile
+
+    src = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in src.namelist():
+            blob = src.read(name)
+            if name == "__meta__.npy":
+                meta = json.loads(np.load(io.BytesIO(blob), allow_pickle=False).tobytes().decode())
+                item = io.BytesIO()
+                np.lib.format.write_array(item, np.frombuffer(json.dumps(edit(meta)).encode(), np.uint8),
+                                          allow_pickle=False)
+                blob = item.getvalue()
+            zf.writestr(name, blob)
+    return out.getvalue()
+
+
+def test_altered_or_malformed_metadata_is_a_format_error_and_spaces_are_numbers():
+    """Metadata edited to claim other spaces, another chain id or another transform id, or of the wrong shape,
+    fails as TransformFormatError (found by a new user's trial: it loaded as 2 -> 1 and passed `expect`)."""
+    data = _file(_records(("linear", "linear")))
+
+    def field_set(key, value):
+        return lambda m: {**m, key: value}
+
+    def first_id(m):
+        m["transforms"][0]["id"] = "t-other"
+        return m
+
+    for edit, why in ((field_set("target", 1), "edges"), (field_set("source", 3), "edges"),
+                      (field_set("chain_id", "0" * 16), "chain id"), (first_id, "chain id")):
+        with pytest.raises(TransformFormatError, match=why):
+            load_chain(_with_meta(data, edit))
+    for edit in (lambda m: [m], lambda m: {k: v for k, v in m.items() if k != "source"}):
+        with pytest.raises(TransformFormatError, match="metadata"):
+            load_chain(_with_meta(data, edit))
+    with pytest.raises(ChecksumError):  # entries without their checksums
+        load_chain(_with_meta(data, lambda m: {**m, "transforms": [{"id": "x"}, {"id": "y"}]}))
+    chain = load_chain(data)
+    assert chain.expect(source="2", target=0) is chain  # a digit string is the version it names
+    with pytest.raises(ChainMismatchError, match="source space 2, expected 4"):
+        chain.expect(source="4")
+    with pytest.raises(TypeError, match="source must be a version number"):
+        chain.expect(source="two")
+    assert "weight" not in repr(chain) and len(repr(chain)) < 300  # a notebook shows ids, not every weight
+
+
+def test_export_refuses_an_output_that_is_no_file_name_before_spark_starts(tmp_path, capsys):
+    from bclib.cli import main
+    from bclib.errors import ConfigError
+    from bclib.steps.registry_cmd import export_path
+
+    (tmp_path / "adir").mkdir()
+    for bad in (str(tmp_path / "adir"), ".", str(tmp_path / "new") + "/", ""):
+        with pytest.raises(ConfigError, match="directory or has no file name"):
+            export_path(bad)
+    assert export_path(str(tmp_path / "sub" / "c.bcemb")).name == "c.bcemb"
+    assert main(["export", "--space", "0", "--output", str(tmp_path / "adir"), "--config",
+                 str(REPO / "conf" / "local.yaml")]) == 2
+    assert "ConfigError: --output" in capsys.readouterr().err
+    assert list((tmp_path / "adir").iterdir()) == []  # no .partial left behind
+
+
 def test_load_chain_runs_where_pyspark_and_pyarrow_cannot_be_imported(tmp_path):
     path = tmp_path / "chain.bcemb"
     records = _records(("linear", "local"))
@@ -154,5 +221,10 @@ def test_the_sql_function_maps_like_the_output_table(spark, published):
                         "SQL function vs output")
     nulls = spark.sql("SELECT bc_to_space(CAST(NULL AS array<float>), 2, 1) AS m").first().m
     assert nulls is None
+    no_space = spark.sql("SELECT bc_to_space(array(CAST(1 AS float)), CAST(NULL AS int), 1) AS m").first().m
+    assert no_space is None  # a null version or space gives null, as a null vector does
+    with pytest.raises(Exception, match="DimensionMismatchError.*found dimension"):  # mixed lengths in one batch
+        spark.sql(f"SELECT bc_to_space(IF(id % 2 = 0, vector, slice(vector, 1, 3)), 2, 1) FROM "
+                  f"delta.`{cfg.version_location(2)}`").collect()
     with pytest.raises(Exception, match="no active chain from version 0 to space 2"):
         spark.sql(f"SELECT bc_to_space(vector, 0, 2) FROM delta.`{cfg.version_location(2)}`").collect()

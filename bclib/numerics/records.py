@@ -63,7 +63,12 @@ class TransformRecord:
 
 def chain_id(records: Sequence[TransformRecord]) -> str:
     """A stable id for a chain: the first 16 hex digits of SHA-256 over its transform ids in order."""
-    return hashlib.sha256("|".join(r.transform_id for r in records).encode()).hexdigest()[:16]
+    return chain_id_of([r.transform_id for r in records])
+
+
+def chain_id_of(transform_ids: Sequence[str]) -> str:
+    """`chain_id` from the transform ids alone (application order), e.g. for a chain file's metadata."""
+    return hashlib.sha256("|".join(transform_ids).encode()).hexdigest()[:16]
 
 
 def chain_records(

@@ -78,7 +78,7 @@ def decide(state: OutputState, desired: dict[int, dict], incremental: str, force
         elif force:
             out[j] = (FULL, "backfill.force")
         elif cur == want:
-            out[j] = (SKIP, f"up to date (source Delta v{want['source_delta_version']}, chain {want['chain_id']})")
+            out[j] = (SKIP, f"up to date: source Delta v{want['source_delta_version']}, chain {want['chain_id']}")
         elif cur.get("chain_id") != want["chain_id"] or cur.get("transforms") != want["transforms"]:
             out[j] = (FULL, f"chain changed: {cur.get('chain_id')} -> {want['chain_id']}")
         elif (cur.get("source_location"), cur.get("source_version")) != (want["source_location"], want["source_version"]):

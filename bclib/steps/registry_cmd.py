@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -174,11 +175,24 @@ def to_json(result: RegistryResult) -> str:
     return json.dumps(result.rows if result.action != "show" else result.rows[0], indent=2, default=str)
 
 
+def export_path(output: str) -> Path:
+    """The file `bcemb export --output` writes, checked before anything runs: ConfigError for an empty name,
+    a name ending in '/', '.' or '..', or an existing directory (a chain file is one file)."""
+    from bclib.errors import ConfigError
+
+    text = str(output)
+    path = Path(text)
+    if not text.strip() or text.endswith(("/", os.sep)) or path.name in ("", ".", "..") or path.is_dir():
+        raise ConfigError(f"--output {text!r} is a directory or has no file name: give the chain file's path, "
+                          "e.g. --output chains/4_to_2.bcemb")
+    return path
+
+
 def export_chain(spark, cfg: JobConfig, source: Optional[int], space: int, output: str) -> RegistryResult:
     """`bcemb export`: the active chain `source` (default: the newest configured version) -> `space` as one chain
     file (`bclib.serving`), written atomically (a temporary file renamed). Its rows: the chain's id, transforms
-    and dims. Raises RegistryError when an edge of the chain has no active transform."""
-    import os
+    and dims. Raises RegistryError when an edge of the chain has no active transform, ConfigError for an
+    --output that is no file name (`export_path`)."""
 
     from bclib import __version__
     from bclib.numerics.records import chain_id, chain_records
@@ -190,11 +204,14 @@ def export_chain(spark, cfg: JobConfig, source: Optional[int], space: int, outpu
     data = chain_to_bytes(src, int(space), [r.transform_id for r in records], [r.edge for r in records],
                           [r.parameters for r in records], chain_id(records), __version__)
     chain = load_chain(data, source=src, target=int(space))  # what a consumer will read back, checked first
-    path = Path(output)
+    path = export_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # gone after the rename; a failed write leaves nothing behind
     row = {"file": str(path), "source": src, "space": int(space), "chain_id": chain.chain_id,
            "transforms": list(chain.transform_ids), "dim_in": chain.dim_in, "dim_out": chain.dim_out,
            "sha256": checksum(data)}
