@@ -69,18 +69,18 @@ def _start(**params):
 
 
 def test_the_recorded_retention_is_checked():
-    from bclib.steps.maintain import _check_recorded_retention
+    from bclib.steps.maintain import check_recorded_retention
 
-    assert _check_recorded_retention([_start(specifiedRetentionMillis="3600000")], 1, 0.1, "/w/out") == 1
-    assert _check_recorded_retention([_start(defaultRetentionMillis="604800000")], 168, 168, "/w/out") == 168
+    assert check_recorded_retention([_start(specifiedRetentionMillis="3600000")], 1, 0.1, "/w/out") == 1
+    assert check_recorded_retention([_start(defaultRetentionMillis="604800000")], 168, 168, "/w/out") == 168
     with pytest.raises(MaintenanceError, match=r"VACUUM START \(version 7\) of '/w/out' recorded a retention of 0 h; "
                                                r"maintain asked for 1 h and maintenance.time_travel_hours promises 0.1"):
-        _check_recorded_retention([_start(specifiedRetentionMillis="0", defaultRetentionMillis="3600000")], 1, 0.1,
+        check_recorded_retention([_start(specifiedRetentionMillis="0", defaultRetentionMillis="3600000")], 1, 0.1,
                                   "/w/out")
     with pytest.raises(MaintenanceError, match="recorded no retention"):
-        _check_recorded_retention([_start()], 1, 0.1, "/w/out")
+        check_recorded_retention([_start()], 1, 0.1, "/w/out")
     with pytest.raises(MaintenanceError, match="wrote 0 VACUUM START commit"):
-        _check_recorded_retention([], 1, 0.1, "/w/out")
+        check_recorded_retention([], 1, 0.1, "/w/out")
 
 
 # --------------------------------------------------------------------------- on a Delta table

@@ -159,10 +159,10 @@ def _vacuum(spark, cfg: JobConfig, result: MaintainResult) -> None:
             result.vacuumed_bytes += int(metrics.get("sizeOfDataToDelete", 0))
         if row.operation == "VACUUM END" and row.userMetadata == meta:
             result.vacuumed_files += int(metrics.get("numDeletedFiles", 0))
-    result.retention_hours = _check_recorded_retention(starts, hours, m.time_travel_hours, loc)
+    result.retention_hours = check_recorded_retention(starts, hours, m.time_travel_hours, loc)
 
 
-def _check_recorded_retention(starts: list, asked_hours: int, promised_hours: float, loc: str) -> float:
+def check_recorded_retention(starts: list, asked_hours: int, promised_hours: float, loc: str) -> float:
     """The retention (hours) the VACUUM START commit recorded; MaintenanceError when there is none or it is below
     the retention asked for or the promised time_travel_hours."""
     if len(starts) != 1:
