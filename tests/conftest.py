@@ -11,10 +11,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 JIT_FOR_TESTS = "-XX:TieredStopAtLevel=1"  # short-lived JVMs of subprocess tests: C1 alone starts faster
-# the session JVMs: C1 alone. With two pytest workers on two cores the CPU is the limit, and C2 spent ~20 % of a
-# session JVM's CPU compiling (138 s of 650 s by 16 min, most of it one-off generated query code); measured on
-# two files side by side (test_end_to_end + test_bad_input/test_table_rules, not slow): 169/181 s -> 154/172 s
-SESSION_JVM_OPTIONS = "-XX:+UseParallelGC -XX:TieredStopAtLevel=1"
+# the session JVMs: tiered C1 + C2 and the throughput collector. C1 alone looked 7 % faster on two 3-minute
+# files but made the whole suite 50 % slower (25:33 -> 38:11, 2026-12-06: in-process tests ran ~2x longer once
+# hot code would have been C2-compiled): a JVM that lives the whole run pays C2 back
+SESSION_JVM_OPTIONS = "-XX:+UseParallelGC"
 
 
 # Files whose tests together take a minute or more (measured with `--durations=0` under `-n 2`, 2026-12-06). The
@@ -122,7 +122,7 @@ def spark(tmp_path_factory):
         conf={"spark.default.parallelism": "2", "spark.driver.memory": "2g",
               # small tables: Delta rebuilds snapshots with 50 shuffle partitions by default
               "spark.databricks.delta.snapshotPartitions": "2",
-              # SESSION_JVM_OPTIONS: C1 and the throughput collector (BCEMB_TEST_JIT overrides)
+              # SESSION_JVM_OPTIONS: C1 + C2 and the throughput collector (BCEMB_TEST_JIT overrides)
               "spark.driver.extraJavaOptions": os.environ.get("BCEMB_TEST_JIT", SESSION_JVM_OPTIONS),
               **dict(kv.split("=", 1) for kv in os.environ.get("BCEMB_TEST_CONF", "").split() if kv)},
     )
