@@ -30,11 +30,10 @@ from typing import Optional
 from bclib.config import JobConfig
 from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUnavailableError, NullIdError, \
     ShrinkGuardError, reraise_executor_errors
-from bclib.numerics.kernel import arrow_batch_rows
 from bclib.spark import backfill_write_conf, session_conf
 from bclib.steps.backfill_plan import FULL, INCREMENTAL, MERGE_MAX_TOUCHED_SHARE, SKIP, BackfillPlan, decide, \
     merge_touched_share, plan_backfill, txn_id
-from bclib.steps.engines import choose_engine, to_spaces, write_full_arrow, write_full_spark
+from bclib.steps.engines import batch_rows_for, choose_engine, to_spaces, write_full_arrow, write_full_spark
 from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run_gate
 from bclib.tables.changes import ChangeSet, ChangesUnavailable, read_changes
 from bclib.tables.delta import is_path, retry_on_conflict
@@ -303,11 +302,6 @@ def _prepare_output(at: _Attempt) -> None:
             at.base = read_output_state(spark, at.out)
 
 
-def _batch_rows(at: _Attempt) -> int:
-    b = at.cfg.backfill
-    return b.arrow_batch_rows or arrow_batch_rows(at.plan.kernel.dim_in, at.plan.dims_out, b.target_batch_mb)
-
-
 def _commit_lineage(at: _Attempt, mode: str, spaces: list[int]) -> tuple[dict, tuple[str, int], BackfillPlan]:
     """The commit's lineage (the state of every space after it), its transaction id, and the plan for `spaces`."""
     sub = at.plan.restricted(spaces)
@@ -341,7 +335,8 @@ def _commit_full(at: _Attempt) -> None:
         n = write_full_arrow(at.spark, at.cfg, sub, at.source, at.out, lineage, txn, at.base,
                              at.quarantine is not None, file_rows)
     else:
-        n = write_full_spark(at.spark, at.cfg, sub, at.rows, at.out, lineage, txn, at.base, _batch_rows(at), file_rows)
+        n = write_full_spark(at.spark, at.cfg, sub, at.rows, at.out, lineage, txn, at.base,
+                             batch_rows_for(at.cfg, at.plan), file_rows)
     _count_commit(at, n)
     at.base = read_output_state(at.spark, at.out)
 
@@ -354,7 +349,8 @@ def _commit_changes(at: _Attempt) -> None:
              at.plan.source_version, changes.from_delta_version, changes.to_delta_version, changes.upserts,
              changes.deletes, incremental)
     change_rows = _change_rows(changes.df, sub, at.quarantine is not None)
-    with session_conf(at.spark, backfill_write_conf(_batch_rows(at), len(incremental))), reraise_executor_errors():
+    batch_rows = batch_rows_for(at.cfg, at.plan)
+    with session_conf(at.spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
         n = merge_changes(at.spark, change_rows, at.out, incremental, lineage, txn, at.base.delta_version)
     _count_commit(at, n)
 

@@ -53,6 +53,13 @@ def to_spaces(plan: BackfillPlan) -> Callable:
     return transform
 
 
+def batch_rows_for(cfg: JobConfig, plan: BackfillPlan) -> int:
+    """Rows per Arrow batch through the kernel: `backfill.arrow_batch_rows`, else sized from the plan's dims to
+    about `backfill.target_batch_mb` (`kernel.arrow_batch_rows`)."""
+    b = cfg.backfill
+    return b.arrow_batch_rows or arrow_batch_rows(plan.kernel.dim_in, plan.dims_out, b.target_batch_mb)
+
+
 def write_full_spark(spark, cfg: JobConfig, plan: BackfillPlan, df, out_location: str, lineage: dict,
                      txn: tuple[str, int], base: OutputState, batch_rows: int, file_rows: int) -> Optional[int]:
     """The spark engine: `df` (id, vector: the validated source rows) through `to_spaces(plan)` on the executors,
@@ -167,8 +174,7 @@ def write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionR
     produced_at = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
     emb = cfg.embeddings
     root = delta_rs.table_uri(out_location)
-    batch_rows = cfg.backfill.arrow_batch_rows or arrow_batch_rows(plan.kernel.dim_in, plan.dims_out,
-                                                                   cfg.backfill.target_batch_mb)
+    batch_rows = batch_rows_for(cfg, plan)
     fn = make_task_fn(plan.kernel, plan.chain_ids, plan.source_version, produced_at, root, emb.id_column,
                       emb.vector_column, emb.version_column, source.version, drop_invalid, file_rows, opts,
                       batch_rows, emb.vector_encoding)
