@@ -6,7 +6,7 @@ CONFIG ?= conf/local.yaml
 # the Spark/Delta pair CI runs on (pyproject.toml allows ranges); override to test another pair
 TESTED_PYSPARK ?= 4.2.0
 TESTED_DELTA ?= 4.4.0
-EXTRAS ?= dev,bench,torch,report,arrow,docs
+EXTRAS ?= dev,bench,torch,report,arrow,docs,connect
 export OPENBLAS_NUM_THREADS ?= 1
 
 .DEFAULT_GOAL := help

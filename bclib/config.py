@@ -39,6 +39,22 @@ class SparkSettings:
     log_level: str = "WARN"  # Spark's own log level (the driver's log4j)
     # any other Spark settings, passed to the session builder (spark.jars: bcemb adds Delta's)
     conf: dict[str, str] = field(default_factory=dict)
+    # Spark Connect server URL (sc://host:15002/;token=...); None: $SPARK_REMOTE when set, else a classic session
+    remote: Optional[str] = None
+    # on Spark Connect: send bclib to the server's Python workers with spark.addArtifacts (its dependencies —
+    # numpy, pyarrow, pyyaml — must be installed there); false: bclib is installed on the cluster
+    ship_bclib: bool = True
+
+    @property
+    def connect_url(self) -> Optional[str]:
+        """The Spark Connect URL in effect: `remote`, else $SPARK_REMOTE, else None (a classic session)."""
+        return self.remote or os.environ.get("SPARK_REMOTE") or None
+
+    @property
+    def connect_shown(self) -> Optional[str]:
+        """`connect_url` for logs and messages: its ';key=value' parameters (token=..., user_id=...) left out."""
+        url = self.connect_url
+        return None if url is None else url.split(";", 1)[0] + (";<parameters hidden>" if ";" in url else "")
 
 
 @dataclass(frozen=True)
@@ -450,6 +466,8 @@ def _validate(cfg: JobConfig) -> None:
     if cfg.transform.kind == "lowrank" and cfg.transform.rank is None:
         raise ConfigError("config key 'transform.rank' is required when transform.kind is 'lowrank'")
     _check_locations(cfg)
+    if cfg.spark.connect_url:
+        _check_connect_locations(cfg)
 
 
 # --------------------------------------------------------------------------- table locations
@@ -540,6 +558,21 @@ def _check_locations(cfg: JobConfig) -> None:
                         "that table; give each table a location outside the others")
 
 
+def _check_connect_locations(cfg: JobConfig) -> None:
+    """On Spark Connect every location is an absolute URI (scheme:/...) or a catalog name: a relative or bare
+    local path would resolve against the client's working directory for some operations (DDL, the lease) and
+    the server's for others (reads and writes), splitting one table in two (ConfigError naming the key)."""
+    from bclib.tables.delta import is_path
+
+    keys = table_locations(cfg) + [("'lease.location'", cfg.lease.location)] * bool(cfg.lease.location)
+    for key, loc in keys:
+        if is_path(loc) and not _SCHEME.match(loc):
+            raise ConfigError(
+                f"config key {key} = {loc!r} is a path without a scheme; on Spark Connect ({cfg.spark.connect_shown}) "
+                "locations must be absolute URIs (file:/..., s3a://..., abfss://..., dbfs:/...) or catalog table "
+                "names: a relative path resolves on the client for some operations and on the server for others")
+
+
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set one dotted key in a parsed config mapping, in place: 'fit.sample_size' -> data['fit']['sample_size'].
 
@@ -623,7 +656,7 @@ def config_from_dict(data: dict[str, Any]) -> JobConfig:
 def _with_storage(cfg: JobConfig) -> JobConfig:
     """Storage options checked (ConfigError names unknown keys, never a value), credentials hidden (`Secret`)
     and Spark's connector settings derived from them (`spark.hadoop.*`; a key `spark.conf` sets wins)."""
-    from bclib.storage import spark_hadoop_conf, unknown_storage_keys, with_secrets_hidden
+    from bclib.storage import Secret, spark_hadoop_conf, unknown_storage_keys, with_secrets_hidden
 
     for key, options in (("storage.options", cfg.storage.options),
                          ("backfill.storage_options", cfg.backfill.storage_options)):
@@ -636,8 +669,9 @@ def _with_storage(cfg: JobConfig) -> JobConfig:
     storage = dataclasses.replace(cfg.storage, options=with_secrets_hidden(cfg.storage.options))
     backfill = dataclasses.replace(cfg.backfill, storage_options=with_secrets_hidden(cfg.backfill.storage_options))
     conf = {**spark_hadoop_conf(storage.options), **with_secrets_hidden(cfg.spark.conf)}
+    remote = Secret(cfg.spark.remote) if cfg.spark.remote else cfg.spark.remote  # sc://...;token=<a credential>
     return dataclasses.replace(cfg, storage=storage, backfill=backfill,
-                               spark=dataclasses.replace(cfg.spark, conf=conf))
+                               spark=dataclasses.replace(cfg.spark, conf=conf, remote=remote))
 
 
 def config_digest(cfg: JobConfig) -> str:

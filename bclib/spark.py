@@ -80,8 +80,50 @@ def cached_delta_jars(jar_cache_dir: str) -> list[str] | None:
     return [str(p) for p in paths] if all(p.is_file() for p in paths) else None
 
 
+# confs a Spark Connect client may set on its session: SQL and Delta runtime confs. Everything else (master,
+# jars, spark.sql.extensions and catalogs, warehouse, spark.hadoop.*, driver/executor settings) belongs to the
+# server and is set where it starts (static SQL confs among the sent ones are ignored by the server)
+CONNECT_CLIENT_CONF_PREFIXES = ("spark.sql.", "spark.databricks.delta.")
+CONNECT_SERVER_CONFS = ("spark.sql.extensions", "spark.sql.catalog.", "spark.sql.warehouse.dir",
+                        "spark.sql.catalogImplementation")
+
+
+def connect_client_conf(key: str) -> bool:
+    """Whether a conf can be set from a Spark Connect client (a session's runtime SQL or Delta conf)."""
+    return key.startswith(CONNECT_CLIENT_CONF_PREFIXES) and not key.startswith(CONNECT_SERVER_CONFS)
+
+
+def connect_builder(settings: SparkSettings) -> SparkSession.Builder:
+    """A Spark Connect builder for `settings.connect_url` (`spark.remote` or $SPARK_REMOTE).
+
+    No master and no jars: the server has them (Delta's jars and its SQL extension/catalog are server
+    settings). The session's runtime confs (UTC, Arrow, shuffle partitions, the user's `spark.sql.*` and
+    `spark.databricks.delta.*`) are sent; the user's other `spark.conf` keys are named in a warning as the
+    server's to set."""
+    url = settings.connect_url
+    runtime = {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+    }
+    server = sorted(k for k in settings.conf if not connect_client_conf(k))
+    if server:
+        log.warning("Spark Connect: spark.conf %s belong to the server (set them where it starts: spark-submit "
+                    "--conf, the cluster's Spark config); they are not sent", server)
+    if settings.master and settings.master != "local[*]":
+        log.warning("Spark Connect: spark.master %s is ignored (the server's master runs the work)", settings.master)
+    builder = SparkSession.builder.remote(url)
+    for key, value in {**runtime, **{k: v for k, v in settings.conf.items() if connect_client_conf(k)}}.items():
+        builder = builder.config(key, value)
+    return builder
+
+
 def session_builder(settings: SparkSettings) -> SparkSession.Builder:
-    """A builder with the Delta extensions, Arrow and sane local defaults."""
+    """A builder with the Delta extensions, Arrow and sane local defaults (`connect_builder` when
+    `settings.connect_url` names a Spark Connect server)."""
+    if settings.connect_url:
+        return connect_builder(settings)
     builder = SparkSession.builder.appName(settings.app_name)
     submitted = running_under_spark_submit()
     if settings.master and not submitted:
@@ -148,11 +190,63 @@ def _with_delta_jars(builder: SparkSession.Builder, settings: SparkSettings, sub
                           joined_list_conf(settings.conf.get("spark.jars.packages"), delta_maven_coordinates()[:1]))
 
 
+def is_connect(spark) -> bool:
+    """True for a Spark Connect session (`pyspark.sql.connect`): no SparkContext, RDDs or JVM handle, and no
+    `delta.tables.DeltaTable` unless the server runs Delta's Connect plugin, so every Delta operation below
+    goes through SQL."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def default_parallelism(spark, fallback: int = 8) -> int:
+    """The session's default parallelism (classic: `SparkContext.defaultParallelism`, the cores); on Spark
+    Connect, which has no SparkContext, the server's `spark.default.parallelism` when it is set, else
+    `fallback`."""
+    if not is_connect(spark):
+        return int(spark.sparkContext.defaultParallelism)
+    try:
+        return int(spark.conf.get("spark.default.parallelism", None) or fallback)
+    except Exception:  # noqa: BLE001 - a conf the server will not show is the fallback
+        return fallback
+
+
 def get_or_create(settings: SparkSettings) -> SparkSession:
     """Build the session (for jobs and the CLI only; library code takes `spark`)."""
     spark = session_builder(settings).getOrCreate()
-    spark.sparkContext.setLogLevel(settings.log_level)
+    if is_connect(spark):
+        log.info("Spark Connect session on %s (Spark %s)", settings.connect_shown, spark.version)
+        if settings.ship_bclib:
+            ship_bclib(spark)
+    else:
+        spark.sparkContext.setLogLevel(settings.log_level)
     return spark
+
+
+_shipped: set[int] = set()
+
+
+def ship_bclib(spark) -> bool:
+    """Send this bclib to a Spark Connect session's Python workers (`spark.addArtifacts(zip, pyfile=True)`):
+    the server's workers then import the client's bclib (mapInArrow tasks), so only its dependencies (numpy,
+    pyarrow, pyyaml) must be installed there. Once per session: returns False when it was sent before.
+    """
+    import tempfile
+    import zipfile
+
+    import bclib
+
+    if id(spark) in _shipped:
+        return False
+    root = Path(bclib.__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="bcemb-artifacts-") as tmp:
+        target = Path(tmp) / "bclib.zip"
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
+            for path in sorted(root.rglob("*.py")):
+                z.write(path, str(Path("bclib") / path.relative_to(root)))
+        spark.addArtifacts(str(target), pyfile=True)  # uploaded before it returns
+        size = target.stat().st_size
+    _shipped.add(id(spark))
+    log.info("Spark Connect: bclib sent to the server's Python workers (bclib.zip, %d KiB)", size // 1024)
+    return True
 
 
 # --------------------------------------------------------------------------- per-write session settings
@@ -264,7 +358,8 @@ def progress(spark, stage: str, every_s: float = 30.0) -> Iterator[None]:
     """Log a heartbeat for a long stage at least every `every_s` seconds while the block runs.
 
     Each line names the stage, the seconds elapsed and, when Spark jobs are running, their tasks done /
-    total (`SparkContext.statusTracker()`: active jobs -> stages -> numCompletedTasks / numTasks); with no
+    total (`SparkContext.statusTracker()`: active jobs -> stages -> numCompletedTasks / numTasks; on Spark
+    Connect the progress the server streams, `registerProgressHandler`); with no
     Spark job active it says the driver is working (numpy fits, metrics). A daemon thread; it stops with
     the block and never raises into it.
     """
@@ -273,30 +368,50 @@ def progress(spark, stage: str, every_s: float = 30.0) -> Iterator[None]:
 
     done = threading.Event()
     started = time.time()
+    connect = is_connect(spark)
+    latest: dict[str, tuple[int, int]] = {}  # Spark Connect: operation id -> (tasks done, tasks) of its stages
+
+    def on_progress(**event) -> None:  # Spark Connect's handler: stages, inflight_tasks, operation_id, done
+        key, stages = event.get("operation_id") or "", event.get("stages")
+        if event.get("done") or not stages:
+            latest.pop(key, None)
+        else:
+            latest[key] = (sum(s.num_completed_tasks for s in stages), sum(s.num_tasks for s in stages))
+
+    def tasks() -> tuple[int, int]:
+        if connect:
+            counts = list(latest.values())
+            return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        tracker = spark.sparkContext.statusTracker()
+        finished = total = 0
+        for job_id in tracker.getActiveJobsIds():
+            job = tracker.getJobInfo(job_id)
+            for stage_id in (job.stageIds if job else []):
+                info = tracker.getStageInfo(stage_id)
+                if info:
+                    finished += info.numCompletedTasks
+                    total += info.numTasks
+        return finished, total
 
     def beat() -> None:
         while not done.wait(every_s):
             try:
-                tracker = spark.sparkContext.statusTracker()
-                finished = total = 0
-                for job_id in tracker.getActiveJobsIds():
-                    job = tracker.getJobInfo(job_id)
-                    for stage_id in (job.stageIds if job else []):
-                        info = tracker.getStageInfo(stage_id)
-                        if info:
-                            finished += info.numCompletedTasks
-                            total += info.numTasks
+                finished, total = tasks()
                 what = f"Spark tasks {finished}/{total}" if total else "driver-side work (no Spark job running)"
                 log.info("%s: still running after %.0fs: %s", stage, time.time() - started, what)
             except Exception:  # noqa: BLE001 - a heartbeat must never break the stage it reports on
                 log.info("%s: still running after %.0fs", stage, time.time() - started)
 
+    if connect:
+        spark.registerProgressHandler(on_progress)
     thread = threading.Thread(target=beat, name=f"bcemb-progress-{stage}", daemon=True)
     thread.start()
     try:
         yield
     finally:
         done.set()
+        if connect:
+            spark.removeProgressHandler(on_progress)
 
 
 def ephemeral_catalog_warning(spark, names) -> Optional[str]:

@@ -8,6 +8,7 @@ no key with them but `region`; this module is the one place that maps them. Pure
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 # object_store client settings (obstore's client_options), given among delta-rs style storage options
@@ -184,3 +185,32 @@ def spark_hadoop_conf(options: Optional[dict]) -> dict:
         out["spark.hadoop.fs.gs.auth.type"] = "SERVICE_ACCOUNT_JSON_KEYFILE"
         out["spark.hadoop.fs.gs.auth.service.account.json.keyfile"] = keyfile
     return out
+
+
+def local_path(location: str) -> Optional[str]:
+    """The absolute local path of a location on this machine's filesystem: a plain path (relative: against the
+    working directory) or a file: URI (`file:/x`, `file:///x`, `file://localhost/x`, as Hadoop writes them);
+    None for any other URI (s3a://, abfss://, gs://, dbfs:/ ...). Pure."""
+    if location.startswith("file:"):
+        rest = location[len("file:"):]
+        if rest.startswith("//"):
+            rest = "/" + rest[2:].partition("/")[2]  # file://<host>/path: the host is this machine
+        return "/" + rest.lstrip("/")
+    scheme = location.split(":", 1)[0] if ":" in location else ""
+    if "://" in location or (len(scheme) > 1 and location[len(scheme) + 1:].startswith("/") and scheme.isalpha()):
+        return None
+    return os.path.abspath(location)
+
+
+def object_store(location: str, storage_options: Optional[dict], mkdir: bool = False):
+    """An obstore store rooted at `location`: a local path or file: URI (`local_path`), or an object-store URI
+    (s3a:// is read as s3://) with `storage_options` translated by `store_options`. `mkdir`: create a local
+    directory that does not exist yet."""
+    from obstore.store import LocalStore, from_url
+
+    path = local_path(location)
+    if path is not None:
+        return LocalStore(prefix=path, mkdir=mkdir)
+    uri = "s3://" + location[len("s3a://"):] if location.startswith("s3a://") else location
+    config, client = store_options(location, storage_options)
+    return from_url(uri, config=config, client_options=client)

@@ -321,3 +321,28 @@ def s3a_jars_conf() -> dict:
             pytest.skip("no S3A jars and no mvn to fetch them (`make s3a-jars`)")
         raise AssertionError(f"no S3A jars in {S3A_JARS}: run `make s3a-jars`")
     return {"spark.jars": ",".join(jars)}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc, timeout: float = 120) -> None:
+    """Wait until something listens on 127.0.0.1:`port`; RuntimeError if `proc` exits first, TimeoutError."""
+    import socket
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server process exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")

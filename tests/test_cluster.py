@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,29 +28,11 @@ import yaml
 
 from bclib.spark import cached_delta_jars, delta_maven_coordinates
 
-from conftest import JIT_FOR_TESTS, REPO
+from conftest import JIT_FOR_TESTS, REPO, free_port, wait_port
 
 pytestmark = pytest.mark.slow
 
 SPARK_HOME = Path(__import__("pyspark").__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"spark daemon exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _env(tmp: Path, jvm: str = JIT_FOR_TESTS) -> dict:
@@ -68,14 +49,14 @@ def cluster(tmp_path_factory, subprocess_jvm_options):
     """spark://127.0.0.1:<port> with one worker (2 cores, 2 GB); both stopped at the end."""
     tmp = tmp_path_factory.mktemp("cluster")
     env = _env(tmp, subprocess_jvm_options)
-    port, ui, wui = _free_port(), _free_port(), _free_port()
+    port, ui, wui = free_port(), free_port(), free_port()
     spark_class = str(SPARK_HOME / "bin" / "spark-class")
     master = subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                "--port", str(port), "--webui-port", str(ui)], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=open(tmp / "master.log", "w"))
     procs = [master]
     try:
-        _wait_port(port, master)
+        wait_port(port, master)
         url = f"spark://127.0.0.1:{port}"
         worker = subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", "--cores", "2",
                                    "--memory", "2g", "--webui-port", str(wui), url], env=env, start_new_session=True,

@@ -9,7 +9,8 @@ import pytest
 
 from bclib.config import MaintenanceSettings, config_from_dict
 from bclib.errors import ConfigError, MaintenanceError
-from bclib.tables.retention import retention_properties, sql_table, vacuum_retention_hours
+from bclib.tables.delta import sql_table
+from bclib.tables.retention import retention_properties, vacuum_retention_hours
 
 from conftest import small_config
 

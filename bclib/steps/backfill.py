@@ -188,7 +188,7 @@ def _survey(spark, cfg: JobConfig, run_id: str) -> _Attempt:
     started = time.time()
     plan = plan_backfill(spark, cfg)
     source = read_embedding_version(spark, cfg, plan.source_version)
-    state = read_output_state(spark, cfg.output_location)
+    state = read_output_state(spark, cfg.output_location, cfg.object_store_options or None)
     if state.exists:
         check_output_schema(spark, cfg.output_location, source.df.schema["id"].dataType.simpleString())
     desired = {j: space_state(source.location, plan.source_version, source.delta_version, plan.chains[j])
@@ -294,12 +294,12 @@ def _prepare_output(at: _Attempt) -> None:
             if at.state.exists and cfg.backfill.engine != "spark" else []
         at.result.engine, at.result.engine_reason = choose_engine(cfg, at.source, at.out, held)
     if not at.state.exists:  # a failed or killed first run's leftovers (this run holds the lease)
-        remove_orphan_part_files(spark, at.out)
+        remove_orphan_part_files(spark, at.out, cfg.object_store_options or None)
         if cfg.backfill.deletion_vectors:
             create_output(spark, at.out, at.source.df.schema["id"].dataType.simpleString(), deletion_vectors=True,
                           properties=retention_properties(cfg))
             log.info("backfill: created %s with deletion vectors (backfill.deletion_vectors)", at.out)
-            at.base = read_output_state(spark, at.out)
+            at.base = read_output_state(spark, at.out, cfg.object_store_options or None)
 
 
 def _commit_lineage(at: _Attempt, mode: str, spaces: list[int]) -> tuple[dict, tuple[str, int], BackfillPlan]:
@@ -338,7 +338,7 @@ def _commit_full(at: _Attempt) -> None:
         n = write_full_spark(at.spark, at.cfg, sub, at.rows, at.out, lineage, txn, at.base,
                              batch_rows_for(at.cfg, at.plan), file_rows)
     _count_commit(at, n)
-    at.base = read_output_state(at.spark, at.out)
+    at.base = read_output_state(at.spark, at.out, at.cfg.object_store_options or None)
 
 
 def _commit_changes(at: _Attempt) -> None:

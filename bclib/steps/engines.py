@@ -156,6 +156,30 @@ def arrow_id_type(df):
     return arrow_output_type(df.schema["id"].dataType)
 
 
+def run_tasks(spark, texts: list[str], fn) -> list[str]:
+    """Run `fn` (an iterator of task texts -> an iterator of result texts) once per task on the executors, one
+    Spark task per text, and collect the results in task order.
+
+    `spark.range(n, numPartitions=n).mapInArrow`: no RDD, so it runs the same on a classic session and on Spark
+    Connect (the texts travel inside the function, each task picks its own by index)."""
+    import pyarrow as pa
+
+    if not texts:
+        return []
+    tasks = list(texts)
+
+    def per_partition(batches):
+        for batch in batches:
+            for index in batch.column(0).to_pylist():
+                out = list(fn(iter([tasks[index]])))
+                yield pa.RecordBatch.from_arrays([pa.array([index] * len(out), pa.int64()),
+                                                  pa.array(out, pa.string())], names=["task", "result"])
+
+    rows = (spark.range(0, len(tasks), numPartitions=len(tasks))
+            .mapInArrow(per_partition, "task bigint, result string").collect())
+    return [r.result for r in sorted(rows, key=lambda r: r.task)]
+
+
 def write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionRead, out_location: str,
                       lineage: dict, txn: tuple[str, int], base: OutputState, drop_invalid: bool,
                       file_rows: int) -> Optional[int]:
@@ -182,8 +206,7 @@ def write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionR
              sum(len(g) for t in tasks for _, g in t.parts), source.delta_version)
     texts = [t.to_json() for t in tasks]
     with reraise_executor_errors():  # an executor's or the commit's failure as bclib's named error
-        adds = [json.loads(a) for a in (spark.sparkContext.parallelize(texts, len(texts)).mapPartitions(fn).collect()
-                                        if texts else [])]
+        adds = [json.loads(a) for a in run_tasks(spark, texts, fn)]
         # the commit rule, then one delta-rs commit against exactly the version checked (no retry of its own);
         # a new output is created by that commit, only now that every task succeeded
         checked = check_commit(spark, out_location, base.delta_version if base.exists else None, plan.spaces,

@@ -7,7 +7,6 @@ block numbers to rows on the executors (`mapInArrow`) and writes one Delta table
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -15,7 +14,9 @@ from bclib.config import JobConfig
 from bclib.errors import ConfigError, ForeignTableError
 from bclib.numerics.arrow import matrix_to_list
 from bclib.numerics.synthetic import DriftModel, block_labels, generate_block, make_drift_model
-from bclib.tables.delta import delta_table, is_path, read_delta, save, table_exists
+from bclib.spark import default_parallelism
+from bclib.tables.delta import create_table, read_delta, save, table_exists
+from bclib.tables.retention import table_properties
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,8 @@ def _prepare_table(spark, cfg: JobConfig, location: str, schema, what: str) -> b
     An existing table that generate did not create (no `bcemb.generated` table property) is never
     overwritten unless demo.overwrite is true (ForeignTableError); demo.overwrite false keeps any table.
     """
-    from delta.tables import DeltaTable
-
     if table_exists(spark, location):
-        props = dict(delta_table(spark, location).detail().first().properties or {})
+        props = table_properties(spark, location)
         ours = props.get(GENERATED_PROPERTY) == "true"
         if cfg.demo.overwrite is False:
             return False
@@ -64,12 +63,8 @@ def _prepare_table(spark, cfg: JobConfig, location: str, schema, what: str) -> b
                 "another location, or pass --set demo.overwrite=true to replace it"
             )
         return True
-    builder = DeltaTable.createIfNotExists(spark).addColumns(schema)
-    if is_path(location):
-        builder = builder.location(location if "://" in location else os.path.abspath(location))
-    else:
-        builder = builder.tableName(location)
-    (builder.property(GENERATED_PROPERTY, "true").property("delta.enableChangeDataFeed", "true").execute())
+    create_table(spark, location, {f.name: f.dataType.simpleString() for f in schema.fields},
+                 properties={GENERATED_PROPERTY: "true", "delta.enableChangeDataFeed": "true"})
     return True
 
 
@@ -104,7 +99,7 @@ def run_generate(spark, cfg: JobConfig) -> GenerateResult:
                     ids, vectors, _ = generate_block(model, int(block), _version)
                     yield pa.RecordBatch.from_arrays([pa.array(ids), matrix_to_list(vectors)], names=[id_col, vec_col])
 
-        n_parts = max(1, min(model.n_blocks, spark.sparkContext.defaultParallelism * 2))
+        n_parts = max(1, min(model.n_blocks, 2 * default_parallelism(spark)))
         df = spark.range(0, model.n_blocks, numPartitions=n_parts).mapInArrow(blocks_to_rows, schema)
         save(df.write.format("delta").mode("overwrite").option("overwriteSchema", "true"), location)
         counts[version] = read_delta(spark, location).count()

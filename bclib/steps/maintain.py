@@ -26,8 +26,8 @@ from typing import Optional
 
 from bclib.config import JobConfig
 from bclib.errors import MaintenanceError, OutputLocationError
-from bclib.spark import commit_conf, session_conf
-from bclib.tables.delta import current_delta_version, delta_table, table_exists
+from bclib.spark import commit_conf, default_parallelism, session_conf
+from bclib.tables.delta import current_delta_version, history, optimize, table_exists, vacuum
 from bclib.tables.lease import leased
 from bclib.tables.output import LINEAGE_FORMAT, read_output_state
 from bclib.tables.retention import (FILE_RETENTION, interval_hours, retention_properties, set_table_properties,
@@ -99,9 +99,9 @@ def run_maintain(spark, cfg: JobConfig, run_id: Optional[str] = None) -> Maintai
         if len(sizes) < m.optimize_min_files or sum(s < small for s in sizes) * 2 <= len(sizes):
             continue
         with session_conf(spark, commit_conf(_commit_meta(spark, loc, result.run_id, "optimize", space=j))):
-            metrics = delta_table(spark, loc).optimize().where(f"space_version = {int(j)}").executeCompaction()
-        row = metrics.select("metrics.numFilesRemoved", "metrics.numFilesAdded").first()
-        result.optimized[j] = {"numRemovedFiles": int(row[0] or 0), "numAddedFiles": int(row[1] or 0)}
+            metrics = optimize(spark, loc, f"space_version = {int(j)}")
+        result.optimized[j] = {"numRemovedFiles": int(metrics["numFilesRemoved"] or 0),
+                               "numAddedFiles": int(metrics["numFilesAdded"] or 0)}
         log.info("maintain: OPTIMIZE space %d: %d small files -> %d", j, result.optimized[j]["numRemovedFiles"],
                  result.optimized[j]["numAddedFiles"])
     _vacuum(spark, cfg, result)
@@ -117,13 +117,10 @@ def vacuum_listing_parallelism(spark, configured: int) -> int:
     """Tasks for VACUUM's listing of the table's directories: `configured` when > 0, else twice the session's
     default parallelism (its cores), at least 2. Delta lists with spark.sql.sources.parallelPartitionDiscovery
     .parallelism tasks (10,000 by default); on a table of a few space directories that alone took ~30 s of a
-    VACUUM on 2 local cores (2 s with 2 tasks). Without a SparkContext (Spark Connect): 200."""
+    VACUUM on 2 local cores (2 s with 2 tasks). Without a SparkContext (Spark Connect): twice the server's spark.default.parallelism, else 200."""
     if configured > 0:
         return configured
-    try:
-        return max(2, 2 * int(spark.sparkContext.defaultParallelism))
-    except Exception:  # noqa: BLE001 - Spark Connect has no sparkContext; any failure only costs speed
-        return 200
+    return max(2, 2 * default_parallelism(spark, fallback=100))
 
 
 def _vacuum(spark, cfg: JobConfig, result: MaintainResult) -> None:
@@ -150,9 +147,9 @@ def _vacuum(spark, cfg: JobConfig, result: MaintainResult) -> None:
              LISTING_PARALLELISM: str(vacuum_listing_parallelism(spark, m.vacuum_listing_parallelism))}
     before = current_delta_version(spark, loc)
     with session_conf(spark, confs):
-        delta_table(spark, loc).vacuum(float(hours))
+        vacuum(spark, loc, hours)
     starts = []
-    for row in delta_table(spark, loc).history().where(f"version > {before}").collect():
+    for row in history(spark, loc).where(f"version > {before}").collect():
         metrics = row.operationMetrics or {}
         if row.operation == "VACUUM START" and row.userMetadata == meta:
             starts.append(row)

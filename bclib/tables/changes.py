@@ -15,6 +15,7 @@ from typing import Optional
 
 from bclib.tables.delta import read_delta
 from bclib.tables.embeddings import select_version
+from bclib.tables.retention import table_properties
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def read_changes(spark, cfg, version: int, location: str, start: int, end: int) 
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    props = _table_properties(spark, location)
+    props = table_properties(spark, location)
     if props.get("delta.enableChangeDataFeed", "false").lower() != "true":
         raise ChangesUnavailable(f"change data feed is not enabled on '{location}' "
                                  "(ALTER TABLE ... SET TBLPROPERTIES (delta.enableChangeDataFeed = true))")
@@ -95,13 +96,6 @@ def read_changes(spark, cfg, version: int, location: str, start: int, end: int) 
                                      f"({cls})") from exc
         raise
     return ChangeSet(last, start, end, int(counts.get("upsert", 0)), int(counts.get("delete", 0)))
-
-
-def _table_properties(spark, location: str) -> dict[str, str]:
-    from bclib.tables.delta import delta_table
-
-    detail = delta_table(spark, location).detail().select("properties").first()
-    return dict(detail.properties or {}) if detail else {}
 
 
 def source_rows(spark, location: str, delta_version: Optional[int] = None) -> int:

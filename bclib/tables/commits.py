@@ -106,12 +106,12 @@ def classify(actions: Sequence[dict], spaces: Sequence[int]) -> Optional[str]:
 
 
 def _log_dir(spark, location: str) -> str:
-    from bclib.tables.delta import delta_table, is_path
+    from bclib.tables.delta import detail, is_path
 
     if is_path(location):
         root = location
     else:
-        root = delta_table(spark, location).detail().select("location").first()[0]
+        root = detail(spark, location).location
     return root.rstrip("/") + "/_delta_log"
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Optional, Sequence
 from urllib.parse import unquote
+
+from bclib.storage import local_path
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,11 @@ def available() -> Optional[str]:
 
 
 def table_uri(location: str) -> str:
-    """delta-rs takes absolute local paths or URIs (Spark's s3a:// is s3:// for it)."""
-    if "://" not in location:
-        return os.path.abspath(location)
+    """delta-rs takes absolute local paths or URIs: a local path or file: URI as an absolute path
+    (`bclib.storage.local_path`), Spark's s3a:// as s3://, other URIs as they are."""
+    path = local_path(location)
+    if path is not None:
+        return path
     if location.startswith("s3a://"):
         return "s3://" + location[len("s3a://"):]
     return location

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 from bclib.errors import LeaseHeldError, LeaseLostError
-from bclib.storage import store_options
+from bclib.storage import object_store
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +76,6 @@ _lock = threading.RLock()
 _held: dict[str, list] = {}  # location -> [Lease, depth]
 
 
-def _store(location: str, storage_options: Optional[dict]):
-    """(obstore store, key prefix) for a lease directory: a local path or an object-store URI."""
-    from obstore.store import LocalStore, from_url
-
-    if "://" not in location or location.startswith("file:"):
-        path = location[len("file:"):] if location.startswith("file:") else location
-        path = "/" + path.lstrip("/") if location.startswith("file:") else os.path.abspath(path)
-        return LocalStore(prefix=path, mkdir=True), ""
-    uri = "s3://" + location[len("s3a://"):] if location.startswith("s3a://") else location
-    config, client = store_options(location, storage_options)
-    return from_url(uri, config=config, client_options=client), ""
-
-
 def default_location(spark, cfg) -> str:
     """`lease.location`, else `<output's parent>/_bcemb_leases/<output's name>` for a path output (beside the
     table, not in it: Delta's CREATE TABLE refuses a non-empty directory) or
@@ -115,7 +102,7 @@ class Lease:
                  step: str = "") -> None:
         self.location = location
         self.ttl = float(ttl_seconds)
-        self.store, _ = _store(location, storage_options)
+        self.store = object_store(location, storage_options, mkdir=True)
         self.token = uuid.uuid4().hex
         self.holder = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
         self.step = step

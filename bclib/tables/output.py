@@ -23,9 +23,11 @@ from typing import Optional, Sequence
 
 from bclib.errors import OutputLocationError
 from bclib.numerics.records import TransformRecord, chain_id
-from bclib.spark import commit_conf, session_conf
+from bclib.spark import commit_conf, is_connect, session_conf
 from bclib.tables.commits import check_commit
-from bclib.tables.delta import delta_table, is_path, read_delta, save, table_exists
+from bclib.tables.delta import create_table, current_delta_version, detail as table_detail, history, \
+    is_path, merge, quoted_column, read_delta, save, table_exists
+from bclib.tables.files import HadoopFiles, table_files
 
 log = logging.getLogger(__name__)
 
@@ -69,61 +71,53 @@ def space_state(source_location: str, source_version: int, source_delta_version:
     }
 
 
-def _hadoop_path(spark, location: str):
-    """(org.apache.hadoop.fs.Path, its FileSystem) for a path location, as Spark's own readers resolve it."""
-    path = spark._jvm.org.apache.hadoop.fs.Path(location)
-    return path, path.getFileSystem(spark._jsc.hadoopConfiguration())
-
-
 _SPACE_DIR = re.compile(r"^space_version=-?\d+$")
 _PART_FILE = re.compile(r"^\.?part-[0-9a-zA-Z-]+-c\d+\.snappy\.parquet(\.crc)?$")
 
 
-def _orphan_part_files(fs, path) -> Optional[list]:
+def _orphan_part_files(files) -> Optional[list[str]]:
     """The part files of an interrupted run that never created the table (`space_version=<j>/part-*.parquet`
-    only, the layout bcemb writes, beside at most a `_delta_log` folder holding no file), as Hadoop paths;
-    None when the directory holds anything else.
+    only, the layout bcemb writes, beside at most a `_delta_log` folder holding no file), as paths relative to
+    the location; None when the directory holds anything else. `files`: `bclib.tables.files.table_files`.
 
     An empty `space_version=<j>` directory counts as such a leftover too (the list may be empty): on an
     object store it is a directory-marker object a writer left, or what stays of a failed task's files."""
     found = []
-    for status in fs.listStatus(path):
-        if status.isDirectory() and status.getPath().getName() == "_delta_log":
-            if _holds_files(fs, status.getPath()):  # a log with entries: a table (or someone's), not a leftover
+    for name, is_dir in files.entries():
+        if is_dir and name == "_delta_log":
+            if _holds_files(files, name):  # a log with entries: a table (or someone's), not a leftover
                 return None
             continue  # Delta's `_delta_log/_staged_commits/` folders from a write that failed before version 0
-        if not (status.isDirectory() and _SPACE_DIR.match(status.getPath().getName())):
+        if not (is_dir and _SPACE_DIR.match(name)):
             return None
-        for inner in fs.listStatus(status.getPath()):
-            if inner.isDirectory() or not _PART_FILE.match(inner.getPath().getName()):
+        for inner, inner_is_dir in files.entries(name):
+            if inner_is_dir or not _PART_FILE.match(inner):
                 return None
-            found.append(inner.getPath())
+            found.append(f"{name}/{inner}")
     return found
 
 
-def _holds_files(fs, path) -> bool:
-    """Whether a Hadoop folder holds any file, at any depth (empty sub-folders do not count)."""
-    for status in fs.listStatus(path):
-        if not status.isDirectory() or _holds_files(fs, status.getPath()):
-            return True
-    return False
+def _holds_files(files, rel: str) -> bool:
+    """Whether a folder holds any file, at any depth (empty sub-folders do not count)."""
+    return any(not is_dir or _holds_files(files, f"{rel}/{name}") for name, is_dir in files.entries(rel))
 
 
-def _check_location(spark, location: str) -> None:
+def _check_location(spark, location: str, storage_options: Optional[dict] = None) -> None:
     """OutputLocationError when a path holds files but no Delta table (a Parquet dataset, anything else).
 
     Part files of an interrupted bcemb run that never committed (no table yet) are not data anyone owns:
     they are tolerated here (read-only callers too) and removed by `remove_orphan_part_files` before a write."""
     if not is_path(location):
         return
-    path, fs = _hadoop_path(spark, location)
-    if not fs.exists(path):
+    files = table_files(spark, location, storage_options)
+    kind = files.kind()
+    if kind is None:
         return
-    if not fs.getFileStatus(path).isDirectory():
+    if kind == "file":
         raise OutputLocationError(f"output location '{location}' is a file, not a Delta table directory")
-    if _orphan_part_files(fs, path) is not None:
+    if _orphan_part_files(files) is not None:
         return
-    names = [s.getPath().getName() for s in fs.listStatus(path)]
+    names = [name for name, _ in files.entries()]
     if names:
         shown = ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")
         raise OutputLocationError(
@@ -132,23 +126,23 @@ def _check_location(spark, location: str) -> None:
         )
 
 
-def remove_orphan_part_files(spark, location: str) -> int:
+def remove_orphan_part_files(spark, location: str, storage_options: Optional[dict] = None) -> int:
     """Before a write that creates the output: delete the never-committed part files an interrupted run left
     where no table exists yet (Delta's CREATE TABLE refuses a non-empty directory). Call it holding the run
     lease. Returns how many were removed (0 when there is a table or anything else in the directory)."""
     if not is_path(location) or table_exists(spark, location):
         return 0
-    path, fs = _hadoop_path(spark, location)
-    if not fs.exists(path):
+    files = table_files(spark, location, storage_options)
+    if files.kind() != "dir":
         return 0
-    orphans = _orphan_part_files(fs, path)
-    leftovers = list(fs.listStatus(path)) if orphans is not None else []
+    orphans = _orphan_part_files(files)
+    leftovers = [name for name, _ in files.entries()] if orphans is not None else []
     if leftovers:
         log.warning("output: %s has no Delta table but %d part file(s) in %d folder(s) (space_version=*, an empty "
                     "_delta_log) of a failed or interrupted first run (never committed): removing them", location,
                     len(orphans), len(leftovers))
-        for status in leftovers:
-            fs.delete(status.getPath(), True)
+        for name in leftovers:
+            files.remove(name)
     return len(orphans or [])
 
 
@@ -187,7 +181,7 @@ def check_output_schema(spark, location: str, id_type: str) -> None:
             f"output table '{location}' has another schema ({detail}); bcemb writes "
             f"{', '.join(f'{c} {t}' for c, t in expected.items())}: point output_location at a new table"
         )
-    detail = delta_table(spark, location).detail().first().asDict()
+    detail = table_detail(spark, location).asDict()
     partitions, clustering = list(detail.get("partitionColumns") or []), list(detail.get("clusteringColumns") or [])
     if partitions != ["space_version"] or clustering:
         layout = (f"clustered by {clustering} (liquid clustering)" if clustering else
@@ -226,7 +220,7 @@ def last_bcemb_commit(spark, location: str, accept) -> tuple[int, Optional[dict]
     """(latest Delta version, userMetadata dict of the newest commit that changed rows if `accept` takes
     it else None, that commit's operation). Commits of CONTENT_PRESERVING_OPERATIONS are looked through
     (at most _STATE_HISTORY of them). The table must exist."""
-    rows = (delta_table(spark, location).history(_STATE_HISTORY)
+    rows = (history(spark, location, _STATE_HISTORY)
             .select("version", "operation", "userMetadata").orderBy("version", ascending=False).collect())
     latest = int(rows[0].version)
     for row in rows:
@@ -239,7 +233,7 @@ def last_bcemb_commit(spark, location: str, accept) -> tuple[int, Optional[dict]
     return latest, None, f"no bcemb commit among the last {len(rows)} ({seen})"
 
 
-def read_output_state(spark, location: str) -> OutputState:
+def read_output_state(spark, location: str, storage_options: Optional[dict] = None) -> OutputState:
     """The output's current state (a non-Delta, non-empty path: OutputLocationError).
 
     The lineage comes from the newest commit that changed the table's rows: commits of
@@ -248,7 +242,7 @@ def read_output_state(spark, location: str) -> OutputState:
     `delta_version` is always the table's latest version (what a commit is read against).
     """
     if not table_exists(spark, location):
-        _check_location(spark, location)
+        _check_location(spark, location, storage_options)
         return OutputState(exists=False)
     latest, meta, operation = last_bcemb_commit(spark, location, _output_lineage)
     return OutputState(True, latest, meta, operation)
@@ -268,7 +262,7 @@ def output_layout(spark, location: str) -> tuple[bool, int]:
     A MERGE into a table without deletion vectors rewrites every file holding a matched id; with them it
     writes the new rows and a deletion vector per touched file (Delta protocol, "Deletion Vectors").
     """
-    row = delta_table(spark, location).detail().select("numFiles", "properties").first()
+    row = table_detail(spark, location)
     props = dict(row.properties or {})
     return props.get("delta.enableDeletionVectors", "false").lower() == "true", int(row.numFiles or 0)
 
@@ -276,24 +270,13 @@ def output_layout(spark, location: str) -> tuple[bool, int]:
 def create_output(spark, location: str, id_type: str, deletion_vectors: bool,
                   properties: Optional[dict] = None) -> None:
     """Create the empty output table (partitioned by space_version) unless it exists, with
-    `delta.enableDeletionVectors` set as asked (`DeltaTable.createIfNotExists`; a path is made absolute,
+    `delta.enableDeletionVectors` set as asked (CREATE TABLE IF NOT EXISTS; a path is made absolute,
     which Delta 4.0 requires). The commit is a CREATE TABLE: the next backfill rewrites every space."""
-    from delta.tables import DeltaTable
-
-    builder = DeltaTable.createIfNotExists(spark)
-    if is_path(location):  # qualified by Hadoop (default filesystem, working directory), as Spark's writers do
-        path, fs = _hadoop_path(spark, location)
-        builder = builder.location(fs.makeQualified(path).toString())
-    else:
-        builder = builder.tableName(location)
-    for name, dtype in {**OUTPUT_COLUMNS, "id": id_type}.items():
-        builder = builder.addColumn(name, dtype)
-    builder = builder.partitionedBy("space_version")
-    if deletion_vectors:
-        builder = builder.property("delta.enableDeletionVectors", "true")
-    for key, value in sorted((properties or {}).items()):  # the retention promise (tables/retention.py)
-        builder = builder.property(key, value)
-    builder.execute()
+    target = location
+    if is_path(location) and not is_connect(spark):  # qualified by Hadoop, as Spark's writers do
+        target = HadoopFiles(spark, location).qualified()
+    props = {**({"delta.enableDeletionVectors": "true"} if deletion_vectors else {}), **(properties or {})}
+    create_table(spark, target, {**OUTPUT_COLUMNS, "id": id_type}, ("space_version",), props)
 
 
 # --------------------------------------------------------------------------- commits
@@ -347,36 +330,32 @@ def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage:
     matched upserts update, unmatched upserts insert, matched deletes delete. The commit rule runs first
     against `read_version` (see write_full); the MERGE's own conflict check covers its read-to-commit window.
     """
-    from pyspark.sql import functions as F
-
     spaces_sql = ", ".join(str(int(s)) for s in spaces)
     columns = [c for c in OUTPUT_COLUMNS]
     check_commit(spark, location, read_version, spaces, f"incremental MERGE into spaces {list(spaces)}")
     before = _version_or_none(spark, location)
     with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])):
-        (
-            delta_table(spark, location).alias("t")
-            .merge(changes.alias("s"),
-                   f"t.space_version IN ({spaces_sql}) AND t.space_version = s.space_version AND t.id = s.id")
-            .whenMatchedDelete("s._op = 'delete'")
-            .whenMatchedUpdate("s._op = 'upsert'", {c: F.col(f"s.{c}") for c in columns})
-            .whenNotMatchedInsert("s._op = 'upsert'", {c: F.col(f"s.{c}") for c in columns})
-            .execute()
-        )
+        cols = [quoted_column(c) for c in columns]
+        merge(spark, location, changes,
+              f"t.space_version IN ({spaces_sql}) AND t.space_version = s.space_version AND t.id = s.id",
+              ["WHEN MATCHED AND s._op = 'delete' THEN DELETE",
+               "WHEN MATCHED AND s._op = 'upsert' THEN UPDATE SET " + ", ".join(f"{c} = s.{c}" for c in cols),
+               f"WHEN NOT MATCHED AND s._op = 'upsert' THEN INSERT ({', '.join(cols)}) "
+               f"VALUES ({', '.join('s.' + c for c in cols)})"])
     return _committed_rows(spark, location, before, lineage)
 
 
 def _version_or_none(spark, location: str) -> Optional[int]:
     if not table_exists(spark, location):
         return None
-    return int(delta_table(spark, location).history(1).select("version").first()[0])
+    return current_delta_version(spark, location)
 
 
 def _committed_rows(spark, location: str, before: Optional[int], lineage: dict) -> Optional[int]:
     """Rows our commit wrote, or None when there is no commit of ours after `before`: Delta skipped it (its
     transaction id was already recorded) or recorded nothing (an empty MERGE). Ours is found by the run id
     and transaction id in its userMetadata, not by position: a user's VACUUM may land right after it."""
-    rows = (delta_table(spark, location).history(_STATE_HISTORY).select("version", "userMetadata", "operationMetrics")
+    rows = (history(spark, location, _STATE_HISTORY).select("version", "userMetadata", "operationMetrics")
             .orderBy("version", ascending=False).collect())
     for row in rows:
         if before is not None and int(row.version) <= before:

@@ -16,7 +16,6 @@ count of `id` and `source_version`) in the add action.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from bclib.numerics.arrow import decode_vectors, usable_rows
 from bclib.numerics.kernel import MultiSpaceKernel, make_batch_fn
 from bclib.errors import output_write_error
 from bclib.tables.ids import normalise_ids
-from bclib.storage import pyarrow_s3_options
+from bclib.storage import local_path, pyarrow_s3_options
 
 PARTITION = "space_version"
 
@@ -52,10 +51,9 @@ def filesystem_and_path(uri: str, storage_options: Optional[dict] = None):
     Spark's `s3a://` is read as `s3://`. Credentials come from `storage_options` (passed to the
     filesystem, e.g. access_key/secret_key/region for S3) or the environment, as pyarrow documents.
     """
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    if uri.startswith("file://"):
-        return pafs.LocalFileSystem(), uri[len("file://"):]
+    path = local_path(uri)
+    if path is not None:
+        return pafs.LocalFileSystem(), path
     if uri.startswith("s3a://"):
         uri = "s3://" + uri[len("s3a://"):]
     if storage_options and uri.startswith("s3://"):

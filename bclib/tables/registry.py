@@ -26,7 +26,8 @@ from bclib.errors import ChecksumError, RegistryError, TransformFormatError
 from bclib.numerics.records import ORIGINS, TransformRecord
 from bclib.numerics.serialization import FORMAT_VERSION, checksum, transform_from_bytes
 from bclib.spark import commit_conf, session_conf
-from bclib.tables.delta import delta_table, read_delta, retry_on_conflict, save, table_exists
+from bclib.tables.delta import merge, quoted_column, read_delta, retry_on_conflict, save, sql_string, table_exists, \
+    update
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def register(
     Raises ValueError for two records of one edge; ConcurrentRunError when other writers keep winning
     the commit race (`attempts` tries, each re-reading the active set).
     """
-    from pyspark.sql import functions as F
-
     edges = [r.edge for r in records]
     if len(set(edges)) != len(edges):
         raise ValueError(f"register takes at most one transform per edge, found {edges}")
@@ -131,16 +130,14 @@ def register(
         )
         meta = _metadata("register", actor, reason, transforms=[
             {"id": r.transform_id, "edge": list(r.edge), "origin": r.origin} for r in fresh])
+        cols = [quoted_column(c) for c in columns]
         with session_conf(spark, commit_conf(meta)):
-            (
-                delta_table(spark, location).alias("t")
-                .merge(staged.alias("s"), condition)
-                .whenMatchedUpdate("s._merge_kind = 'retire'",
-                                   {"status": F.lit("retired"), "retired_at": F.current_timestamp()})
-                .whenMatchedUpdate("s._merge_kind = 'upsert'", {"status": F.lit("active"), "retired_at": F.lit(None)})
-                .whenNotMatchedInsert("s._merge_kind = 'upsert'", {c: F.col(f"s.{c}") for c in columns})
-                .execute()
-            )
+            merge(spark, location, staged, condition, [
+                "WHEN MATCHED AND s._merge_kind = 'retire' THEN UPDATE SET status = 'retired', "
+                "retired_at = current_timestamp()",
+                "WHEN MATCHED AND s._merge_kind = 'upsert' THEN UPDATE SET status = 'active', retired_at = NULL",
+                f"WHEN NOT MATCHED AND s._merge_kind = 'upsert' THEN INSERT ({', '.join(cols)}) "
+                f"VALUES ({', '.join('s.' + c for c in cols)})"])
         log.info("registry: activated %d transform(s) %s in one commit",
                  len(fresh), [(r.source_version, r.target_version, r.transform_id) for r in fresh])
         return [r.transform_id for r in fresh]
@@ -203,8 +200,6 @@ def get_record(spark, location: str, transform_id: str, verify: bool = True) -> 
 
 def retire(spark, location: str, transform_id: str, actor: Optional[str] = None, reason: Optional[str] = None) -> bool:
     """Retire one transform (one UPDATE commit); returns False when it was not active (nothing committed)."""
-    from pyspark.sql import functions as F
-
     rec = get_record(spark, location, transform_id, verify=False)
     if rec.status != "active":
         log.info("registry: %s is already %s, nothing to commit", transform_id, rec.status)
@@ -213,10 +208,8 @@ def retire(spark, location: str, transform_id: str, actor: Optional[str] = None,
 
     def attempt() -> bool:
         with session_conf(spark, commit_conf(meta)):
-            delta_table(spark, location).update(
-                (F.col("transform_id") == F.lit(transform_id)) & (F.col("status") == F.lit("active")),
-                {"status": F.lit("retired"), "retired_at": F.current_timestamp()},
-            )
+            update(spark, location, {"status": "'retired'", "retired_at": "current_timestamp()"},
+                   f"transform_id = {sql_string(transform_id)} AND status = 'active'")
         return True
 
     done = retry_on_conflict(attempt, f"registry {location}")
@@ -230,7 +223,6 @@ def activate(spark, location: str, transform_id: str, actor: Optional[str] = Non
 
     The checksum is verified first (ChecksumError names the id). Returns False when already active.
     """
-    from pyspark.sql import functions as F
 
     rec = get_record(spark, location, transform_id, verify=False)
     try:
@@ -240,18 +232,16 @@ def activate(spark, location: str, transform_id: str, actor: Optional[str] = Non
     if rec.status == "active":
         log.info("registry: %s is already active, nothing to commit", transform_id)
         return False
-    same_edge = (F.col("source_version") == F.lit(rec.source_version)) & (
-        F.col("target_version") == F.lit(rec.target_version))
-    this = F.col("transform_id") == F.lit(transform_id)
+    same_edge = f"source_version = {int(rec.source_version)} AND target_version = {int(rec.target_version)}"
+    this = f"transform_id = {sql_string(transform_id)}"
     meta = _metadata("activate", actor, reason, transforms=[{"id": transform_id, "edge": list(rec.edge)}])
 
     def attempt() -> bool:
         with session_conf(spark, commit_conf(meta)):
-            delta_table(spark, location).update(
-                same_edge & (this | (F.col("status") == F.lit("active"))),
-                {"status": F.when(this, F.lit("active")).otherwise(F.lit("retired")),
-                 "retired_at": F.when(this, F.lit(None).cast("timestamp")).otherwise(F.current_timestamp())},
-            )
+            update(spark, location,
+                   {"status": f"CASE WHEN {this} THEN 'active' ELSE 'retired' END",
+                    "retired_at": f"CASE WHEN {this} THEN CAST(NULL AS TIMESTAMP) ELSE current_timestamp() END"},
+                   f"{same_edge} AND ({this} OR status = 'active')")
         return True
 
     done = retry_on_conflict(attempt, f"registry {location}")

@@ -16,12 +16,11 @@ The tables carry that promise themselves, so that anyone's VACUUM and Delta's lo
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Optional
 
 from bclib.config import JobConfig, MaintenanceSettings
-from bclib.tables.delta import delta_table, is_path, quoted_identifier
+from bclib.tables.delta import detail, sql_table
 
 DELTA_LOG_RETENTION_HOURS = 720  # Delta's default delta.logRetentionDuration (30 days)
 DELTA_FILE_RETENTION_HOURS = 168  # Delta's default delta.deletedFileRetentionDuration (7 days)
@@ -55,8 +54,7 @@ def retention_properties(cfg: JobConfig) -> dict[str, str]:
 
 def table_properties(spark, location: str) -> dict[str, str]:
     """A Delta table's properties now (`DESCRIBE DETAIL`)."""
-    row = delta_table(spark, location).detail().select("properties").first()
-    return dict(row.properties or {})
+    return dict(detail(spark, location).properties or {})
 
 
 _INTERVAL = re.compile(r"^\s*interval\s+(\d+(?:\.\d+)?)\s+(week|day|hour|minute|second)s?\s*$", re.IGNORECASE)
@@ -67,15 +65,6 @@ def interval_hours(value: Optional[str]) -> Optional[float]:
     """'interval N hours' (or weeks, days, minutes, seconds) -> hours; None for anything else or unset."""
     match = _INTERVAL.match(value or "")
     return float(match.group(1)) * _HOURS_PER[match.group(2).lower()] if match else None
-
-
-def sql_table(location: str) -> str:
-    """A table reference for Spark SQL: delta.`<path>` (backticks doubled) or a validated, quoted catalog name."""
-    if is_path(location):
-        if "://" not in location and ":" not in location.split("/", 1)[0]:
-            location = os.path.abspath(location)  # Delta resolves only absolute paths in delta.`...`
-        return "delta.`" + location.replace("`", "``") + "`"
-    return quoted_identifier(location)
 
 
 def set_table_properties(spark, location: str, properties: dict[str, str]) -> None:
