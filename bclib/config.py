@@ -562,11 +562,9 @@ def _check_connect_locations(cfg: JobConfig) -> None:
     """On Spark Connect every location is an absolute URI (scheme:/...) or a catalog name: a relative or bare
     local path would resolve against the client's working directory for some operations (DDL, the lease) and
     the server's for others (reads and writes), splitting one table in two (ConfigError naming the key)."""
-    from bclib.tables.delta import is_path
-
     keys = table_locations(cfg) + [("'lease.location'", cfg.lease.location)] * bool(cfg.lease.location)
     for key, loc in keys:
-        if is_path(loc) and not _SCHEME.match(loc):
+        if location_key(loc)[0] != CATALOG and not _SCHEME.match(loc.strip()):
             raise ConfigError(
                 f"config key {key} = {loc!r} is a path without a scheme; on Spark Connect ({cfg.spark.connect_shown}) "
                 "locations must be absolute URIs (file:/..., s3a://..., abfss://..., dbfs:/...) or catalog table "

@@ -24,7 +24,7 @@ LONG_FILES = frozenset({
     "test_crash_events.py", "test_cluster.py", "test_concurrent_writers.py", "test_bad_input_catalogue.py",
     "test_incremental.py", "test_id_types.py", "test_lifecycle.py", "test_lease.py", "test_paper_quick.py",
     "test_crash.py", "test_engines.py", "test_end_to_end.py", "test_bad_input.py", "test_table_rules.py",
-    "test_object_store.py", "test_secrets.py",
+    "test_object_store.py", "test_secrets.py", "test_connect.py", "test_catalog.py",
 })
 
 
