@@ -153,6 +153,7 @@ def test_four_days_of_scheduled_runs(spark, tmp_path, capsys):
     assert code == 0, err
     assert current_delta_version(spark, cfg3.registry_location) == reg_before  # every transform kept
     assert current_delta_version(spark, cfg3.output_location) == out_before + 1  # one commit
+    assert "evaluate: 2 of 3 (source, space) pairs (those this run changed)" in out  # the merged spaces only
     last = DeltaTable.forPath(spark, cfg3.output_location).history(1).first()
     assert last.operation == "MERGE" and json.loads(last.userMetadata)["mode"] == "incremental"
     for space in (0, 1):  # the same content as a full rewrite
@@ -174,6 +175,7 @@ def test_four_days_of_scheduled_runs(spark, tmp_path, capsys):
     code, out, err = _run(["run", "--config", str(conf4)], capsys)
     assert code == 0, err
     active = _active(spark, cfg4)
+    assert "evaluate: 3 of 6 (source, space) pairs (those this run changed)" in out  # the rewritten spaces
     assert active[(3, 2)].transform_id == joint_id and active[(3, 2)].origin == "joint"
     assert set(active) == {(1, 0), (2, 1), (3, 2)}
     for space in (0, 1, 2):

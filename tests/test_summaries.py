@@ -28,3 +28,21 @@ def test_a_libraries_multi_line_coloured_error_becomes_one_clean_line():
     assert "\n" not in line and "\x1b" not in line and len(line) == 120 and line.endswith("...")
     assert line.startswith("Generic S3 error: Error after 3 retries in 1.2s, max_retries: 3 xxx")
     assert one_line("short") == "short"
+
+
+def test_a_run_scores_the_pairs_it_changed_not_the_square_of_the_history():
+    from bclib.steps.evaluate import all_pairs, changed_pairs
+
+    versions = list(range(29))  # 28 edges; spaces 0, 7, 14, 21, 27 pinned
+    pinned = [0, 7, 14, 21, 27]
+    assert len(all_pairs(versions)) == 406
+    new_version = changed_pairs(versions, pinned, 28, edges=[(28, 27)], written_spaces=pinned)
+    assert new_version == [(28, 27), (28, 21), (28, 14), (28, 7), (28, 0)]  # 5, whatever the history's length
+    assert len(changed_pairs(list(range(5)), [0, 1, 2, 3], 4, [(4, 3)], [0, 1, 2, 3])) == 4
+    # an old edge refitted changes every pair whose chain crosses it, toward pinned spaces and its own step
+    refit = changed_pairs(versions, pinned, 28, edges=[(8, 7)], written_spaces=[0, 7])
+    assert (8, 7) in refit and (9, 7) in refit and (28, 0) in refit and (28, 7) in refit
+    assert (9, 8) not in refit and (28, 14) not in refit and (6, 0) not in refit
+    # only the data changed (a MERGE of the source's new rows): the written spaces' pairs
+    assert changed_pairs(versions, pinned, 28, edges=[], written_spaces=[14]) == [(28, 14)]
+    assert changed_pairs(versions, pinned, 28, edges=[], written_spaces=[]) == []

@@ -45,9 +45,14 @@ class EvaluateResult:
     seconds: float = 0.0
     unreadable: dict[int, str] = field(default_factory=dict)  # versions left out, and why
 
+    # pairs of all configured versions (None: every pair was scored); `pairs` holds the scored ones
+    of_pairs: Optional[int] = None
+
     def summary(self) -> str:
         left_out = f"; versions left out (unreadable): {sorted(self.unreadable)}" if self.unreadable else ""
-        return (f"evaluate: {len(self.pairs)} (source, space) pairs in {self.seconds:.1f}s, run {self.run_id}; "
+        scored = (f"{len(self.pairs)} of {self.of_pairs} (source, space) pairs (those this run changed)"
+                  if self.of_pairs is not None else f"{len(self.pairs)} (source, space) pairs")
+        return (f"evaluate: {scored} in {self.seconds:.1f}s, run {self.run_id}; "
                 f"report in {self.report_dir}{left_out}")
 
 
@@ -71,9 +76,11 @@ def evaluation_window(cfg: JobConfig, rows: int) -> tuple[float, float]:
 
 
 def held_out(spark, cfg: JobConfig, versions: Optional[list[int]] = None, labels: bool = True,
-             tolerate: Sequence[int] = ()) -> HeldOut:
+             tolerate: Sequence[int] = (), sampled: Optional[Sequence[int]] = None) -> HeldOut:
     """Sample the evaluation window of `versions` (default: all configured), one scan each, plus labels.
 
+    `sampled`: sample only these of `versions` (the window is still drawn from every version's row count, read
+    from the Delta log, so a pair's figures are the same whichever pairs are scored with it).
     A version in `tolerate` whose table is missing, empty or lacks data files is left out and named in
     `HeldOut.unreadable`; for any other version that is MissingTableError, VersionTableEmptyError or
     VersionFilesMissingError."""
@@ -90,6 +97,9 @@ def held_out(spark, cfg: JobConfig, versions: Optional[list[int]] = None, labels
     counts = tolerant_counts(reads, tolerate, unreadable)  # Delta answers counts from its log
     reads = {v: reads[v] for v in counts}
     lo, cap = evaluation_window(cfg, min(counts.values()))
+    if sampled is not None:
+        reads = {v: r for v, r in reads.items() if v in set(sampled)}
+        counts = {v: n for v, n in counts.items() if v in reads}
     samples, hi = sample_versions(reads, cfg.fit.salt, cfg.evaluate.sample_size, lo, cap=cap - lo,
                                   drop_invalid=cfg.backfill.quarantine_location is not None, tolerate=tolerate,
                                   unreadable=unreadable, counts=counts)
@@ -247,23 +257,60 @@ def report_header(cfg: JobConfig, active: dict) -> dict:
                             "origin": r.origin} for (k, j), r in sorted(active.items(), reverse=True)]}
 
 
+def all_pairs(versions: Sequence[int]) -> list[tuple[int, int]]:
+    """Every (source, space) pair of `versions`: each version to each older one."""
+    vs = sorted(versions)
+    return [(s, j) for i, s in enumerate(vs) for j in vs[:i]]
+
+
+def changed_pairs(versions: Sequence[int], target_spaces: Sequence[int], source_version: int,
+                  edges: Sequence[tuple[int, int]], written_spaces: Sequence[int]) -> list[tuple[int, int]]:
+    """The pairs a run changed, for `run` to score: each pair (s, j) whose chain s -> ... -> j holds an edge of
+    `edges` (fitted and activated by the run) and whose space j is pinned (`target_spaces`) or one step below s,
+    plus (source_version, j) for every output space the run wrote. Pure.
+
+    A new version N adds the pairs (N, j) for the pinned spaces and (N, N-1): the count follows the pinned
+    spaces, not the square of the history; pairs whose chain and vectors did not change keep the figures
+    stored in the metrics table by the run that scored them."""
+    vs = sorted(versions)
+    step = {v: vs[i - 1] for i, v in enumerate(vs) if i}
+    changed = set(map(tuple, edges))
+    out = set()
+    for s, j in all_pairs(vs):
+        chain = set()
+        k = s
+        while k != j:
+            chain.add((k, step[k]))
+            k = step[k]
+        if chain & changed and (j in target_spaces or j == step[s]):
+            out.add((s, j))
+    out |= {(int(source_version), int(j)) for j in written_spaces}
+    return sorted(out, reverse=True)
+
+
 @leased("evaluate")
-def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> EvaluateResult:
-    """Evaluate every (source, space) pair on held-out entities; write and print the figures.
+def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None,
+                 pairs: Optional[Sequence[tuple[int, int]]] = None) -> EvaluateResult:
+    """Evaluate every (source, space) pair on held-out entities (or only `pairs`, as `run` asks for the pairs
+    it changed: `changed_pairs`); write and print the figures.
 
     For the pairs the output table holds, the vectors are read back from it (what consumers get) and
     the chain id reported is the one stored on those rows; other pairs apply the active registry chain.
+    Only the versions the scored pairs need are sampled; the evaluation window is the same either way.
     """
     started = time.time()
     run_id = run_id or uuid.uuid4().hex[:12]
+    wanted = None if pairs is None else {tuple(p) for p in pairs}
+    sampled = None if wanted is None else sorted({v for p in wanted for v in p})
     # a version whose table is gone, empty or lacks files leaves out its pairs (named), not the whole step
-    heldout = held_out(spark, cfg, tolerate=[v for v in cfg.embeddings.versions if v != cfg.source_version])
+    heldout = held_out(spark, cfg, tolerate=[v for v in cfg.embeddings.versions if v != cfg.source_version],
+                       sampled=sampled)
     lo, hi = heldout.window
     versions = sorted(heldout.samples)
     active = active_transforms(spark, cfg.registry_location)
     results: list[PairResult] = []
     for s in versions[1:]:
-        for j in [v for v in versions if v < s]:
+        for j in [v for v in versions if v < s and (wanted is None or (s, v) in wanted)]:
             records = chain_records(active, cfg.embeddings.versions, s, j)
             src, true = heldout.samples[s], heldout.samples[j]
             out, stored_chains = None, []
@@ -291,6 +338,7 @@ def run_evaluate(spark, cfg: JobConfig, run_id: Optional[str] = None) -> Evaluat
     print(format_table(results))
     report = write_report(results, cfg.evaluate.report_dir, run_id, report_header(cfg, active))
     log.info("evaluate: report with plots in %s", report)
-    result = EvaluateResult(run_id, results, report, time.time() - started, dict(heldout.unreadable))
+    result = EvaluateResult(run_id, results, report, time.time() - started, dict(heldout.unreadable),
+                            None if wanted is None else len(all_pairs(cfg.embeddings.versions)))
     log.info("evaluate: %d (source, space) pairs in %.1fs, run %s", len(results), result.seconds, run_id)
     return result

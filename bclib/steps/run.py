@@ -17,7 +17,7 @@ from bclib.config import JobConfig
 from bclib.errors import RegistryError
 from bclib.steps.backfill import BackfillResult, run_backfill
 from bclib.steps.backfill_plan import FULL, INCREMENTAL
-from bclib.steps.evaluate import EvaluateResult, run_evaluate
+from bclib.steps.evaluate import EvaluateResult, changed_pairs, run_evaluate
 from bclib.steps.fit import FitResult, plan_fit, run_fit
 from bclib.steps.status import StatusResult, run_status
 from bclib.tables.changes import source_rows
@@ -94,7 +94,14 @@ def run_scheduled(spark, cfg: JobConfig, refit: Sequence[str] = (), dry_run: boo
     result.fit = run_fit(spark, cfg, refit)
     result.backfill = run_backfill(spark, cfg, run_id=result.run_id, allow_shrink=allow_shrink)
     if result.backfill.commits or result.fit.committed:
-        result.evaluate = run_evaluate(spark, cfg, run_id=result.run_id)
+        # only the pairs this run changed: new or refitted edges toward pinned spaces, and the spaces it wrote
+        activated = set(result.fit.committed)
+        edges = [r.edge for r in result.fit.records if r.transform_id in activated]
+        written = [j for j, (action, _) in result.backfill.actions.items() if action in (FULL, INCREMENTAL)] \
+            if result.backfill.commits else []
+        pairs = changed_pairs(cfg.embeddings.versions, cfg.target_spaces, cfg.source_version, edges, written)
+        if pairs:
+            result.evaluate = run_evaluate(spark, cfg, run_id=result.run_id, pairs=pairs)
     result.status = run_status(spark, cfg)
     result.seconds = time.time() - started
     return result
