@@ -203,9 +203,11 @@ CASES = [
 
 
 def _versions(spark, root: Path) -> dict:
-    from bclib.tables.delta import current_delta_version, table_exists
+    """Every table's latest Delta version (None: no table), read from its log by delta-rs: about 4 ms a table,
+    where Spark's history takes 0.2 s and more on a busy session (12 reads a case, 57 cases)."""
+    from deltalake import DeltaTable
 
-    return {t: (current_delta_version(spark, str(root / t)) if table_exists(spark, str(root / t)) else None)
+    return {t: DeltaTable(str(root / t)).version() if DeltaTable.is_deltatable(str(root / t)) else None
             for t in TABLES}
 
 

@@ -91,8 +91,15 @@ def require_table(spark, location: str, what: str, hint: str = "") -> None:
 
 
 def history(spark, location: str, limit: Optional[int] = None):
-    """`DESCRIBE HISTORY` of a Delta table, newest first, as a DataFrame (version, timestamp, operation,
-    operationParameters, userMetadata, operationMetrics, ...; the columns `DeltaTable.history` has)."""
+    """A Delta table's history, newest first, as a DataFrame (version, timestamp, operation,
+    operationParameters, userMetadata, operationMetrics, ...).
+
+    Classic sessions: `DeltaTable.history` (measured 0.18 s a call on a warm local session, where the same
+    `DESCRIBE HISTORY ... LIMIT 1` through `spark.sql` and `.first()` took 0.35-0.55 s); Spark Connect:
+    `DESCRIBE HISTORY` (no DeltaTable there without Delta's server plugin)."""
+    if not is_connect(spark):
+        table = delta_table(spark, location)
+        return table.history(int(limit)) if limit is not None else table.history()
     limit_sql = f" LIMIT {int(limit)}" if limit is not None else ""
     return spark.sql(f"DESCRIBE HISTORY {sql_table(location)}{limit_sql}")
 
