@@ -1,15 +1,19 @@
 """Object-store settings: bcemb's `storage_options` turned into what each storage library takes.
 
 bcemb takes one set of storage options, named as the Rust `object_store` crate names them (the keys
-delta-rs and obstore take: aws_access_key_id, aws_region, aws_endpoint, aws_allow_http, ...; with or
-without the `aws_` prefix, any case). pyarrow's S3FileSystem names its arguments otherwise and shares
-no key with them but `region`; this module is the one place that maps them. Pure: no I/O.
+delta-rs and obstore take: aws_access_key_id, aws_region, aws_endpoint, aws_allow_http, ...,
+azure_storage_account_name, azure_storage_endpoint, ..., google_service_account_key, ...; with or
+without the `aws_`/`azure_`/`google_` prefix, any case). pyarrow's S3FileSystem, AzureFileSystem and
+GcsFileSystem name their arguments otherwise, and so do Spark's Hadoop connectors (S3A, ABFS, the GCS
+connector); this module is the one place that maps them. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
+from urllib.parse import urlsplit
 
 # object_store client settings (obstore's client_options), given among delta-rs style storage options
 _CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "timeout", "connect_timeout", "proxy_url", "user_agent"}
@@ -71,6 +75,120 @@ def pyarrow_s3_options(storage_options: Optional[dict]) -> dict:
     return out
 
 
+# Azurite's well-known development account (published by Microsoft; object_store's use_emulator takes the same)
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_BLOB_URL = "http://127.0.0.1:10000"  # object_store's default emulator endpoint (AZURITE_BLOB_STORAGE_URL)
+
+
+def _first(options: dict, *keys: str):
+    """The value of the first of `keys` present in `options` (lower-cased keys), else None."""
+    for key in keys:
+        if options.get(key) not in (None, ""):
+            return options[key]
+    return None
+
+
+def _true(value) -> bool:
+    return str(value).lower() == "true"
+
+
+def _azure(options: Optional[dict]) -> dict:
+    """The Azure settings among bcemb's storage options, by meaning: account, key, sas, endpoint (a URL: given,
+    or the emulator's for azure_storage_use_emulator), service principal. The emulator's account and key are
+    the defaults under use_emulator, as object_store has them. Pure."""
+    o = {str(k).lower(): v for k, v in (options or {}).items()}
+    emulator = _true(_first(o, "azure_storage_use_emulator", "use_emulator"))
+    account = _first(o, "azure_storage_account_name", "account_name")
+    key = _first(o, "azure_storage_account_key", "azure_storage_access_key", "azure_storage_master_key",
+                 "account_key", "master_key")  # not bare access_key: pyarrow's S3FileSystem has that name
+    endpoint = _first(o, "azure_storage_endpoint", "azure_endpoint")
+    if emulator:
+        account = account or AZURITE_ACCOUNT
+        key = key or AZURITE_ACCOUNT_KEY
+        endpoint = endpoint or f"{AZURITE_BLOB_URL}/{account}"
+    return {"account": account, "key": key, "endpoint": endpoint,
+            "sas": _first(o, "azure_storage_sas_key", "azure_storage_sas_token", "sas_key", "sas_token"),
+            "client_id": _first(o, "azure_storage_client_id", "azure_client_id", "client_id"),
+            "client_secret": _first(o, "azure_storage_client_secret", "azure_client_secret", "client_secret"),
+            "tenant_id": _first(o, "azure_storage_tenant_id", "azure_storage_authority_id", "azure_tenant_id",
+                                "azure_authority_id", "tenant_id", "authority_id")}
+
+
+def _emulator_style(endpoint) -> bool:
+    """An endpoint that names the account in its path (`http://127.0.0.1:10000/devstoreaccount1`: Azurite's
+    addressing) rather than in its host name (`https://<account>.blob.core.windows.net`)."""
+    return bool(endpoint) and urlsplit(str(endpoint)).path.strip("/") != ""
+
+
+def azure_location(uri: str) -> tuple[Optional[str], str]:
+    """(account or None, `container/path`) of an Azure URI as Spark, delta-rs and pyarrow write them:
+    `abfs[s]://<container>@<account>.dfs.core.windows.net/<path>`, `wasb[s]://<container>@<account>.blob.core.
+    windows.net/<path>`, or `az://<container>/<path>` / `azure://...` (the account then comes from the options).
+    Pure."""
+    parts = urlsplit(uri)
+    container, at, host = parts.netloc.partition("@")
+    account = host.split(".", 1)[0] if at and host else None
+    if not at:
+        container = parts.netloc
+    return account, (container + "/" + parts.path.lstrip("/")).rstrip("/")
+
+
+def pyarrow_azure_options(storage_options: Optional[dict], account: Optional[str] = None) -> dict:
+    """pyarrow.fs.AzureFileSystem keyword arguments from bcemb's storage options: the account (else `account`,
+    from the location), its key, a SAS token or a service principal (client id/secret, tenant), and for a
+    custom endpoint (azure_storage_endpoint, or the emulator's under azure_storage_use_emulator) the Blob and
+    DFS authorities (host:port) and scheme. Without a key, SAS or principal pyarrow takes Azure's default
+    credential chain. Pure."""
+    az = _azure(storage_options)
+    out: dict = {"account_name": az["account"] or account}
+    if az["key"]:
+        out["account_key"] = az["key"]
+    elif az["sas"]:
+        out["sas_token"] = az["sas"]
+    if az["client_id"]:
+        out["client_id"] = az["client_id"]
+        if az["client_secret"] and az["tenant_id"]:
+            out["client_secret"], out["tenant_id"] = az["client_secret"], az["tenant_id"]
+    if az["endpoint"]:
+        url = urlsplit(str(az["endpoint"]))
+        out["blob_storage_authority"] = out["dfs_storage_authority"] = url.netloc
+        out["blob_storage_scheme"] = out["dfs_storage_scheme"] = url.scheme or "https"
+    return out
+
+
+def _gcs(options: Optional[dict]) -> dict:
+    """The GCS settings among bcemb's storage options: the key file's path, the key itself (JSON text) and what
+    object_store reads from that JSON besides the credential, `gcs_base_url` (a custom endpoint, e.g. an
+    emulator) and `disable_oauth` (no token: an emulator); `google_skip_signature` also means no token. Pure."""
+    o = {str(k).lower(): v for k, v in (options or {}).items()}
+    key_json = _first(o, "google_service_account_key", "service_account_key")
+    try:
+        key = json.loads(str(key_json)) if key_json else {}
+    except ValueError:
+        key = {}
+    key = key if isinstance(key, dict) else {}
+    return {"path": _first(o, "google_service_account_path", "google_service_account", "service_account_path",
+                           "service_account", "google_application_credentials", "application_credentials"),
+            "base_url": key.get("gcs_base_url"),
+            "anonymous": bool(key.get("disable_oauth")) or _true(_first(o, "google_skip_signature"))}
+
+
+def pyarrow_gcs_options(storage_options: Optional[dict]) -> dict:
+    """pyarrow.fs.GcsFileSystem keyword arguments from bcemb's storage options: a service-account key's
+    `gcs_base_url` becomes endpoint_override (host:port) and scheme, `disable_oauth` (or google_skip_signature)
+    anonymous access. pyarrow takes no key file argument: a real key reaches it through the environment
+    (GOOGLE_APPLICATION_CREDENTIALS) or the platform's credentials, as pyarrow documents. Pure."""
+    g = _gcs(storage_options)
+    out: dict = {}
+    if g["base_url"]:
+        url = urlsplit(str(g["base_url"]))
+        out["endpoint_override"], out["scheme"] = url.netloc, url.scheme or "https"
+    if g["anonymous"]:
+        out["anonymous"] = True
+    return out
+
+
 # --------------------------------------------------------------------------- one set of options, three libraries
 
 class Secret(str):
@@ -83,7 +201,7 @@ class Secret(str):
         return "'<redacted>'"
 
 
-_SECRET_WORDS = ("secret", "password", "token", "sas", "access_key", "account_key", "private_key",
+_SECRET_WORDS = ("secret", "password", "token", "sas", "access_key", "account_key", "master_key", "private_key",
                  "service_account_key", "client_secret", "credential")
 
 
@@ -109,7 +227,9 @@ _OBJECT_STORE_KEYS = {
     "azure_storage_authority_id", "azure_storage_sas_key", "azure_storage_sas_token", "azure_storage_token",
     "azure_storage_use_emulator", "azure_storage_endpoint", "azure_use_fabric_endpoint", "azure_use_azure_cli",
     "azure_msi_endpoint", "azure_object_id", "azure_msi_resource_id", "azure_federated_token_file",
-    "azure_container_name", "azure_skip_signature", "azure_disable_tagging",
+    "azure_container_name", "azure_skip_signature", "azure_disable_tagging", "azure_endpoint",
+    "azure_storage_master_key", "azure_client_id", "azure_client_secret", "azure_tenant_id", "azure_authority_id",
+    "azure_storage_authority_id",
     # GCS
     "google_service_account", "google_service_account_path", "google_service_account_key",
     "google_bucket", "google_bucket_name", "google_application_credentials", "google_skip_signature",
@@ -117,20 +237,22 @@ _OBJECT_STORE_KEYS = {
 # bare names (no prefix) the crate also takes, and the object_store client's settings
 _BARE_KEYS = {k.split("_", 1)[1] for k in _OBJECT_STORE_KEYS} | {
     "account_name", "account_key", "access_key", "client_id", "client_secret", "tenant_id", "sas_key",
-    "sas_token", "bearer_token", "use_emulator", "service_account", "service_account_key",
-    "service_account_path", "endpoint_url"} | _CLIENT_KEYS | {"pool_idle_timeout", "pool_max_idle_per_host",
-                                                             "http1_only", "http2_only", "retry_timeout",
-                                                             "max_retries", "conditional_put"}
+    "sas_token", "bearer_token", "use_emulator", "service_account", "service_account_key", "master_key",
+    "service_account_path", "endpoint_url", "authority_id"} | _CLIENT_KEYS | {
+    "pool_idle_timeout", "pool_max_idle_per_host", "http1_only", "http2_only", "retry_timeout", "max_retries",
+    "conditional_put"}
 
 
 def unknown_storage_keys(options: Optional[dict]) -> list[str]:
     """The keys of `options` that neither object_store (delta-rs, obstore) nor pyarrow's S3FileSystem takes,
-    any case, sorted. Pure."""
+    any case, sorted (a client setting may carry a store's prefix: azure_allow_http). Pure."""
     out = []
     for key in options or {}:
         k = str(key).lower()
         if k in _OBJECT_STORE_KEYS or k in _BARE_KEYS or k in _PYARROW_S3:
             continue
+        if k.startswith(("aws_", "azure_", "google_")) and k.split("_", 1)[1] in _CLIENT_KEYS:
+            continue  # a client setting with its store's prefix (azure_allow_http), as object_store takes it
         out.append(str(key))
     return sorted(out)
 
@@ -141,14 +263,24 @@ def with_secrets_hidden(options: Optional[dict]) -> dict:
 
 
 def spark_hadoop_conf(options: Optional[dict]) -> dict:
-    """Spark's Hadoop settings for the same store from bcemb's storage options: the S3A connector's
-    (`spark.hadoop.fs.s3a.*`: endpoint, region, path-style access for a custom endpoint, plain http, keys and
-    the matching credentials provider) and the ABFS account key (`fs.azure.account.key.<account>.dfs.core.
-    windows.net`). Empty without such options: Spark then takes credentials as it does by default (instance
-    role, environment, the provider chain). Values keep their type (`Secret` stays hidden). Pure.
+    """Spark's Hadoop settings for the same store from bcemb's storage options. Empty without such options:
+    Spark then takes credentials as it does by default (instance role, environment, the provider chain).
+    Values keep their type (`Secret` stays hidden). Pure.
 
-    GCS: the GCS connector reads a service-account key file, `google_service_account_path` ->
-    `fs.gs.auth.service.account.json.keyfile`."""
+    S3 (the S3A connector, `spark.hadoop.fs.s3a.*`): endpoint, region, path-style access for a custom endpoint,
+    plain http, keys and the matching credentials provider.
+
+    Azure (the ABFS driver, `spark.hadoop.fs.azure.*`): the account key, for the account's DFS and Blob host
+    names (`abfs[s]://c@<account>.dfs...` and `...blob...` locations; WASB reads the Blob one). An emulator-style
+    endpoint (`azure_storage_endpoint: http://127.0.0.1:10000/devstoreaccount1`, the account in the path, as
+    Azurite serves it; or azure_storage_use_emulator) becomes `fs.azure.abfs.endpoint` (host:port: ABFS then
+    puts the account in the path too), plain http for an http endpoint, and the Blob service for a flat
+    namespace (`fs.azure.fns.account.service.type=BLOB`, `fs.azure.account.hns.enabled=false`): object_store's
+    endpoint is a Blob endpoint, and Azurite serves no DFS (ADLS Gen2) API.
+
+    GCS (the GCS connector, `spark.hadoop.fs.gs.*`): a service-account key file (`google_service_account_path`)
+    -> the connector's JSON key file auth; a key's `gcs_base_url` (object_store's custom endpoint, e.g. an
+    emulator) -> `fs.gs.storage.root.url`, its `disable_oauth` (or google_skip_signature) -> no auth."""
     s3, _ = store_options("s3://", options)
     client = {k.lower(): v for k, v in (options or {}).items()}
     out: dict = {}
@@ -175,15 +307,44 @@ def spark_hadoop_conf(options: Optional[dict]) -> dict:
             out[h + "aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.TemporaryAWSCredentialsProvider"
         else:
             out[h + "aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"
-    account = client.get("azure_storage_account_name") or client.get("account_name")
-    account_key = client.get("azure_storage_account_key") or client.get("azure_storage_access_key") \
-        or client.get("account_key")
-    if account and account_key:
-        out[f"spark.hadoop.fs.azure.account.key.{account}.dfs.core.windows.net"] = account_key
-    keyfile = client.get("google_service_account_path") or client.get("google_application_credentials")
-    if keyfile:
-        out["spark.hadoop.fs.gs.auth.type"] = "SERVICE_ACCOUNT_JSON_KEYFILE"
-        out["spark.hadoop.fs.gs.auth.service.account.json.keyfile"] = keyfile
+    out.update(_spark_azure(options))
+    out.update(_spark_gcs(options))
+    return out
+
+
+def _spark_azure(options: Optional[dict]) -> dict:
+    """The ABFS driver's settings (`spark_hadoop_conf`'s Azure part). Pure."""
+    az = _azure(options)
+    out: dict = {}
+    h = "spark.hadoop.fs.azure."
+    if az["account"] and az["key"]:
+        for service in ("dfs", "blob"):
+            out[f"{h}account.key.{az['account']}.{service}.core.windows.net"] = az["key"]
+    if _emulator_style(az["endpoint"]):
+        url = urlsplit(str(az["endpoint"]))
+        out[h + "abfs.endpoint"] = f"{url.hostname}:{url.port or (80 if url.scheme == 'http' else 443)}"
+        if url.scheme == "http":
+            out[h + "always.use.https"] = "false"
+            # ABFS's default Apache HTTP client needs its TLS socket factory, which it sets up only for https
+            # ("SSL socket factory may not be null" over http); the JDK's client has no such need
+            out[h + "networking.library"] = "JDK_HTTP_URL_CONNECTION"
+        out[h + "fns.account.service.type"] = "BLOB"
+        out[h + "account.hns.enabled"] = "false"
+    return out
+
+
+def _spark_gcs(options: Optional[dict]) -> dict:
+    """The GCS connector's settings (`spark_hadoop_conf`'s GCS part). Pure."""
+    g = _gcs(options)
+    out: dict = {}
+    h = "spark.hadoop.fs.gs."
+    if g["path"]:
+        out[h + "auth.type"] = "SERVICE_ACCOUNT_JSON_KEYFILE"
+        out[h + "auth.service.account.json.keyfile"] = g["path"]
+    if g["base_url"]:
+        out[h + "storage.root.url"] = str(g["base_url"]).rstrip("/") + "/"
+    if g["anonymous"]:
+        out[h + "auth.type"] = "UNAUTHENTICATED"
     return out
 
 

@@ -25,6 +25,7 @@ LONG_FILES = frozenset({
     "test_incremental.py", "test_id_types.py", "test_lifecycle.py", "test_lease.py", "test_paper_quick.py",
     "test_crash.py", "test_engines.py", "test_end_to_end.py", "test_bad_input.py", "test_table_rules.py",
     "test_object_store.py", "test_secrets.py", "test_connect.py", "test_catalog.py",
+    "test_azure_gcs.py",
 })
 
 
@@ -346,3 +347,120 @@ def wait_port(port: int, proc, timeout: float = 120) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+# Azure and GCS emulators (`make emulators`: Azurite from npm, fake-gcs-server built with go install) and the
+# connectors Spark needs for them (`make abfs-jars`, `make gcs-jars`); tests/test_azure_gcs.py
+EMULATORS = Path(os.path.expanduser("~/.cache/bcemb"))
+AZURITE = EMULATORS / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+FAKE_GCS = EMULATORS / "bin" / "fake-gcs-server"
+ABFS_JARS = Path(os.path.expanduser("~/.cache/bcemb/jars/abfs"))
+GCS_JARS = Path(os.path.expanduser("~/.cache/bcemb/jars/gcs"))
+
+
+def _connector_jars_conf(folder: Path, jar: str, target: str) -> dict:
+    """`spark.jars` with every jar of `folder` (a `make <target>` cache), which must hold `jar`."""
+    import shutil
+
+    jars = sorted(str(j) for j in folder.glob("*.jar"))
+    if not any(jar in j for j in jars):
+        if shutil.which("mvn") is None:
+            pytest.skip(f"no {jar} jar and no mvn to fetch it (`make {target}`)")
+        raise AssertionError(f"no {jar} jar in {folder}: run `make {target}`")
+    return {"spark.jars": ",".join(jars)}
+
+
+def abfs_jars_conf() -> dict:
+    """Spark's ABFS driver (hadoop-azure 3.5.0 and what it needs) on the class path."""
+    return _connector_jars_conf(ABFS_JARS, "hadoop-azure", "abfs-jars")
+
+
+def gcs_jars_conf() -> dict:
+    """Google's GCS connector (the shaded jar) on the class path, named for gs://, and the sizes Hadoop 3.5's
+    core-default.xml gives with a unit ("64m": for Hadoop's own new hadoop-gcp module, whose classes,
+    org.apache.hadoop.fs.gs.*, it names and pyspark does not ship) in bytes: the connector reads them as plain
+    numbers (NumberFormatException: For input string: "64m")."""
+    h = "spark.hadoop.fs.gs."
+    return {**_connector_jars_conf(GCS_JARS, "gcs-connector", "gcs-jars"),
+            h + "impl": "com.google.cloud.hadoop.fs.gcs.GoogleHadoopFileSystem",
+            "spark.hadoop.fs.AbstractFileSystem.gs.impl": "com.google.cloud.hadoop.fs.gcs.GoogleHadoopFS",
+            h + "block.size": str(64 << 20), h + "rewrite.max.chunk.size": str(512 << 20),
+            h + "outputstream.buffer.size": str(8 << 20), h + "inputstream.inplace.seek.limit": str(8 << 20),
+            h + "inputstream.min.range.request.size": str(2 << 20)}
+
+
+def _start_server(argv: list, port: int, cwd: Path):
+    """Start a server process on 127.0.0.1:`port` (stdout/stderr to server.log in `cwd`) and wait until it
+    listens; the log's tail in the error when it does not."""
+    import subprocess
+
+    log = open(cwd / "server.log", "wb")
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, timeout=60)
+    except Exception as e:
+        _stop_server(proc)
+        raise AssertionError(f"{argv[0]} did not start: {e}\n{(cwd / 'server.log').read_text()[-2000:]}") from e
+    return proc
+
+
+def _stop_server(proc) -> None:
+    """Stop a server started by `_start_server` by its pid: SIGTERM, SIGKILL after 10 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def azurite_server(tmp_path_factory):
+    """Azurite's Blob service (in memory, telemetry off) on 127.0.0.1 with a container `bcemb`, stopped with the
+    module; yields bcemb's storage options for it: Azurite's published development account and key, its
+    endpoint (the account in the path, as Azurite addresses it) and plain http."""
+    if not AZURITE.exists():
+        pytest.skip(f"Azurite is not installed ({AZURITE}): `make emulators` installs it with npm")
+    from bclib.storage import AZURITE_ACCOUNT, AZURITE_ACCOUNT_KEY, pyarrow_azure_options
+
+    port = free_port()
+    proc = _start_server([str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+                          "--disableTelemetry", "--skipApiVersionCheck", "--silent"], port,
+                         tmp_path_factory.mktemp("azurite"))
+    options = {"azure_storage_account_name": AZURITE_ACCOUNT, "azure_storage_account_key": AZURITE_ACCOUNT_KEY,
+               "azure_storage_endpoint": f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}", "azure_allow_http": "true"}
+    try:
+        import pyarrow.fs as pafs
+
+        pafs.AzureFileSystem(**pyarrow_azure_options(options)).create_dir("bcemb")  # a container
+        yield options
+    finally:
+        _stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def fake_gcs_server(tmp_path_factory):
+    """fake-gcs-server (in memory, plain http) on 127.0.0.1 with a bucket `bcemb`, stopped with the module; yields
+    bcemb's storage options for it: a service-account key with object_store's emulator fields (`gcs_base_url`,
+    `disable_oauth`) and plain http."""
+    if not FAKE_GCS.exists():
+        pytest.skip(f"fake-gcs-server is not installed ({FAKE_GCS}): `make emulators` builds it with go install")
+    import json
+    import urllib.request
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _start_server([str(FAKE_GCS), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
+                          "memory", "-public-host", f"127.0.0.1:{port}", "-external-url", base, "-log-level", "warn"],
+                         port, tmp_path_factory.mktemp("fake-gcs"))
+    try:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{base}/storage/v1/b?project=bcemb", data=json.dumps({"name": "bcemb"}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST"), timeout=30).read()
+        key = {"gcs_base_url": base, "disable_oauth": True, "client_email": "", "private_key": "",
+               "private_key_id": ""}
+        yield {"google_service_account_key": json.dumps(key), "google_allow_http": "true"}
+    finally:
+        _stop_server(proc)

@@ -50,7 +50,12 @@ def filesystem_and_path(uri: str, storage_options: Optional[dict] = None):
 
     Spark's `s3a://` is read as `s3://`. Credentials come from `storage_options` (passed to the
     filesystem, e.g. access_key/secret_key/region for S3) or the environment, as pyarrow documents.
+    Azure (`abfs[s]://container@account.dfs.core.windows.net/...`, `wasb[s]://`, `az://`) and GCS (`gs://`) with
+    storage options get an AzureFileSystem / GcsFileSystem built from them (`bclib.storage`); the path inside
+    is `container/...` / `bucket/...`.
     """
+    from bclib.storage import azure_location, pyarrow_azure_options, pyarrow_gcs_options
+
     path = local_path(uri)
     if path is not None:
         return pafs.LocalFileSystem(), path
@@ -59,6 +64,11 @@ def filesystem_and_path(uri: str, storage_options: Optional[dict] = None):
     if storage_options and uri.startswith("s3://"):
         bucket_path = uri[len("s3://"):]
         return pafs.S3FileSystem(**pyarrow_s3_options(storage_options)), bucket_path
+    if storage_options and uri.startswith(("abfs://", "abfss://", "wasb://", "wasbs://", "az://", "azure://")):
+        account, container_path = azure_location(uri)
+        return pafs.AzureFileSystem(**pyarrow_azure_options(storage_options, account)), container_path
+    if storage_options and uri.startswith(("gs://", "gcs://")):
+        return pafs.GcsFileSystem(**pyarrow_gcs_options(storage_options)), uri.split("://", 1)[1]
     if uri.startswith("s3://") and "?" not in uri:  # credentials from the environment: one PUT per small file too
         return pafs.FileSystem.from_uri(uri + "?allow_delayed_open=true")
     return pafs.FileSystem.from_uri(uri)
