@@ -466,6 +466,12 @@ def _validate(cfg: JobConfig) -> None:
     if cfg.transform.kind == "lowrank" and cfg.transform.rank is None:
         raise ConfigError("config key 'transform.rank' is required when transform.kind is 'lowrank'")
     _check_locations(cfg)
+    from bclib.storage import local_path
+
+    if local_path(cfg.evaluate.report_dir) is None:
+        raise ConfigError(f"config key 'evaluate.report_dir' = {cfg.evaluate.report_dir!r} is not on this machine: "
+                          "the report is written by this process (the driver, or the Spark Connect client); give a "
+                          "local path or a file: URI")
     if cfg.spark.connect_url:
         _check_connect_locations(cfg)
 

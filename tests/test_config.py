@@ -208,3 +208,16 @@ def test_the_config_reference_page_is_current_and_every_key_is_described():
     dotted = {k for k, *_ in keys()}
     assert {"embeddings.vector_encoding", "backfill.storage_options", "maintenance.vacuum_listing_parallelism",
             "lease.wait_seconds", "output_location"} <= dotted and len(dotted) == len(keys())
+
+
+def test_the_report_dir_is_a_local_path_or_a_file_uri(tmp_path):
+    """evaluate writes its report from this process: a file: URI is this machine's path (it was once taken as
+    the relative folder './file:/...'), any other URI is refused by name before anything runs."""
+    from bclib.steps.report import write_report
+
+    with pytest.raises(ConfigError, match=r"'evaluate.report_dir' = 's3a://bucket/reports' is not on this machine"):
+        config_from_dict({"evaluate": {"report_dir": "s3a://bucket/reports"}})
+    cfg = config_from_dict({"evaluate": {"report_dir": f"file:{tmp_path}/reports"}})
+    pytest.importorskip("matplotlib")
+    out = write_report([], cfg.evaluate.report_dir, "r1")
+    assert out == tmp_path / "reports" / "r1" and (out / "report.md").exists()

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from bclib.storage import local_path
+
 
 @dataclass
 class PairResult:
@@ -53,6 +55,7 @@ def format_table(results: list[PairResult]) -> str:
 def write_report(results: list[PairResult], report_dir: str, run_id: str, header: Optional[dict] = None) -> Path:
     """report.md, report.html (the header, the table, the plot) and compat.png under report_dir/run_id.
 
+    report_dir: a local path or file: URI (the report is written by this process).
     header: what was evaluated, e.g. {"config digest": ..., "transforms": [{"edge": "2 -> 1", "id": ...,
     "kind": ..., "objective": ..., "origin": ...}]}; shown first in both reports. Raises
     MissingDependencyError (bcemb[report]) without matplotlib.
@@ -68,7 +71,7 @@ def write_report(results: list[PairResult], report_dir: str, run_id: str, header
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(report_dir) / run_id
+    out = Path(local_path(report_dir) or report_dir) / run_id  # a file: URI is this machine's path
     out.mkdir(parents=True, exist_ok=True)
     versions = sorted({r.source_version for r in results} | {r.space_version for r in results})
     idx = {v: i for i, v in enumerate(versions)}
