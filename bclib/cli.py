@@ -246,7 +246,8 @@ def one_line_error(exc: BaseException) -> str:
 
 def _hint(exc: BaseException, text: str) -> str:
     """What to do for failures of the environment (Java, jars, a conflicting writer)."""
-    cls = getattr(exc, "getErrorClass", lambda: None)() if hasattr(exc, "getErrorClass") else None
+    getter = getattr(exc, "getCondition", None) or getattr(exc, "getErrorClass", None)  # getErrorClass: deprecated
+    cls = getter() if getter else None
     if cls == "JAVA_GATEWAY_EXITED" or "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text:
         from bclib.spark import java_hint
 

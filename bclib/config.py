@@ -539,6 +539,7 @@ def table_locations(cfg: JobConfig) -> list[tuple[str, str]]:
     return [(k if k.startswith("'") else f"'{k}'", loc) for k, loc in out]
 
 
+_CATALOG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}$")
 _READ_ONLY_KEYS = ("'evaluate.label_location'", "'embeddings.location'")  # bcemb only reads these tables
 
 
@@ -547,6 +548,12 @@ def _check_locations(cfg: JobConfig) -> None:
     another's directory, nor another inside it (ConfigError naming both keys). Tables bcemb only reads may
     coincide: labels kept in an embedding version table are read, never written."""
     placed = [(key, loc, location_key(loc)) for key, loc in table_locations(cfg)]
+    for key, loc, (store, _) in placed:
+        if store == CATALOG and not _CATALOG_NAME.match(loc.strip()):
+            raise ConfigError(
+                f"config key {key} = {loc!r} is neither a path (a '/' or a scheme followed by '/': file:/..., "
+                "s3a://...) nor a catalog table name (up to three dot-separated identifiers of letters, digits "
+                "and underscores)")
     for i, a in enumerate(placed):
         for b in placed[i + 1:]:
             (store, parts_a), (store_b, parts_b) = a[2], b[2]
@@ -574,7 +581,7 @@ def _check_connect_locations(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"config key {key} = {loc!r} is a path without a scheme; on Spark Connect ({cfg.spark.connect_shown}) "
                 "locations must be absolute URIs (file:/..., s3a://..., abfss://..., dbfs:/...) or catalog table "
-                "names: a relative path resolves on the client for some operations and on the server for others")
+                "names: a plain path resolves on the client for some operations and on the server for others")
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -153,6 +153,10 @@ class EngineUnavailableError(BcembError):
     """`backfill.engine: arrow` for a table the arrow engine cannot read or commit to (the reason is named)."""
 
 
+class ConnectServerUnreachableError(BcembError, ConnectionError):
+    """The Spark Connect server of `spark.remote` / $SPARK_REMOTE does not answer (nothing listens there)."""
+
+
 class MissingDependencyError(BcembError, ImportError):
     """A feature needs an optional extra (`pip install bcemb[torch]`, `bcemb[report]`, ...)."""
 

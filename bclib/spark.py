@@ -211,6 +211,8 @@ def default_parallelism(spark, fallback: int = 8) -> int:
 
 def get_or_create(settings: SparkSettings) -> SparkSession:
     """Build the session (for jobs and the CLI only; library code takes `spark`)."""
+    if settings.connect_url:
+        check_connect_server(settings)
     spark = session_builder(settings).getOrCreate()
     if is_connect(spark):
         log.info("Spark Connect session on %s (Spark %s)", settings.connect_shown, spark.version)
@@ -219,6 +221,27 @@ def get_or_create(settings: SparkSettings) -> SparkSession:
     else:
         spark.sparkContext.setLogLevel(settings.log_level)
     return spark
+
+
+def check_connect_server(settings: SparkSettings, timeout_s: float = 10.0) -> None:
+    """ConnectServerUnreachableError unless something accepts a TCP connection at the Spark Connect URL's host and
+    port (default 15002) within `timeout_s`: pyspark's client otherwise retries for minutes without a word. The
+    message shows the URL without its parameters (a token). A TLS or authentication mismatch is not caught here."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from bclib.errors import ConnectServerUnreachableError
+
+    url = settings.connect_url or ""
+    parts = urlsplit(url.split(";", 1)[0])
+    host, port = parts.hostname or "localhost", parts.port or 15002
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ConnectServerUnreachableError(
+            f"no Spark Connect server answers at {settings.connect_shown} ({host}:{port}: "
+            f"{exc.strerror or type(exc).__name__}); start it, or fix spark.remote / $SPARK_REMOTE") from None
 
 
 _shipped: set[int] = set()
@@ -431,6 +454,10 @@ def ephemeral_catalog_warning(spark, names) -> Optional[str]:
         return None
     if impl != "in-memory":
         return None
+    if is_connect(spark):
+        return (f"catalog table names {names} live in the Spark Connect server's in-memory catalog: they last until "
+                "the server restarts, then the next run finds no table and rewrites everything; use Delta paths or a "
+                "persistent metastore on the server (Hive, Unity Catalog, Glue)")
     return (f"catalog table names {names} with Spark's in-memory catalog do not persist after this session: the "
             "next run will not find them and rewrites everything; use Delta paths or a persistent metastore "
             "(spark.sql.catalogImplementation=hive, Unity Catalog, Glue)")

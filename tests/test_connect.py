@@ -77,6 +77,32 @@ def test_connect_builder_sends_session_confs_and_names_the_servers(caplog):
     assert "spark.executor.memory" in warned and "spark.sql.extensions" in warned and "belong to the server" in warned
 
 
+def test_an_unreachable_server_is_one_named_error_at_once(tmp_path):
+    """pyspark's client retries a dead address for minutes without a word: bcemb checks the port first."""
+    import time
+
+    from bclib.config import SparkSettings
+    from bclib.errors import ConnectServerUnreachableError
+    from bclib.spark import get_or_create
+
+    port = free_port()  # nothing listens there
+    started = time.time()
+    with pytest.raises(ConnectServerUnreachableError) as err:
+        get_or_create(SparkSettings(remote=f"sc://127.0.0.1:{port}/;token=SENTINEL-TOKEN-9"))
+    assert time.time() - started < 15
+    text = str(err.value)
+    assert f"127.0.0.1:{port}" in text and "SENTINEL" not in text and "<parameters hidden>" in text
+
+
+def test_a_location_that_is_neither_a_path_nor_a_name_is_refused_at_load(tmp_path):
+    from bclib.config import config_from_dict
+    from bclib.errors import ConfigError
+
+    for bad in ("file:rel_out", "bad-name", "a.b.c.d"):
+        with pytest.raises(ConfigError, match=rf"'output_location' = '{bad}' is neither a path .* nor a catalog"):
+            config_from_dict({"output_location": bad})
+
+
 # --------------------------------------------------------------------------- a real server
 
 
