@@ -14,7 +14,7 @@ EXTRAS ?= dev,bench,torch,report,arrow,docs,connect
 export OPENBLAS_NUM_THREADS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install jars s3a-jars abfs-jars gcs-jars emulators dist demo test test-fast bench-fit bench-backfill bench-paper clean docs-config docs
+.PHONY: help install jars s3a-jars abfs-jars gcs-jars emulators test-deps dist demo test test-fast bench-fit bench-backfill bench-paper clean docs-config docs
 
 help: ## list the targets with their one-line descriptions
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -22,7 +22,6 @@ help: ## list the targets with their one-line descriptions
 install: ## pip-install bcemb (all extras) with the tested Spark/Delta pair into the current Python, then cache the Delta jars
 	$(PIP) install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]" "pyspark==$(TESTED_PYSPARK)" "delta-spark==$(TESTED_DELTA)"
 	@$(MAKE) --no-print-directory jars
-	@$(MAKE) --no-print-directory emulators
 
 jars: ## fetch the Delta jars matching delta-spark into $(JAR_CACHE) with mvn (else Spark falls back to Ivy)
 	@coords=$$($(PYTHON) -c "from bclib.spark import delta_maven_coordinates as c; print(' '.join(c()))"); \
@@ -35,8 +34,6 @@ jars: ## fetch the Delta jars matching delta-spark into $(JAR_CACHE) with mvn (e
 	    || { echo "mvn could not fetch $$c: Spark will resolve the Delta jars through Ivy"; exit 0; }; \
 	done; echo "Delta jars cached in $(JAR_CACHE)"
 	@$(MAKE) --no-print-directory s3a-jars
-	@$(MAKE) --no-print-directory abfs-jars
-	@$(MAKE) --no-print-directory gcs-jars
 
 s3a-jars: ## fetch Spark's S3A connector (hadoop-aws + the AWS SDK v2 modules it uses) into $(JAR_CACHE)/s3a with mvn
 	@if ls "$(JAR_CACHE)/s3a/hadoop-aws-"*.jar >/dev/null 2>&1; then echo "S3A jars cached in $(JAR_CACHE)/s3a"; exit 0; fi; \
@@ -91,11 +88,15 @@ SEED := $(shell $(PYTHON) -c "import random; print(random.randrange(10**6))")
 endif
 PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -p randomly --randomly-seed=$(SEED)
 
-test: install ## the full test suite (what CI runs): two workers, random order, seed printed
+# what only the tests need (the Azure and GCS connectors and emulators): fetched by the test targets, not by install
+test-deps:
+	@$(MAKE) --no-print-directory abfs-jars gcs-jars emulators
+
+test: install test-deps ## the full test suite (what CI runs): two workers, random order, seed printed
 	@echo "test order: random, seed $(SEED) (replay: make test SEED=$(SEED))"
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install ## the suite without tests marked slow
+test-fast: install test-deps ## the suite without tests marked slow
 	@echo "test order: random, seed $(SEED) (replay: make test-fast SEED=$(SEED))"
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) -m "not slow"
 
