@@ -17,7 +17,7 @@ import yaml
 
 from bclib.config import JobConfig, apply_override, config_from_dict, load_config
 from bclib.errors import BcembError, ConfigError, GateRejectedError, LeaseHeldError, LeaseLostError, executor_error, \
-    one_line
+    error_class, one_line
 
 log = logging.getLogger("bcemb")
 
@@ -246,8 +246,7 @@ def one_line_error(exc: BaseException) -> str:
 
 def _hint(exc: BaseException, text: str) -> str:
     """What to do for failures of the environment (Java, jars, a conflicting writer)."""
-    getter = getattr(exc, "getCondition", None) or getattr(exc, "getErrorClass", None)  # getErrorClass: deprecated
-    cls = getter() if getter else None
+    cls = error_class(exc)
     if cls == "JAVA_GATEWAY_EXITED" or "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text:
         from bclib.spark import java_hint
 

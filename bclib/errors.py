@@ -221,3 +221,19 @@ def one_line(text: str, limit: int = 300) -> str:
     with '...'. Pure."""
     clean = " ".join(_ANSI.sub("", str(text)).split())
     return clean if len(clean) <= limit else clean[: limit - 3].rstrip() + "..."
+
+
+def error_class(exc: BaseException) -> str:
+    """Spark's error class (condition) of `exc` ('DELTA_CONCURRENT_APPEND', 'JAVA_GATEWAY_EXITED', ...), '' when it
+    has none: `getCondition`, else the deprecated `getErrorClass` (older pyspark); an accessor that fails
+    (a py4j call on a dead gateway) counts as none."""
+    for attr in ("getCondition", "getErrorClass"):
+        fn = getattr(exc, attr, None)
+        if callable(fn):
+            try:
+                value = fn()
+            except Exception:  # noqa: BLE001 - a failing accessor just means "no class"
+                value = None
+            if value:
+                return str(value)
+    return ""

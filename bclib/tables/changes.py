@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from bclib.errors import error_class
 from bclib.tables.delta import read_delta
 from bclib.tables.embeddings import select_version
 from bclib.tables.retention import table_properties
@@ -47,19 +48,6 @@ class ChangesUnavailable(Exception):
         self.reason = reason
 
 
-def _error_class(exc: BaseException) -> str:
-    for attr in ("getCondition", "getErrorClass"):
-        fn = getattr(exc, attr, None)
-        if callable(fn):
-            try:
-                value = fn()
-            except Exception:  # noqa: BLE001 - a py4j accessor that fails just means "no class"
-                value = None
-            if value:
-                return str(value)
-    return ""
-
-
 def read_changes(spark, cfg, version: int, location: str, start: int, end: int) -> ChangeSet:
     """The last change per id of one version's table for Delta versions [start, end], materialised.
 
@@ -90,7 +78,7 @@ def read_changes(spark, cfg, version: int, location: str, start: int, end: int) 
         last = last.localCheckpoint(eager=True)  # pinned: the MERGE and the counts see the same rows
         counts = {r._op: r["count"] for r in last.groupBy("_op").count().collect()}
     except (AnalysisException, PySparkException) as exc:
-        cls = _error_class(exc)
+        cls = error_class(exc)
         if any(cls.startswith(u) for u in _UNAVAILABLE):
             raise ChangesUnavailable(f"the change data feed of '{location}' cannot serve versions {start}..{end} "
                                      f"({cls})") from exc

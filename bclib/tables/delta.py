@@ -13,7 +13,7 @@ import re
 import time
 from typing import Callable, Optional, TypeVar
 
-from bclib.errors import MissingColumnError, MissingTableError
+from bclib.errors import MissingColumnError, MissingTableError, error_class
 from bclib.spark import is_connect
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,6 @@ _NOT_A_TABLE = ("DELTA_MISSING_DELTA_TABLE", "DELTA_PATH_DOES_NOT_EXIST", "PATH_
                 "DELTA_MISSING_TRANSACTION_LOG", "TABLE_OR_VIEW_NOT_FOUND", "DELTA_NOT_A_DELTA_TABLE")
 
 
-def _error_class(exc: BaseException) -> str:
-    getter = getattr(exc, "getCondition", None) or getattr(exc, "getErrorClass", None)
-    try:
-        return str(getter() or "") if getter else ""
-    except Exception:  # noqa: BLE001 - an exception without a class is "unknown"
-        return ""
-
-
 def table_exists(spark, location: str) -> bool:
     """True when `location` is a Delta table (path) or an existing catalog table (name).
 
@@ -78,7 +70,7 @@ def table_exists(spark, location: str) -> bool:
     try:
         row = spark.sql(f"DESCRIBE DETAIL {sql_table(location)}").select("format").first()
     except Exception as exc:  # noqa: BLE001 - sorted by Delta's error class below
-        if _error_class(exc) in _NOT_A_TABLE:
+        if error_class(exc) in _NOT_A_TABLE:
             return False
         raise
     return row is not None and (row[0] or "").lower() == "delta"
@@ -262,7 +254,7 @@ def is_conflict(exc: BaseException) -> bool:
     (DELTA_CONCURRENT_APPEND, DELTA_METADATA_CHANGED, ...)."""
     if isinstance(exc, conflict_exceptions()):
         return True
-    return _error_class(exc).split(".", 1)[0] in _CONFLICT_CLASSES
+    return error_class(exc).split(".", 1)[0] in _CONFLICT_CLASSES
 
 
 def retry_on_conflict(action: Callable[[], T], what: str, attempts: int = 3, backoff_s: float = 1.0) -> T:

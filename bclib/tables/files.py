@@ -58,9 +58,6 @@ class StoreFiles:
         if self._local is None:
             self._store = object_store(location, storage_options)
 
-    def qualified(self) -> str:
-        return self._local if self._local is not None else ""
-
     def _listing(self, rel: str) -> tuple[list[str], list[str]]:
         import obstore
 
