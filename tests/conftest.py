@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-JIT_FOR_TESTS = "-XX:TieredStopAtLevel=1"  # short-lived JVMs of subprocess tests: C1 alone starts faster
+JIT_FOR_TESTS = os.environ.get("BCEMB_SUBPROCESS_JIT", "-XX:TieredStopAtLevel=1")  # short-lived JVMs of subprocess tests: C1 alone starts faster
 # the session JVMs: tiered C1 + C2 and the throughput collector. C1 alone looked 7 % faster on two 3-minute
 # files but made the whole suite 50 % slower (25:33 -> 38:11, 2026-12-06: in-process tests ran ~2x longer once
 # hot code would have been C2-compiled): a JVM that lives the whole run pays C2 back

@@ -66,7 +66,7 @@ def test_table_references_reach_sql_quoted():
 
 
 def _start(**params):
-    return SimpleNamespace(version=7, operationParameters=params)
+    return SimpleNamespace(version=7, operation_parameters=params)
 
 
 def test_the_recorded_retention_is_checked():

@@ -27,6 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from bclib.config import JobConfig
 from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUnavailableError, NullIdError, \
     ShrinkGuardError, reraise_executor_errors
@@ -37,7 +39,7 @@ from bclib.steps.engines import batch_rows_for, choose_engine, to_spaces, write_
 from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run_gate
 from bclib.tables.changes import ChangeSet, ChangesUnavailable, read_changes
 from bclib.tables.delta import is_path, retry_on_conflict
-from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version
+from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version, read_rows
 from bclib.tables.lease import leased
 from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, others_with_values, \
     output_layout, quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, \
@@ -85,22 +87,39 @@ class BackfillResult:
 
 
 def _check_dimension(source: VersionRead, plan: BackfillPlan, probe_rows: int = 10_000) -> None:
-    """Before any write: the first `probe_rows` rows' dimension against the registry's (majority, not first row)."""
+    """Before any write: the first `probe_rows` rows' dimension against the registry's (majority, not first row);
+    one Spark job (a collect-limit of the sizes), counted on the driver."""
     from pyspark.sql import functions as F
 
-    sizes = (source.df.limit(probe_rows).where(F.col("vector").isNotNull())
-             .groupBy(F.size("vector").alias("n")).count().collect())
-    if not sizes:
+    column = source.df.where(F.col("vector").isNotNull()).select(F.size("vector").alias("n")) \
+        .limit(probe_rows).toArrow().column("n")
+    if not len(column):
         return
-    majority = max(sizes, key=lambda r: r["count"])
-    if majority.n != plan.kernel.dim_in:
-        total = sum(r["count"] for r in sizes)
+    values, counts = np.unique(column.to_numpy(zero_copy_only=False), return_counts=True)
+    n, count = int(values[np.argmax(counts)]), int(counts.max())
+    if n != plan.kernel.dim_in:
+        total = int(counts.sum())
         raise DimensionMismatchError(
-            f"version {plan.source_version} at '{source.location}': {majority['count']} of the first {total} vectors "
-            f"have {majority.n} elements but the active transform {plan.source_version} -> {plan.spaces[-1]} expects "
+            f"version {plan.source_version} at '{source.location}': {count} of the first {total} vectors "
+            f"have {n} elements but the active transform {plan.source_version} -> {plan.spaces[-1]} expects "
             f"dimension {plan.kernel.dim_in}; the table's vectors changed dimension: register a transform for the "
             "new model (`bcemb fit --refit`) or point embeddings.location at the right table"
         )
+
+
+def _check_change_dimension(source: VersionRead, plan: BackfillPlan, changes: ChangeSet) -> None:
+    """Before a MERGE: the upserted vectors' dimension (majority, from the change set's one counting job) against
+    the registry's, as `_check_dimension` checks a full rewrite's source."""
+    if not changes.sizes:
+        return
+    n, count = max(changes.sizes.items(), key=lambda kv: (kv[1], -kv[0]))
+    if n != plan.kernel.dim_in:
+        raise DimensionMismatchError(
+            f"version {plan.source_version} at '{source.location}': {count} of the {sum(changes.sizes.values())} "
+            f"vectors changed since Delta v{changes.from_delta_version - 1} have {n} elements but the active "
+            f"transform {plan.source_version} -> {plan.spaces[-1]} expects dimension {plan.kernel.dim_in}; the "
+            "table's vectors changed dimension: register a transform for the new model (`bcemb fit --refit`) or "
+            "point embeddings.location at the right table")
 
 
 @dataclass
@@ -160,15 +179,23 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
         return at.result
     if not at.spaces(FULL) and not at.spaces(INCREMENTAL):
         return _nothing_to_do(at)
-    _check_dimension(at.source, at.plan)
+    # an all-incremental attempt checks its change set's vectors instead (with quarantine: the source's, as a
+    # few bad vectors can be most of a small change set)
+    probed = bool(at.spaces(FULL)) or bool(at.quarantine)
+    if probed:
+        _check_dimension(at.source, at.plan)
     if not _gate(at):
         return at.done()
-    n_source = at.source.df.count()
+    n_source = read_rows(at.source)
     if n_source == 0:
         raise EmptySourceError(f"version {at.plan.source_version} at '{at.source.location}' (Delta "
                                f"v{at.source.delta_version}) has no rows; nothing was written (an empty source never "
                                "replaces published spaces)")
     _settle_changes(at, n_source)
+    if at.changes is not None and not probed:
+        _check_change_dimension(at.source, at.plan, at.changes)
+    if at.spaces(FULL) and not probed:  # incremental spaces turned into full rewrites
+        _check_dimension(at.source, at.plan)
     _validate(at, n_source, allow_shrink)
     write_started = time.time()
     _prepare_output(at)
@@ -190,7 +217,8 @@ def _survey(spark, cfg: JobConfig, run_id: str) -> _Attempt:
     source = read_embedding_version(spark, cfg, plan.source_version)
     state = read_output_state(spark, cfg.output_location, cfg.object_store_options or None)
     if state.exists:
-        check_output_schema(spark, cfg.output_location, source.df.schema["id"].dataType.simpleString())
+        check_output_schema(spark, cfg.output_location, source.df.schema["id"].dataType.simpleString(),
+                            cfg.object_store_options or None)
     desired = {j: space_state(source.location, plan.source_version, source.delta_version, plan.chains[j])
                for j in plan.spaces}
     actions = decide(state, desired, cfg.backfill.incremental, cfg.backfill.force)
@@ -255,7 +283,7 @@ def _validate(at: _Attempt, n_source: int, allow_shrink: bool) -> None:
     Raises DuplicateIdError, NullIdError, EmptySourceError (every row unusable), ShrinkGuardError."""
     plan, source, cfg = at.plan, at.source, at.cfg
     full, incremental = at.spaces(FULL), at.spaces(INCREMENTAL)
-    current_rows = space_rows(at.spark, at.out) if at.state.exists else {}
+    current_rows = space_rows(at.spark, at.out, cfg.object_store_options or None) if at.state.exists else {}
     df, bad = source.df, None
     if at.quarantine:
         bad = _bad_rows(df, plan)
@@ -272,7 +300,7 @@ def _validate(at: _Attempt, n_source: int, allow_shrink: bool) -> None:
     if incremental:
         changes = at.changes
         check_unique_ids(df, source.location, plan.source_version, only_ids=changes.df.where("_op = 'upsert'"))
-        if not at.quarantine and changes.df.where("id IS NULL").limit(1).count():
+        if not at.quarantine and changes.null_ids:
             raise NullIdError(f"version {plan.source_version} at '{source.location}': the changes since Delta "
                               f"v{changes.from_delta_version - 1} hold rows with a null id")
         for j in incremental:

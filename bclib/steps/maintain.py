@@ -27,7 +27,7 @@ from typing import Optional
 from bclib.config import JobConfig
 from bclib.errors import MaintenanceError, OutputLocationError
 from bclib.spark import commit_conf, default_parallelism, session_conf
-from bclib.tables.delta import current_delta_version, history, optimize, table_exists, vacuum
+from bclib.tables.delta import commits, current_delta_version, optimize, table_exists, vacuum
 from bclib.tables.lease import leased
 from bclib.tables.output import LINEAGE_FORMAT, read_output_state
 from bclib.tables.retention import (FILE_RETENTION, interval_hours, retention_properties, set_table_properties,
@@ -149,12 +149,14 @@ def _vacuum(spark, cfg: JobConfig, result: MaintainResult) -> None:
     with session_conf(spark, confs):
         vacuum(spark, loc, hours)
     starts = []
-    for row in history(spark, loc).where(f"version > {before}").collect():
-        metrics = row.operationMetrics or {}
-        if row.operation == "VACUUM START" and row.userMetadata == meta:
+    for row in commits(spark, loc):
+        if row.version <= before:
+            break
+        metrics = row.operation_metrics
+        if row.operation == "VACUUM START" and row.user_metadata == meta:
             starts.append(row)
             result.vacuumed_bytes += int(metrics.get("sizeOfDataToDelete", 0))
-        if row.operation == "VACUUM END" and row.userMetadata == meta:
+        if row.operation == "VACUUM END" and row.user_metadata == meta:
             result.vacuumed_files += int(metrics.get("numDeletedFiles", 0))
     result.retention_hours = check_recorded_retention(starts, hours, m.time_travel_hours, loc)
 
@@ -165,7 +167,7 @@ def check_recorded_retention(starts: list, asked_hours: int, promised_hours: flo
     if len(starts) != 1:
         raise MaintenanceError(f"VACUUM of '{loc}' wrote {len(starts)} VACUUM START commit(s) with this run's "
                                "userMetadata, expected 1: its retention cannot be checked")
-    params = starts[0].operationParameters or {}
+    params = starts[0].operation_parameters
     # Delta 4.4 records a specified retention only when it used it (0, or any with retentionWindowIgnore off);
     # otherwise it used the table's delta.deletedFileRetentionDuration, recorded as the default
     recorded = params.get("specifiedRetentionMillis") or params.get("defaultRetentionMillis")

@@ -15,7 +15,7 @@ from typing import Optional
 from bclib.config import JobConfig
 from bclib.errors import RegistryError
 from bclib.numerics.records import chain_id, chain_records
-from bclib.tables.delta import current_delta_version, history, table_exists
+from bclib.tables.delta import commits, current_delta_version, table_exists
 from bclib.tables.metrics_table import gate_verdicts, unreadable_spaces
 from bclib.tables.output import read_output_state, space_rows
 from bclib.tables.registry import active_transforms
@@ -81,10 +81,10 @@ def run_status(spark, cfg: JobConfig) -> StatusResult:
     verdicts = gate_verdicts(spark, cfg.metrics_location)
     unreadable = unreadable_spaces(spark, cfg.metrics_location)
     state = read_output_state(spark, cfg.output_location, cfg.object_store_options or None)
-    rows = space_rows(spark, cfg.output_location) if state.exists else {}
+    rows = space_rows(spark, cfg.output_location, cfg.object_store_options or None) if state.exists else {}
     result = StatusResult(source_v, output_delta_version=state.delta_version)
     if state.exists:
-        last = history(spark, cfg.output_location, 1).select("timestamp", "operation").first()
+        last = commits(spark, cfg.output_location, 1, cfg.object_store_options or None)[0]
         result.last_run_at = last.timestamp.isoformat(sep=" ", timespec="seconds") + "Z"
         result.last_operation = last.operation
         result.last_run_id = (state.lineage or {}).get("run_id")

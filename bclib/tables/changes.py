@@ -10,7 +10,7 @@ or 'delete'.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from bclib.errors import error_class
@@ -38,6 +38,8 @@ class ChangeSet:
     to_delta_version: int  # last version included
     upserts: int
     deletes: int
+    null_ids: int = 0  # change rows with a null id
+    sizes: dict = field(default_factory=dict)  # upserted vectors' element count -> rows (null vectors left out)
 
 
 class ChangesUnavailable(Exception):
@@ -58,7 +60,7 @@ def read_changes(spark, cfg, version: int, location: str, start: int, end: int) 
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    props = table_properties(spark, location)
+    props = table_properties(spark, location, cfg.object_store_options or None)
     if props.get("delta.enableChangeDataFeed", "false").lower() != "true":
         raise ChangesUnavailable(f"change data feed is not enabled on '{location}' "
                                  "(ALTER TABLE ... SET TBLPROPERTIES (delta.enableChangeDataFeed = true))")
@@ -76,14 +78,24 @@ def read_changes(spark, cfg, version: int, location: str, start: int, end: int) 
                         F.when(F.col("_change_type") == F.lit("delete"), F.lit("delete"))
                         .otherwise(F.lit("upsert")).alias("_op")))
         last = last.localCheckpoint(eager=True)  # pinned: the MERGE and the counts see the same rows
-        counts = {r._op: r["count"] for r in last.groupBy("_op").count().collect()}
+        # one job over the pinned rows: counts per change, null ids, and the upserts' vector sizes
+        groups = last.groupBy("_op", F.col("id").isNull().alias("null_id"),
+                              F.size("vector").alias("n")).count().collect()
     except (AnalysisException, PySparkException) as exc:
         cls = error_class(exc)
         if any(cls.startswith(u) for u in _UNAVAILABLE):
             raise ChangesUnavailable(f"the change data feed of '{location}' cannot serve versions {start}..{end} "
                                      f"({cls})") from exc
         raise
-    return ChangeSet(last, start, end, int(counts.get("upsert", 0)), int(counts.get("delete", 0)))
+    counts: dict = {}
+    sizes: dict = {}
+    for g in groups:
+        counts[g._op] = counts.get(g._op, 0) + g["count"]
+        if g._op == "upsert" and g.n is not None and g.n >= 0:  # size(null) is -1 (or null, ANSI)
+            sizes[int(g.n)] = sizes.get(int(g.n), 0) + g["count"]
+    null_ids = sum(g["count"] for g in groups if g.null_id)
+    return ChangeSet(last, start, end, int(counts.get("upsert", 0)), int(counts.get("delete", 0)), int(null_ids),
+                     sizes)
 
 
 def source_rows(spark, location: str, delta_version: Optional[int] = None) -> int:

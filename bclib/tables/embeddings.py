@@ -26,7 +26,8 @@ from bclib.errors import BcembError, DuplicateIdError, IdTypeError, MissingTable
     VectorTypeError, VersionFilesMissingError, VersionTableEmptyError
 from bclib.numerics.arrow import list_to_matrix, usable_rows
 from bclib.numerics.samples import Sample
-from bclib.tables.delta import current_delta_version, read_delta, require_columns, require_table, table_exists
+from bclib.tables.delta import current_delta_version, log_row_count, read_delta, require_columns, require_table, \
+    table_exists
 from bclib.tables.ids import check_id_kinds, refused_message, spark_read_type
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class VersionRead:
     location: str
     delta_version: int
     df: object  # pyspark DataFrame with columns (id, vector)
+    storage_options: Optional[dict] = None  # for reading the table's log directly (`cfg.object_store_options`)
+    whole_table: bool = True  # the version is the whole table (False: rows of embeddings.version_column)
 
 
 def select_version(df, cfg, version: int, location: str, extra: Sequence[str] = ()):
@@ -161,9 +164,10 @@ def read_embedding_version(spark, cfg, version: int, delta_version: Optional[int
     require_table(spark, location, f"embedding version {version}")
     check_version_ids(spark, cfg)
     if delta_version is None:
-        delta_version = current_delta_version(spark, location)
+        delta_version = current_delta_version(spark, location, cfg.object_store_options or None)
     df = select_version(read_delta(spark, location, delta_version), cfg, version, location)
-    return VersionRead(version, location, delta_version, df)
+    return VersionRead(version, location, delta_version, df, cfg.object_store_options or None,
+                       not cfg.embeddings.version_column)
 
 
 def read_versions(spark, cfg) -> dict[int, VersionRead]:
@@ -297,10 +301,20 @@ def files_missing_error(exc: BaseException, cfg) -> Optional[VersionFilesMissing
     return None
 
 
+def read_rows(read: VersionRead) -> int:
+    """The version's row count at its pinned Delta version: from the table's log where it answers
+    (`bclib.tables.delta.log_row_count`: no Spark job), else Delta's metadata-only `count()` through Spark."""
+    n = log_row_count(read.df.sparkSession, read.location, read.delta_version, read.storage_options) \
+        if read.whole_table else None
+    if n is None:
+        with version_files_guard(read):
+            n = int(read.df.count())
+    return n
+
+
 def version_rows(read: VersionRead) -> int:
-    """The version's row count (Delta answers it from its log); VersionTableEmptyError when it has none."""
-    with version_files_guard(read):
-        n = int(read.df.count())
+    """The version's row count (`read_rows`); VersionTableEmptyError when it has none."""
+    n = read_rows(read)
     if n == 0:
         raise VersionTableEmptyError(
             f"embedding version {read.version} at '{read.location}' (Delta v{read.delta_version}) has no rows "
@@ -368,15 +382,16 @@ def check_unique_ids(df, location: str, version: int, only_ids=None) -> None:
     ids = df.select("id")
     if only_ids is not None:
         ids = ids.join(F.broadcast(only_ids.select("id").distinct()), "id", "left_semi")
-    nulls = ids.where(F.col("id").isNull()).limit(1).count()
-    if nulls:
-        n = ids.where(F.col("id").isNull()).count()
+    # one aggregation answers both: null ids form one group (its count is theirs), a repeated id a group of > 1
+    flagged = ids.groupBy("id").count().where(F.col("id").isNull() | (F.col("count") > 1))
+    found = flagged.orderBy(F.col("id").isNull().desc(), F.col("count").desc(), F.col("id")).limit(6).collect()
+    if found and found[0].id is None:
+        n = found[0]["count"]
         raise NullIdError(f"version {version} at '{location}' has {n} row(s) with a null id; ids must be non-null "
                           "(filter them out upstream, or set backfill.quarantine_location to set them aside)")
-    dups = ids.groupBy("id").count().where(F.col("count") > 1)
-    found = dups.orderBy(F.col("count").desc(), F.col("id")).limit(5).collect()
     if found:
-        total = dups.count()
+        found = found[:5]
+        total = flagged.count()  # only on the way to an error: no null-id group here
         raise DuplicateIdError(
             f"version {version} at '{location}' holds {total} id(s) more than once, e.g. "
             + ", ".join(f"{r.id!r} x{r['count']}" for r in found)

@@ -25,8 +25,8 @@ from bclib.errors import OutputLocationError
 from bclib.numerics.records import TransformRecord, chain_id
 from bclib.spark import commit_conf, is_connect, session_conf
 from bclib.tables.commits import check_commit
-from bclib.tables.delta import create_table, current_delta_version, detail as table_detail, history, \
-    is_path, merge, quoted_column, read_delta, save, table_exists
+from bclib.tables.delta import commits, create_table, current_delta_version, detail as table_detail, \
+    is_path, log_detail, log_partition_rows, merge, quoted_column, read_delta, save, table_exists
 from bclib.tables.files import HadoopFiles, table_files
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ def others_with_values(spark, location: str, spaces: Sequence[int]) -> list[str]
     return [c for i, c in enumerate(others) if row[f"c{i}"]]
 
 
-def check_output_schema(spark, location: str, id_type: str) -> None:
-    """OutputLocationError when an existing output table lacks a column or has another type for one."""
+def check_output_schema(spark, location: str, id_type: str, storage_options: Optional[dict] = None) -> None:
+    """OutputLocationError when an existing output table lacks a column or has another type for one, or is not
+    partitioned by space_version alone."""
     df = read_delta(spark, location)
     found = dict(df.dtypes)
     expected = {**OUTPUT_COLUMNS, "id": id_type}
@@ -181,8 +182,13 @@ def check_output_schema(spark, location: str, id_type: str) -> None:
             f"output table '{location}' has another schema ({detail}); bcemb writes "
             f"{', '.join(f'{c} {t}' for c, t in expected.items())}: point output_location at a new table"
         )
-    detail = table_detail(spark, location).asDict()
-    partitions, clustering = list(detail.get("partitionColumns") or []), list(detail.get("clusteringColumns") or [])
+    from_log = log_detail(spark, location, storage_options)
+    if from_log is not None and "clustering" not in from_log.writer_features:  # the log answers: no Spark job
+        partitions, clustering = from_log.partition_columns, []
+    else:  # clustering columns live in a domain metadata action: Delta's DESCRIBE DETAIL reads them
+        detail = table_detail(spark, location).asDict()
+        partitions = list(detail.get("partitionColumns") or [])
+        clustering = list(detail.get("clusteringColumns") or [])
     if partitions != ["space_version"] or clustering:
         layout = (f"clustered by {clustering} (liquid clustering)" if clustering else
                   f"partitioned by {partitions or 'nothing'}")
@@ -216,15 +222,15 @@ def _user_metadata(text: Optional[str]) -> Optional[dict]:
     return meta if isinstance(meta, dict) else None
 
 
-def last_bcemb_commit(spark, location: str, accept) -> tuple[int, Optional[dict], str]:
+def last_bcemb_commit(spark, location: str, accept,
+                      storage_options: Optional[dict] = None) -> tuple[int, Optional[dict], str]:
     """(latest Delta version, userMetadata dict of the newest commit that changed rows if `accept` takes
     it else None, that commit's operation). Commits of CONTENT_PRESERVING_OPERATIONS are looked through
-    (at most _STATE_HISTORY of them). The table must exist."""
-    rows = (history(spark, location, _STATE_HISTORY)
-            .select("version", "operation", "userMetadata").orderBy("version", ascending=False).collect())
-    latest = int(rows[0].version)
+    (at most _STATE_HISTORY of them). The table must exist. Read from the log (`bclib.tables.delta.commits`)."""
+    rows = commits(spark, location, _STATE_HISTORY, storage_options)
+    latest = rows[0].version
     for row in rows:
-        meta = _user_metadata(row.userMetadata)
+        meta = _user_metadata(row.user_metadata)
         if meta is not None and accept(meta):
             return latest, meta, row.operation
         if row.operation not in CONTENT_PRESERVING_OPERATIONS:
@@ -244,27 +250,36 @@ def read_output_state(spark, location: str, storage_options: Optional[dict] = No
     if not table_exists(spark, location):
         _check_location(spark, location, storage_options)
         return OutputState(exists=False)
-    latest, meta, operation = last_bcemb_commit(spark, location, _output_lineage)
+    latest, meta, operation = last_bcemb_commit(spark, location, _output_lineage, storage_options)
     return OutputState(True, latest, meta, operation)
 
 
-def space_rows(spark, location: str) -> dict[int, int]:
-    """Rows per space of the output now (reads only the partition column: file footers)."""
+def space_rows(spark, location: str, storage_options: Optional[dict] = None) -> dict[int, int]:
+    """Rows per space of the output now: from its log's file statistics where it answers (`log_partition_rows`,
+    no Spark job), else a count grouped by the partition column (file footers, deletion vectors applied)."""
     if not table_exists(spark, location):
         return {}
+    from_log = log_partition_rows(spark, location, "space_version", None, storage_options)
+    if from_log is not None:
+        return {int(j): n for j, n in from_log.items() if j is not None and n}
     return {int(r.space_version): int(r["count"]) for r in
             read_delta(spark, location).groupBy("space_version").count().collect()}
 
 
-def output_layout(spark, location: str) -> tuple[bool, int]:
-    """(deletion vectors enabled, number of data files) of the output table now, from `DESCRIBE DETAIL`.
+def output_layout(spark, location: str, storage_options: Optional[dict] = None) -> tuple[bool, int]:
+    """(deletion vectors enabled, number of data files) of the output table now, from its log (`log_detail`)
+    where this process reads it directly, else `DESCRIBE DETAIL`.
 
     A MERGE into a table without deletion vectors rewrites every file holding a matched id; with them it
     writes the new rows and a deletion vector per touched file (Delta protocol, "Deletion Vectors").
     """
-    row = table_detail(spark, location)
-    props = dict(row.properties or {})
-    return props.get("delta.enableDeletionVectors", "false").lower() == "true", int(row.numFiles or 0)
+    from_log = log_detail(spark, location, storage_options)
+    if from_log is not None:
+        props, files = from_log.properties, from_log.num_files
+    else:
+        row = table_detail(spark, location)
+        props, files = dict(row.properties or {}), int(row.numFiles or 0)
+    return props.get("delta.enableDeletionVectors", "false").lower() == "true", files
 
 
 def create_output(spark, location: str, id_type: str, deletion_vectors: bool,
@@ -355,15 +370,13 @@ def _committed_rows(spark, location: str, before: Optional[int], lineage: dict) 
     """Rows our commit wrote, or None when there is no commit of ours after `before`: Delta skipped it (its
     transaction id was already recorded) or recorded nothing (an empty MERGE). Ours is found by the run id
     and transaction id in its userMetadata, not by position: a user's VACUUM may land right after it."""
-    rows = (history(spark, location, _STATE_HISTORY).select("version", "userMetadata", "operationMetrics")
-            .orderBy("version", ascending=False).collect())
-    for row in rows:
-        if before is not None and int(row.version) <= before:
+    for row in commits(spark, location, _STATE_HISTORY):
+        if before is not None and row.version <= before:
             break
-        meta = _user_metadata(row.userMetadata) or {}
+        meta = _user_metadata(row.user_metadata) or {}
         if meta.get("run_id") == lineage.get("run_id") \
                 and meta.get("txn") == lineage.get("txn"):
-            m = row.operationMetrics or {}
+            m = row.operation_metrics
             if "numOutputRows" in m and "numTargetRowsInserted" not in m:
                 return int(m["numOutputRows"])
             return sum(int(m.get(k, 0)) for k in ("numTargetRowsInserted", "numTargetRowsUpdated",

@@ -20,7 +20,7 @@ import re
 from typing import Optional
 
 from bclib.config import JobConfig, MaintenanceSettings
-from bclib.tables.delta import detail, sql_table
+from bclib.tables.delta import detail, log_detail, sql_table
 
 DELTA_LOG_RETENTION_HOURS = 720  # Delta's default delta.logRetentionDuration (30 days)
 DELTA_FILE_RETENTION_HOURS = 168  # Delta's default delta.deletedFileRetentionDuration (7 days)
@@ -52,8 +52,12 @@ def retention_properties(cfg: JobConfig) -> dict[str, str]:
             FILE_RETENTION: f"interval {vacuum_retention_hours(m)} hours"}
 
 
-def table_properties(spark, location: str) -> dict[str, str]:
-    """A Delta table's properties now (`DESCRIBE DETAIL`)."""
+def table_properties(spark, location: str, storage_options: Optional[dict] = None) -> dict[str, str]:
+    """A Delta table's properties now: from its log (`log_detail`, no Spark job) where this process reads it
+    directly, else `DESCRIBE DETAIL`."""
+    from_log = log_detail(spark, location, storage_options)
+    if from_log is not None:
+        return dict(from_log.properties)
     return dict(detail(spark, location).properties or {})
 
 
