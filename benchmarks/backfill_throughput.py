@@ -7,7 +7,11 @@ In one Spark session it alternates, per round, A B C ... (a warm-up round, then 
   A: identity copy: read the source Delta table, write it unchanged to another Delta table (Spark);
   B: `run_backfill` with backfill.engine = spark (mapInArrow over Spark's reader and writer);
   C: `run_backfill` with backfill.engine = arrow (pyarrow reads/writes on the executors, one delta-rs commit)
-into --spaces target spaces (one pass, one commit). The gate is off (the benchmark has no historical
+into --spaces target spaces (one pass, one commit); and
+  D: the peer script (benchmarks/peer_script.py, unless --no-peer): what a user would write instead on one
+     machine, in a process of its own: delta-rs reads the source, one numpy GEMM per 64k-row batch and space,
+     `write_deltalake` overwrites an output; timed from its first read to its commit
+     (`peer_script_rows_per_s`, `vs_peer_script` = peer seconds / backfill seconds: above 1, bcemb is faster). The gate is off (the benchmark has no historical
 versions to measure against); the checks on ids and dimensions run as in production. `ratio` = backfill
 output rows/s / copy rows/s. Peak RSS of the Python workers (the executors' Arrow memory) and of the JVM,
 and the workers' CPU seconds, are sampled from /proc every 50 ms (the JVM's CPU is read before and after). Writes benchmarks/results/backfill_throughput.json (a list `runs`, one
@@ -191,7 +195,9 @@ def job_config(root: Path, source: Path, spaces: int, dim: int, batch_rows: int 
     }), versions
 
 
-def setup_registry(spark, cfg, versions: list[int], dim: int) -> None:
+def setup_registry(spark, cfg, versions: list[int], dim: int) -> dict[int, np.ndarray]:
+    """Register one linear transform per edge; returns per target space j the composed matrix M_j of the chain
+    from the source version (the newest) down to j (x @ M_j: what the peer script applies)."""
     rng = np.random.default_rng(0)
     records = [
         TransformRecord(f"bench-{k}-{dim}", k, k - 1, "linear", "single_step",
@@ -199,12 +205,33 @@ def setup_registry(spark, cfg, versions: list[int], dim: int) -> None:
         for k in versions[1:]
     ]
     register(spark, cfg.registry_location, records)
+    weight = {r.source_version: r.transform.weight for r in records}
+    composed, m = {}, np.eye(dim)
+    for k in reversed(versions[1:]):  # source -> source-1 -> ... -> 0
+        m = m @ weight[k]
+        composed[k - 1] = m.copy()
+    return composed
+
+
+def run_peer(source: Path, output: Path, composed: dict[int, np.ndarray]) -> dict:
+    """benchmarks/peer_script.py in a process of its own (delta-rs read, numpy GEMM per batch, write_deltalake);
+    its JSON line (rows_read, rows_written, seconds from first read to commit)."""
+    import subprocess
+
+    weights = output.parent / "peer_weights.npz"
+    np.savez(weights, **{f"space_{j}": m.astype(np.float32) for j, m in composed.items()})
+    shutil.rmtree(output, ignore_errors=True)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("peer_script.py")), str(source), str(output),
+                           str(weights)], capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.rmtree(output, ignore_errors=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: int | None,
-            engines: list[str], warmup: bool = True) -> list[dict]:
-    """One (rows, dim, spaces) point: copy and every engine alternated per round; one result per engine.
-    `warmup`: one uncounted round first (the session's first point needs it; later points run warm)."""
+            engines: list[str], warmup: bool = True, peer: bool = True) -> list[dict]:
+    """One (rows, dim, spaces) point: copy, every engine and (`peer`) the one-process peer script alternated per
+    round; one result per engine. `warmup`: one uncounted round first (the session's first point needs it)."""
     DATA.mkdir(parents=True, exist_ok=True)
     source = DATA / f"src_{rows}_{dim}"
     make_source(spark, source, rows, dim)
@@ -218,7 +245,8 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(source.resolve())
-    setup_registry(spark, first, versions, dim)
+    composed = setup_registry(spark, first, versions, dim)
+    peer_times: list[float] = []
     copy_path = str(root / "copy")
     copy_times, copy_cpu = [], []
     per = {e: {"times": [], "write": [], "cpu": [], "rss": []} for e in engines}
@@ -252,6 +280,12 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
                 per[engine]["cpu"].append(_cpu_split(c1, c2, rss))
                 per[engine]["rss"].append((rss.peak_worker_mb, rss.peak_jvm_mb))
             line.append(f"{engine} {b:.2f}s")
+        if peer:
+            got = run_peer(source, root / "peer_out", composed)
+            assert got["rows_written"] == rows * spaces, got
+            if i >= warm:
+                peer_times.append(got["seconds"])
+            line.append(f"peer script {got['seconds']:.2f}s")
         logging.info(", ".join(line))
     copy_s = statistics.median(copy_times)
     out = []
@@ -272,17 +306,22 @@ def measure(spark, rows: int, dim: int, spaces: int, repeats: int, batch_rows: i
             "copy_cpu_seconds": {k: statistics.median(c[k] for c in copy_cpu) for k in copy_cpu[0]},
             "backfill_cpu_seconds": {k: statistics.median(c[k] for c in m["cpu"]) for k in m["cpu"][0]},
         })
+        if peer_times:  # the one-process delta-rs + numpy script of the same round (benchmarks/peer_script.py)
+            out[-1].update({"peer_script_seconds": peer_times,
+                            "peer_script_rows_per_s": rows * spaces / statistics.median(peer_times),
+                            "vs_peer_script": statistics.median(peer_times) / back_s})
     return out
 
 
 def print_rows(rows: list[dict]) -> None:
     head = f"{'engine':>6} {'rows':>9} {'dim':>5} {'spaces':>6} {'copy rows/s':>12} {'backfill out rows/s':>20} " \
-           f"{'ratio':>6} {'write-only':>10} {'time B/A':>8} {'worker MB':>9} {'JVM MB':>7}"
+           f"{'ratio':>6} {'write-only':>10} {'time B/A':>8} {'worker MB':>9} {'JVM MB':>7} {'peer rows/s':>12} {'vs peer':>7}"
     print(head)
     for r in rows:
         print(f"{r['engine']:>6} {r['rows']:>9} {r['dim']:>5} {r['spaces']:>6} {r['copy_rows_per_s']:>12,.0f} "
               f"{r['backfill_rows_per_s']:>20,.0f} {r['ratio']:>6.3f} {r['write_only_ratio']:>10.3f} {r['time_ratio']:>8.3f} "
-              f"{r['peak_rss_mb']:>9.0f} {r['peak_jvm_rss_mb']:>7.0f}")
+              f"{r['peak_rss_mb']:>9.0f} {r['peak_jvm_rss_mb']:>7.0f} {r.get('peer_script_rows_per_s', 0):>12,.0f} "
+              f"{r.get('vs_peer_script', 0):>7.3f}")
 
 
 def main() -> None:
@@ -297,6 +336,8 @@ def main() -> None:
     parser.add_argument("--sweep-rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
     parser.add_argument("--sweep-dims", type=int, nargs="+", default=[128, 256, 768])
     parser.add_argument("--driver-memory", default="6g")
+    parser.add_argument("--no-peer", dest="peer", action="store_false",
+                        help="leave out the one-process delta-rs + numpy peer script (benchmarks/peer_script.py)")
     parser.add_argument("--drop-data", action="store_true",
                         help="delete every generated src_*/run_* table and the warehouse under benchmarks/data (sweep: after "
                              "each point; other runs: at the end); other benchmarks' caches stay")
@@ -316,7 +357,7 @@ def main() -> None:
         for rows in args.sweep_rows:
             for dim in args.sweep_dims:
                 results += measure(spark, rows, dim, 1, args.repeats, args.batch_rows, args.engine,
-                                   warmup=not results)
+                                   warmup=not results, peer=args.peer)
                 print_rows(results[-len(args.engine):])
                 save_results(RESULTS / "backfill_sweep.json", results)  # each point as soon as it is measured
                 if args.drop_data:  # one source at a time on disk (4M x 768 floats is 12 GB)
@@ -325,7 +366,8 @@ def main() -> None:
         name = "backfill_sweep.json"
     else:
         for spaces in args.spaces:
-            results += measure(spark, args.rows, args.dim, spaces, args.repeats, args.batch_rows, args.engine)
+            results += measure(spark, args.rows, args.dim, spaces, args.repeats, args.batch_rows, args.engine,
+                               peer=args.peer)
             print_rows(results[-len(args.engine):])
         name = "backfill_throughput.json"
     if args.drop_data:  # every generated source/run table and the warehouse; other benchmarks' caches stay

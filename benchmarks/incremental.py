@@ -1,6 +1,7 @@
 """Incremental backfill (change data feed + one MERGE) against a full rewrite of the same state, side by side.
 
     python benchmarks/incremental.py --rows 2000000 --dim 256 --spaces 4 --fractions 0.001 0.01 0.1
+    python benchmarks/incremental.py --rows 1000000 2000000 4000000 --fractions 0.01   # the slope
 
 One Spark session. The source version table (CDF on) is backfilled into --spaces spaces once. Then, per
 changed fraction f and round (median of --repeats rounds), the source gets one change commit of f x rows
@@ -14,8 +15,12 @@ space) so a fast wrong answer cannot pass. The incremental output is created wit
 (`backfill.deletion_vectors: true`: a MERGE writes the changed rows and a deletion vector per touched file);
 `--no-deletion-vectors` measures a copy-on-write MERGE instead, which rewrites every file a changed id is in
 (every file, for ids spread over the table) and is what `incremental: auto` then avoids (`auto_picks`).
-Writes benchmarks/results/incremental.json (incremental_no_dv.json with --no-deletion-vectors; a list `runs`,
-one entry per changed fraction) and prints a table.
+Each incremental run also counts its Spark jobs before the MERGE (`spark_jobs_before_merge`, through the commit
+seam). With two or more --rows the medians at --slope-fraction are fitted as time = a + b * N for both paths:
+`incremental_slope_s_per_million`, `full_slope_s_per_million`, `marginal_ratio` (their ratio: what a
+billion-row table feels) and `fixed_seconds` (the incremental intercept). Writes benchmarks/results/
+incremental.json (one size), incremental_slope.json (several), incremental_no_dv.json (--no-deletion-vectors);
+a list `runs`, one entry per size and changed fraction, and prints a table.
 """
 
 from __future__ import annotations
@@ -192,12 +197,89 @@ def same_content(spark, a: str, b: str) -> bool:
     return row.unmatched == 0 and (row.worst or 0.0) <= VECTOR_RTOL
 
 
+def fit_line(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares (a, b) of seconds = a + b * N, N in millions of rows (two or more sizes)."""
+    b, a = np.polyfit(np.asarray(sizes, dtype=float) / 1e6, np.asarray(seconds, dtype=float), 1)
+    return float(a), float(b)
+
+
+def slope_summary(runs: list[dict], fraction: float) -> dict | None:
+    """Per size the medians at `fraction` changed, and the fitted lines of both paths: what a billion-row table
+    pays per million rows (`*_slope_s_per_million`), their ratio (`marginal_ratio`) and the incremental path's
+    intercept (`fixed_seconds`). None with fewer than two sizes."""
+    at = sorted((r for r in runs if r["changed_fraction"] == fraction), key=lambda r: r["rows"])
+    if len({r["rows"] for r in at}) < 2:
+        return None
+    sizes = [r["rows"] for r in at]
+    inc_a, inc_b = fit_line(sizes, [r["incremental_seconds"] for r in at])
+    full_a, full_b = fit_line(sizes, [r["full_seconds"] for r in at])
+    return {"changed_fraction": fraction, "sizes": sizes,
+            "incremental_seconds": [r["incremental_seconds"] for r in at],
+            "full_seconds": [r["full_seconds"] for r in at],
+            "incremental_slope_s_per_million": inc_b, "full_slope_s_per_million": full_b,
+            "marginal_ratio": inc_b / full_b if full_b > 0 else None,
+            "fixed_seconds": inc_a, "full_fixed_seconds": full_a,
+            "ratio_at_largest": at[-1]["ratio"], "largest_rows": at[-1]["rows"],
+            "spark_jobs_before_merge": [r["spark_jobs_before_merge"] for r in at]}
+
+
+def measure_size(spark, rows: int, args) -> list[dict]:
+    """One source size: a fresh source and both outputs, then --repeats rounds per changed fraction."""
+    shutil.rmtree(DATA, ignore_errors=True)
+    DATA.mkdir(parents=True)
+    source = DATA / "source"
+    t = time.perf_counter()
+    make_source(spark, source, rows, args.dim)
+    setup(spark, DATA, source, args.spaces, args.dim)
+    inc_cfg = job_config(DATA, source, args.spaces, "out_incremental", "require", args.deletion_vectors)
+    full_cfg = job_config(DATA, source, args.spaces, "out_full", "off")
+    first_inc = run_backfill(spark, inc_cfg)  # the initial publish (full)
+    first_full = run_backfill(spark, full_cfg)
+    logging.info("setup: %d rows x %d, %d spaces, initial backfills %s / %s, %.1fs", rows, args.dim, args.spaces,
+                 first_inc.engine, first_full.engine, time.perf_counter() - t)
+    runs = []
+    round_seed = 0
+    for fraction in args.fractions:
+        inc_s, full_s, changed, picks, jobs_before, jobs_all = [], [], [], [], [], []
+        for _ in range(args.repeats):
+            round_seed += 1
+            changed.append(change_source(spark, source, rows, args.dim, fraction, round_seed))
+            picks.append(auto_picks(spark, inc_cfg.output_location, args.spaces, sum(changed[-1].values()), rows))
+            inc, seconds, before, total = timed_backfill(spark, inc_cfg)
+            inc_s.append(seconds)
+            jobs_before.append(before)
+            jobs_all.append(total)
+            t = time.perf_counter()
+            full = run_backfill(spark, full_cfg)
+            full_s.append(time.perf_counter() - t)
+            vacuum(spark, inc_cfg.output_location, full_cfg.output_location)  # untimed: keeps the disk bounded
+            assert {a for a, _ in inc.actions.values()} == {"incremental"}, inc.actions
+            assert {a for a, _ in full.actions.values()} == {"full"}, full.actions
+            logging.info("rows %d, fraction %g: changed %s, incremental %.2fs (%d Spark jobs before the MERGE), "
+                         "full (%s) %.2fs", rows, fraction, changed[-1], inc_s[-1], before, full.engine, full_s[-1])
+        equal = same_content(spark, inc_cfg.output_location, full_cfg.output_location)
+        assert equal, "incremental and full outputs differ"
+        runs.append({
+            "changed_fraction": fraction, "rows": rows, "dim": args.dim, "spaces": args.spaces,
+            "repeats": args.repeats, "cores": os.cpu_count(), "deletion_vectors": args.deletion_vectors,
+            "changed_rows": changed, "incremental_seconds_all": inc_s, "full_seconds_all": full_s,
+            "incremental_seconds": statistics.median(inc_s), "full_seconds": statistics.median(full_s),
+            "ratio": statistics.median(i / f for i, f in zip(inc_s, full_s)),
+            "full_engine": full.engine, "outputs_equal": equal, "auto_picks": picks,
+            "spark_jobs_before_merge": statistics.median(jobs_before),
+            "spark_jobs_incremental": statistics.median(jobs_all),
+        })
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--rows", type=int, nargs="+", default=[2_000_000],
+                        help="source sizes; two or more also fit time = a + b * N for both paths (the slope)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--spaces", type=int, default=4)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    parser.add_argument("--slope-fraction", type=float, default=0.01, help="the changed fraction the slope is fitted at")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-deletion-vectors", dest="deletion_vectors", action="store_false",
                         help="a copy-on-write incremental output (no delta.enableDeletionVectors)")
@@ -209,60 +291,28 @@ def main() -> None:
     from bclib.config import SparkSettings
     from bclib.spark import get_or_create
 
-    spark = get_or_create(SparkSettings(master="local[*]", shuffle_partitions=4, warehouse_dir=str(DATA / "wh"),
+    spark = get_or_create(SparkSettings(master="local[*]", shuffle_partitions=4,
+                                        warehouse_dir=str(DATA.parent / "incremental_wh"),
                                         conf={"spark.driver.memory": args.driver_memory}))
-    shutil.rmtree(DATA, ignore_errors=True)
-    DATA.mkdir(parents=True)
-    source = DATA / "source"
-    t = time.perf_counter()
-    make_source(spark, source, args.rows, args.dim)
-    setup(spark, DATA, source, args.spaces, args.dim)
-    inc_cfg = job_config(DATA, source, args.spaces, "out_incremental", "require", args.deletion_vectors)
-    full_cfg = job_config(DATA, source, args.spaces, "out_full", "off")
-    first_inc = run_backfill(spark, inc_cfg)  # the initial publish (full)
-    first_full = run_backfill(spark, full_cfg)
-    logging.info("setup: %d rows x %d, %d spaces, initial backfills %s / %s, %.1fs", args.rows, args.dim, args.spaces,
-                 first_inc.engine, first_full.engine, time.perf_counter() - t)
     runs = []
-    round_seed = 0
-    for fraction in args.fractions:
-        inc_s, full_s, changed, picks, jobs_before, jobs_all = [], [], [], [], [], []
-        for _ in range(args.repeats):
-            round_seed += 1
-            changed.append(change_source(spark, source, args.rows, args.dim, fraction, round_seed))
-            picks.append(auto_picks(spark, inc_cfg.output_location, args.spaces, sum(changed[-1].values()),
-                                    args.rows))
-            inc, seconds, before, total = timed_backfill(spark, inc_cfg)
-            inc_s.append(seconds)
-            jobs_before.append(before)
-            jobs_all.append(total)
-            t = time.perf_counter()
-            full = run_backfill(spark, full_cfg)
-            full_s.append(time.perf_counter() - t)
-            vacuum(spark, inc_cfg.output_location, full_cfg.output_location)  # untimed: keeps the disk bounded
-            assert {a for a, _ in inc.actions.values()} == {"incremental"}, inc.actions
-            assert {a for a, _ in full.actions.values()} == {"full"}, full.actions
-            logging.info("fraction %g: changed %s, incremental %.2fs, full (%s) %.2fs", fraction, changed[-1],
-                         inc_s[-1], full.engine, full_s[-1])
-        equal = same_content(spark, inc_cfg.output_location, full_cfg.output_location)
-        assert equal, "incremental and full outputs differ"
-        runs.append({
-            "changed_fraction": fraction, "rows": args.rows, "dim": args.dim, "spaces": args.spaces,
-            "repeats": args.repeats, "cores": os.cpu_count(), "deletion_vectors": args.deletion_vectors,
-            "changed_rows": changed, "incremental_seconds_all": inc_s, "full_seconds_all": full_s,
-            "incremental_seconds": statistics.median(inc_s), "full_seconds": statistics.median(full_s),
-            "ratio": statistics.median(i / f for i, f in zip(inc_s, full_s)),
-            "full_engine": full.engine, "outputs_equal": equal, "auto_picks": picks,
-            "spark_jobs_before_merge": statistics.median(jobs_before), "spark_jobs_incremental": statistics.median(jobs_all),
-        })
+    for rows in args.rows:
+        runs += measure_size(spark, rows, args)
+    slope = slope_summary(runs, args.slope_fraction)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "incremental.json" if args.deletion_vectors else "incremental_no_dv.json"
-    (RESULTS / name).write_text(json.dumps({"runs": runs}, indent=2))
-    print(f"\n{'changed':>8} {'rows changed':>13} {'incremental s':>14} {'full s':>8} {'ratio':>6} {'jobs before MERGE':>18}")
+    name = ("incremental_slope.json" if slope else "incremental.json") if args.deletion_vectors \
+        else "incremental_no_dv.json"
+    (RESULTS / name).write_text(json.dumps({**(slope or {}), "runs": runs}, indent=2))
+    print(f"\n{'rows':>10} {'changed':>8} {'rows changed':>13} {'incremental s':>14} {'full s':>8} {'ratio':>6} "
+          f"{'jobs before MERGE':>18}")
     for r in runs:
         n = sum(sum(c.values()) for c in r["changed_rows"]) // len(r["changed_rows"])
-        print(f"{r['changed_fraction']:>8.3%} {n:>13,} {r['incremental_seconds']:>14.2f} {r['full_seconds']:>8.2f} "
-              f"{r['ratio']:>6.3f} {r['spark_jobs_before_merge']:>18g}")
+        print(f"{r['rows']:>10,} {r['changed_fraction']:>8.3%} {n:>13,} {r['incremental_seconds']:>14.2f} "
+              f"{r['full_seconds']:>8.2f} {r['ratio']:>6.3f} {r['spark_jobs_before_merge']:>18g}")
+    if slope:
+        print(f"slope at {slope['changed_fraction']:.1%} changed: incremental {slope['incremental_slope_s_per_million']:.2f} "
+              f"s per million rows, full {slope['full_slope_s_per_million']:.2f}; marginal ratio "
+              f"{slope['marginal_ratio']:.3f}; fixed {slope['fixed_seconds']:.1f} s; ratio at {slope['largest_rows']:,} "
+              f"rows {slope['ratio_at_largest']:.3f}")
     if not args.keep_data:
         shutil.rmtree(DATA, ignore_errors=True)
 

@@ -316,3 +316,22 @@ def test_registry_commands_and_a_tampered_checksum(spark, tmp_path, capsys):
 
         cfg_active = active_transforms(spark, cfg.registry_location)  # the tampered one is active: refused on load
         del cfg_active
+
+
+def test_a_run_killed_before_its_evaluate_is_scored_by_the_rerun(spark, tmp_path):
+    """The fit and backfill committed, the process died before evaluate (kill -9 in the field): the rerun fits
+    nothing and writes nothing, and scores exactly the pairs left unscored; a third run scores nothing."""
+    from bclib.steps.backfill import run_backfill
+    from bclib.steps.run import run_scheduled
+    from bclib.tables.metrics_table import scored_chains
+    from conftest import generated_and_fitted
+
+    cfg = generated_and_fitted(spark, tmp_path)  # versions 0, 1, 2 fitted; nothing scored yet
+    run_backfill(spark, cfg)
+    assert scored_chains(spark, cfg.metrics_location) == set()
+    rerun = run_scheduled(spark, cfg)
+    assert rerun.fit.committed == [] and rerun.backfill.skipped
+    assert rerun.evaluate is not None
+    assert sorted((p.source_version, p.space_version) for p in rerun.evaluate.pairs) == [(1, 0), (2, 0), (2, 1)]
+    assert {(s, j) for s, j, _ in scored_chains(spark, cfg.metrics_location)} == {(1, 0), (2, 0), (2, 1)}
+    assert run_scheduled(spark, cfg).evaluate is None

@@ -46,3 +46,29 @@ def test_a_run_scores_the_pairs_it_changed_not_the_square_of_the_history():
     # only the data changed (a MERGE of the source's new rows): the written spaces' pairs
     assert changed_pairs(versions, pinned, 28, edges=[], written_spaces=[14]) == [(28, 14)]
     assert changed_pairs(versions, pinned, 28, edges=[], written_spaces=[]) == []
+
+
+def test_pairs_an_earlier_run_committed_but_never_scored_are_scored_by_the_rerun():
+    """A run killed between its fit (or backfill) commit and its evaluate: the rerun changes nothing, yet the
+    pairs whose active chain has no evaluate rows are scored (`unscored_pairs`), the others are not."""
+    import numpy as np
+
+    from bclib.numerics.records import chain_id, chain_records
+    from bclib.numerics.transforms import AffineTransform
+    from bclib.steps.evaluate import scored_candidates, unscored_pairs
+
+    versions, pinned = [0, 1, 2, 3], [0]
+    active = {(k, k - 1): TransformRecord(f"t{k}", k, k - 1, "linear", "single_step", AffineTransform(np.eye(2)))
+              for k in (1, 2, 3)}
+    candidates = scored_candidates(versions, pinned)
+    assert sorted(candidates) == [(1, 0), (2, 0), (2, 1), (3, 0), (3, 2)]
+    chains = {(s, j): chain_id(chain_records(active, versions, s, j)) for s, j in candidates}
+    everything = {(s, j, c) for (s, j), c in chains.items()}
+    assert unscored_pairs(active, versions, pinned, everything) == []
+    # the killed run's new edge 1 -> 0 was committed but (1, 0), (2, 0), (3, 0) were scored on the old chains
+    stale = {(s, j, c if 0 not in (j,) else "an-older-chain") for (s, j), c in chains.items()}
+    assert sorted(unscored_pairs(active, versions, pinned, stale)) == [(1, 0), (2, 0), (3, 0)]
+    assert sorted(unscored_pairs(active, versions, pinned, set())) == sorted(candidates)
+    # an edge without an active transform: its pairs cannot be scored and are left out
+    partial = {e: r for e, r in active.items() if e != (2, 1)}
+    assert sorted(unscored_pairs(partial, versions, pinned, set())) == [(1, 0), (3, 2)]

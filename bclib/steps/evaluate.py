@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bclib.config import JobConfig
+from bclib.errors import RegistryError
 from bclib.numerics.metrics import RecallReference, mean_cosine, probe_retention, relative_l2
 from bclib.numerics.records import chain_id, chain_records
 from bclib.numerics.samples import Sample, align_samples
@@ -261,6 +262,30 @@ def all_pairs(versions: Sequence[int]) -> list[tuple[int, int]]:
     """Every (source, space) pair of `versions`: each version to each older one."""
     vs = sorted(versions)
     return [(s, j) for i, s in enumerate(vs) for j in vs[:i]]
+
+
+def scored_candidates(versions: Sequence[int], target_spaces: Sequence[int]) -> list[tuple[int, int]]:
+    """The pairs `run` keeps scored: (s, j) with j pinned (`target_spaces`) or one step below s. Pure."""
+    vs = sorted(versions)
+    step = {v: vs[i - 1] for i, v in enumerate(vs) if i}
+    return [(s, j) for s, j in all_pairs(vs) if j in target_spaces or j == step[s]]
+
+
+def unscored_pairs(active: dict, versions: Sequence[int], target_spaces: Sequence[int],
+                   scored: set) -> list[tuple[int, int]]:
+    """Candidate pairs (`scored_candidates`) whose active chain id has no evaluate rows in `scored`
+    ((source, space, chain_id) triples, `metrics_table.scored_chains`): a run killed between its fit (or
+    backfill) commit and its evaluate left them unscored, and the rerun, which changes nothing, scores them.
+    A pair without a complete active chain is left out. Pure."""
+    out = []
+    for s, j in scored_candidates(versions, target_spaces):
+        try:
+            current = chain_id(chain_records(active, versions, s, j))
+        except RegistryError:
+            continue
+        if (s, j, current) not in scored:
+            out.append((s, j))
+    return out
 
 
 def changed_pairs(versions: Sequence[int], target_spaces: Sequence[int], source_version: int,

@@ -17,10 +17,11 @@ from bclib.config import JobConfig
 from bclib.errors import RegistryError
 from bclib.steps.backfill import BackfillResult, run_backfill
 from bclib.steps.backfill_plan import FULL, INCREMENTAL
-from bclib.steps.evaluate import EvaluateResult, changed_pairs, run_evaluate
+from bclib.steps.evaluate import EvaluateResult, changed_pairs, run_evaluate, unscored_pairs
 from bclib.steps.fit import FitResult, plan_fit, run_fit
 from bclib.steps.status import StatusResult, run_status
 from bclib.tables.changes import source_rows
+from bclib.tables.metrics_table import scored_chains
 from bclib.tables.registry import active_transforms
 from bclib.tables.lease import leased
 
@@ -93,15 +94,17 @@ def run_scheduled(spark, cfg: JobConfig, refit: Sequence[str] = (), dry_run: boo
         return result
     result.fit = run_fit(spark, cfg, refit)
     result.backfill = run_backfill(spark, cfg, run_id=result.run_id, allow_shrink=allow_shrink)
-    if result.backfill.commits or result.fit.committed:
-        # only the pairs this run changed: new or refitted edges toward pinned spaces, and the spaces it wrote
-        activated = set(result.fit.committed)
-        edges = [r.edge for r in result.fit.records if r.transform_id in activated]
-        written = [j for j, (action, _) in result.backfill.actions.items() if action in (FULL, INCREMENTAL)] \
-            if result.backfill.commits else []
-        pairs = changed_pairs(cfg.embeddings.versions, cfg.target_spaces, cfg.source_version, edges, written)
-        if pairs:
-            result.evaluate = run_evaluate(spark, cfg, run_id=result.run_id, pairs=pairs)
+    # only the pairs this run changed (new or refitted edges toward pinned spaces, the spaces it wrote), and
+    # those an earlier run committed but never scored (killed before its evaluate)
+    activated = set(result.fit.committed)
+    edges = [r.edge for r in result.fit.records if r.transform_id in activated]
+    written = [j for j, (action, _) in result.backfill.actions.items() if action in (FULL, INCREMENTAL)] \
+        if result.backfill.commits else []
+    pairs = set(changed_pairs(cfg.embeddings.versions, cfg.target_spaces, cfg.source_version, edges, written))
+    pairs |= set(unscored_pairs(active_transforms(spark, cfg.registry_location), cfg.embeddings.versions,
+                                cfg.target_spaces, scored_chains(spark, cfg.metrics_location)))
+    if pairs:
+        result.evaluate = run_evaluate(spark, cfg, run_id=result.run_id, pairs=sorted(pairs, reverse=True))
     result.status = run_status(spark, cfg)
     result.seconds = time.time() - started
     return result

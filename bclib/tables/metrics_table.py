@@ -87,6 +87,19 @@ def unreadable_spaces(spark, location: str) -> dict[int, dict]:
     return out
 
 
+def scored_chains(spark, location: str) -> set[tuple[int, int, str]]:
+    """(source_version, space_version, chain_id) of every pair an evaluate run has scored (its rows, not the
+    gate's); empty when there is no table. One aggregation over the metrics table (small: a row per metric per
+    pair per run)."""
+    from pyspark.sql import functions as F
+
+    if not table_exists(spark, location):
+        return set()
+    rows = (read_delta(spark, location).where(~F.col("metric").startswith("gate"))
+            .select("source_version", "space_version", "chain_id").distinct().collect())
+    return {(int(r.source_version), int(r.space_version), str(r.chain_id)) for r in rows}
+
+
 def last_metric_run(spark, location: str) -> Optional[tuple[str, datetime]]:
     """(run_id, computed_at) of the newest evaluate rows, if any."""
     from pyspark.sql import functions as F
