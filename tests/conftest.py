@@ -324,6 +324,42 @@ def s3a_jars_conf() -> dict:
     return {"spark.jars": ",".join(jars)}
 
 
+def store_pipeline_report(tmp_path: Path, name: str, script: str, root: str, options: dict, jars: dict,
+                          jvm_options: str, extra: dict | None = None) -> dict:
+    """The object-store tests' daily life: a small demo config with every table under `root` (a bucket or
+    container URI) and `storage.options` = `options`, written to tmp_path/<name>.yaml; `script` run on it in one
+    subprocess (its own JVM with `jars`); the JSON of its last `REPORT ` line. `extra`: config sections added."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = {
+        "spark": {"master": "local[2]", "shuffle_partitions": 2,
+                  "conf": {**jars, "spark.driver.extraJavaOptions": jvm_options}},
+        "embeddings": {"location": f"{root}/emb/v{{version}}", "versions": [0, 1, 2]},
+        "registry_location": f"{root}/registry", "output_location": f"{root}/out",
+        "metrics_location": f"{root}/metrics",
+        "fit": {"sample_size": 100_000, "min_pairs": 50, "holdout": 0.25}, "transform": {"bias": False},
+        "gate": {"min_heldout_ids": 50},
+        "evaluate": {"label_location": None, "report_dir": str(tmp_path / "reports"), "neighbours_k": 5,
+                     "neighbours_sample": 200},
+        "demo": {"n_entities": 1500, "dims": [12, 16, 20], "block_rows": 256, "n_clusters": 6, "latent_dim": 8},
+        "storage": {"options": options},
+        **(extra or {}),
+    }
+    conf = tmp_path / f"{name}.yaml"
+    conf.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-c", script, str(conf)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+    print(json.dumps(report, indent=1))
+    return report
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     import socket

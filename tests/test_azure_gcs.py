@@ -13,13 +13,10 @@ test keeps it on a local path. Azurite 3.35.0 ignored the `startFrom` of object_
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from conftest import REPO, abfs_jars_conf, gcs_jars_conf
+from conftest import abfs_jars_conf, gcs_jars_conf, store_pipeline_report
 
 pytestmark = pytest.mark.slow
 
@@ -65,36 +62,10 @@ print("REPORT " + json.dumps(report))
 """
 
 
-def _run(tmp_path, name: str, root: str, options: dict, jars: dict, jvm_options: str, extra: dict) -> dict:
-    """Write the config (every table under `root`), run SCRIPT on it in one subprocess, return its report."""
-    data = {
-        "spark": {"master": "local[2]", "shuffle_partitions": 2,
-                  "conf": {**jars, "spark.driver.extraJavaOptions": jvm_options}},
-        "embeddings": {"location": f"{root}/emb/v{{version}}", "versions": [0, 1, 2]},
-        "registry_location": f"{root}/registry", "output_location": f"{root}/out",
-        "metrics_location": f"{root}/metrics",
-        "fit": {"sample_size": 100_000, "min_pairs": 50, "holdout": 0.25}, "transform": {"bias": False},
-        "gate": {"min_heldout_ids": 50},
-        "evaluate": {"label_location": None, "report_dir": str(tmp_path / "reports"), "neighbours_k": 5,
-                     "neighbours_sample": 200},
-        "demo": {"n_entities": 1500, "dims": [12, 16, 20], "block_rows": 256, "n_clusters": 6, "latent_dim": 8},
-        "storage": {"options": options},
-        **extra,
-    }
-    conf = tmp_path / f"{name}.yaml"
-    conf.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(conf)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT "):])
-    print(json.dumps(report, indent=1))
-    return report
-
-
 def test_the_daily_job_on_abfs_against_azurite_on_both_engines(azurite_server, tmp_path, subprocess_jvm_options):
     root = "abfs://bcemb@devstoreaccount1.dfs.core.windows.net/pipeline"
-    report = _run(tmp_path, "abfs", root, azurite_server, abfs_jars_conf(), subprocess_jvm_options, {})
+    report = store_pipeline_report(tmp_path, "abfs", SCRIPT, root, azurite_server, abfs_jars_conf(),
+                                   subprocess_jvm_options)
     n = report["source_rows"]
     assert report["run1"]["engine"] == "arrow" and report["run1"]["commits"] >= 3 and report["run1"]["rows"] == 2 * n
     assert report["spark"] == {"engine": "spark", "commits": 1, "rows": 2 * n}
@@ -107,7 +78,8 @@ def test_the_daily_job_on_gs_against_fake_gcs_server_on_the_spark_engine(fake_gc
                                                                         subprocess_jvm_options):
     root = "gs://bcemb/pipeline"
     extra = {"backfill": {"engine": "spark"}, "lease": {"location": str(tmp_path / "lease")}}
-    report = _run(tmp_path, "gcs", root, fake_gcs_server, gcs_jars_conf(), subprocess_jvm_options, extra)
+    report = store_pipeline_report(tmp_path, "gcs", SCRIPT, root, fake_gcs_server, gcs_jars_conf(),
+                                   subprocess_jvm_options, extra)
     n = report["source_rows"]
     assert report["run1"]["engine"] == "spark" and report["run1"]["commits"] >= 3 and report["run1"]["rows"] == 2 * n
     assert report["spark"] == {"engine": "spark", "commits": 1, "rows": 2 * n}

@@ -5,14 +5,10 @@ and maintain; delta-rs reads the output back with the same options."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
-import yaml
 
-from conftest import REPO, s3a_jars_conf
+from conftest import s3a_jars_conf, store_pipeline_report
 
 pytestmark = pytest.mark.slow
 
@@ -66,29 +62,8 @@ print("REPORT " + json.dumps(report))
 
 
 def test_the_daily_job_on_s3a_through_storage_options_alone(s3_server, tmp_path, subprocess_jvm_options):
-    root = "s3a://bcemb-lease/pipeline"
-    data = {
-        "spark": {"master": "local[2]", "shuffle_partitions": 2,
-                  "conf": {**s3a_jars_conf(), "spark.driver.extraJavaOptions": subprocess_jvm_options}},
-        "embeddings": {"location": f"{root}/emb/v{{version}}", "versions": [0, 1, 2]},
-        "registry_location": f"{root}/registry", "output_location": f"{root}/out",
-        "metrics_location": f"{root}/metrics",
-        "fit": {"sample_size": 100_000, "min_pairs": 50, "holdout": 0.25}, "transform": {"bias": False},
-        "gate": {"min_heldout_ids": 50},
-        "evaluate": {"label_location": None, "report_dir": str(tmp_path / "reports"), "neighbours_k": 5,
-                     "neighbours_sample": 200},
-        "maintenance": {"optimize_min_files": 2},
-        "demo": {"n_entities": 1500, "dims": [12, 16, 20], "block_rows": 256, "n_clusters": 6, "latent_dim": 8},
-        "storage": {"options": s3_server},
-    }
-    conf = tmp_path / "s3.yaml"
-    conf.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(conf)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    report = json.loads(lines[-1][len("REPORT "):])
-    print(json.dumps(report, indent=1))
+    report = store_pipeline_report(tmp_path, "s3", SCRIPT, "s3a://bcemb-lease/pipeline", s3_server, s3a_jars_conf(),
+                                   subprocess_jvm_options, {"maintenance": {"optimize_min_files": 2}})
     n = report["source_rows"]
     assert report["run1"]["engine"] == "arrow" and report["run1"]["commits"] >= 3  # fit, output, metrics (+gate)
     assert report["run1"]["rows"] == 2 * n and report["run1"]["evaluated"] >= 2
