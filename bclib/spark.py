@@ -209,6 +209,18 @@ def default_parallelism(spark, fallback: int = 8) -> int:
         return fallback
 
 
+SPLIT_BYTES = 128 * 2**20  # Spark's file split size (spark.sql.files.maxPartitionBytes' default)
+
+
+def max_partition_num(units: int, units_per_partition: int, parallelism: int) -> int:
+    """A cap on a file scan's partitions for `spark.sql.files.maxPartitionNum` (Spark merges splits down to about
+    this count, never splits more): the partitions `units` need at `units_per_partition` each (rows per output
+    file, bytes per split), rounded up, or the cluster's `parallelism` when that is more (every core works).
+    Spark counts 4 MiB of opening per file (`spark.sql.files.openCostInBytes`), so a source of 20,000 one-row
+    files otherwise scans in ~600 splits, and a rewrite writes a file per split per space."""
+    return max(1, int(parallelism), -(-int(units) // max(1, int(units_per_partition))))
+
+
 def get_or_create(settings: SparkSettings) -> SparkSession:
     """Build the session (for jobs and the CLI only; library code takes `spark`)."""
     if settings.connect_url:

@@ -42,6 +42,8 @@ def _write(spark, cfg, layout: str, n: int = 600, seed: int = 0):
         df.repartition(24).write.format("delta").mode("overwrite").save(loc)
     elif layout == "one_big_file_many_row_groups":
         df.coalesce(1).write.format("delta").option("parquet.block.size", 4096).mode("overwrite").save(loc)
+    elif layout == "one_row_files":  # a streaming ingestion's layout
+        df.coalesce(1).write.format("delta").option("maxRecordsPerFile", 1).mode("overwrite").save(loc)
     elif layout == "with_empty_files":
         df.coalesce(2).write.format("delta").mode("overwrite").save(loc)
         df.where("id < 0").repartition(3).write.format("delta").mode("append").save(loc)  # appends no rows
@@ -150,6 +152,33 @@ def test_auto_says_why_it_falls_back_and_arrow_refuses_by_name(spark, tmp_path):
         run_backfill(spark, forced)
 
 
+def _files_per_space(location: str) -> dict:
+    from deltalake import DeltaTable
+
+    counts: dict = {}
+    for uri in DeltaTable(location).file_uris():
+        j = int(uri.split("space_version=")[1].split("/")[0])
+        counts[j] = counts.get(j, 0) + 1
+    return counts
+
+
+def test_a_source_of_one_row_files_gets_a_file_per_core_per_space_on_both_engines(spark, tmp_path):
+    """600 one-row files (a streaming ingestion): Spark would split them in ~19 scans of ~32 files and the spark
+    engine wrote a file per split per space (19); the arrow engine read them all in one task. Now each engine
+    spreads them over the cores (local[2]: 2 tasks) and writes one file per core per space, the same table."""
+    spark_cfg = _cfg(tmp_path, "out_spark", backfill={"engine": "spark"})
+    arrow_cfg = _cfg(tmp_path, "out_arrow", backfill={"engine": "arrow"})
+    _write(spark, spark_cfg, "one_row_files")
+    assert len(delta_table(spark, spark_cfg.version_location(1)).toDF().inputFiles()) == 600
+    run_fit(spark, spark_cfg)
+    a, s = run_backfill(spark, arrow_cfg), run_backfill(spark, spark_cfg)
+    assert (a.engine, s.engine) == ("arrow", "spark") and a.rows == s.rows == 600
+    assert _files_per_space(arrow_cfg.output_location) == {0: 2}
+    assert _files_per_space(spark_cfg.output_location) == {0: 2}
+    _same_table(spark, arrow_cfg.output_location, spark_cfg.output_location)
+    assert spark.conf.get("spark.sql.files.maxPartitionNum", None) is None  # the attempt's cap is not left behind
+
+
 def test_the_task_planner_splits_big_files_and_packs_small_ones(tmp_path):
     import pyarrow.parquet as pq
 
@@ -167,3 +196,47 @@ def test_the_task_planner_splits_big_files_and_packs_small_ones(tmp_path):
     assert sum(t.rows for t in tasks) == 100_000 + 500
     assert [len(g) for t in tasks for p, g in t.parts if p == str(big)] == [3, 3, 3, 1]
     assert len(tasks) == 4  # the small files ride with the last row group of the big one
+
+
+def test_probe_rows_stay_under_a_few_hundred_file_opens():
+    from bclib.steps.backfill import PROBE_FILES, probe_rows_for
+
+    assert probe_rows_for(None, 256) == 10_000  # unknown layout: the whole probe
+    assert probe_rows_for((20_000, 20_000 * 1_000), 256) == PROBE_FILES  # one-row files: a row per file opened
+    assert probe_rows_for((20_000, 20_000 * 2_064), 256) == 2 * PROBE_FILES  # two rows per file
+    assert probe_rows_for((4, 4 * 128 * 2**20), 256) == 10_000  # big files: the probe fits in the first one
+    assert probe_rows_for((0, 0), 256) == 10_000
+
+
+def test_many_small_files_are_spread_over_the_cores_and_no_further(tmp_path):
+    """A streaming source (many one-row files, their opening is the work): the planner spreads the files over
+    `parallelism` tasks of about equal file counts, never more tasks (each task writes one file per space),
+    keeps every row once; a source of few big files is cut by bytes alone, whatever the parallelism."""
+    import pyarrow.parquet as pq
+
+    from bclib.tables.parquet_files import plan_tasks
+    from bclib.spark import max_partition_num
+
+    smalls = []
+    for i in range(301):
+        p = tmp_path / f"s{i}.parquet"
+        pq.write_table(pa.table({"x": np.array([i], dtype=np.int64)}), p)
+        smalls.append((str(p), p.stat().st_size))
+    one = plan_tasks(smalls, target_bytes=128 * 2**20)
+    assert len(one) == 1 and one[0].rows == 301  # parallelism 1: one task, as before
+    for cores, expected in ((2, 2), (7, 7), (64, 10)):  # 301 x 4 MiB of opening fills 10 tasks of 128 MiB
+        tasks = plan_tasks(smalls, target_bytes=128 * 2**20, parallelism=cores)
+        assert len(tasks) == expected, cores
+        files = [len(t.parts) for t in tasks]
+        assert max(files) - min(files) <= 1 and sum(files) == 301  # even, each file once
+        assert [p for t in tasks for p, _ in t.parts] == [p for p, _ in smalls]  # file order kept
+    # more cores than the opening cost fills stay idle (no tasks of a file or two)
+    assert len(plan_tasks(smalls, target_bytes=1204 * 2**20, parallelism=64)) == 2
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"x": np.arange(400_000, dtype=np.int64)}), big, row_group_size=100_000)
+    bytes_only = plan_tasks([(str(big), big.stat().st_size)], target_bytes=2**30, parallelism=64)
+    assert len(bytes_only) == 1  # its bytes are the work: cut by bytes, one task, one output file per space
+    # the spark engine's scan cap: the files one space needs, or the cores when that is more
+    assert max_partition_num(20_000, 250_000, 2) == 2
+    assert max_partition_num(10**9, 250_000, 2) == 4000
+    assert max_partition_num(0, 250_000, 8) == 8

@@ -32,13 +32,13 @@ import numpy as np
 from bclib.config import JobConfig
 from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUnavailableError, NullIdError, \
     ShrinkGuardError, reraise_executor_errors
-from bclib.spark import backfill_write_conf, session_conf
+from bclib.spark import SPLIT_BYTES, backfill_write_conf, default_parallelism, max_partition_num, session_conf
 from bclib.steps.backfill_plan import FULL, INCREMENTAL, MERGE_MAX_TOUCHED_SHARE, SKIP, BackfillPlan, decide, \
     merge_touched_share, plan_backfill, txn_id
 from bclib.steps.engines import batch_rows_for, choose_engine, to_spaces, write_full_arrow, write_full_spark
 from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run_gate
 from bclib.tables.changes import ChangeSet, ChangesUnavailable, read_changes
-from bclib.tables.delta import is_path, retry_on_conflict
+from bclib.tables.delta import is_path, log_size, retry_on_conflict
 from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version, read_rows
 from bclib.tables.lease import leased
 from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, others_with_values, \
@@ -84,6 +84,20 @@ class BackfillResult:
                 f"{done[FULL] or 'none'}{engine}, merged changes into {done[INCREMENTAL] or 'none'}, up to date "
                 f"{done[SKIP] or 'none'}{left} (run {self.run_id}" + (f", {self.quarantined} quarantined)" if
                                                                      self.quarantined else ")"))
+
+
+PROBE_FILES = 256  # the dimension probe opens about this many source files at most
+
+
+def probe_rows_for(size: Optional[tuple[int, int]], dim: int, most: int = 10_000) -> int:
+    """How many rows the dimension probe reads: `most`, or fewer where the source's files are small (`size`: its
+    live files and their bytes, `log_size`), so that the probe opens about PROBE_FILES files at most (a
+    streaming ingestion's one-row files: 256 rows, not 10,000 file opens). Rows per file are estimated as
+    the files' mean bytes over a float32 vector of `dim` elements and its id (4 * dim + 8 bytes)."""
+    if not size or not size[0]:
+        return most
+    rows_per_file = max(1.0, size[1] / size[0] / (4 * max(1, dim) + 8))
+    return int(min(most, max(PROBE_FILES, PROBE_FILES * rows_per_file)))
 
 
 def _check_dimension(source: VersionRead, plan: BackfillPlan, probe_rows: int = 10_000) -> None:
@@ -139,6 +153,8 @@ class _Attempt:
     changes: Optional[ChangeSet] = None  # incremental spaces' change set (_settle_changes)
     rows: object = None  # the validated source DataFrame (quarantined rows filtered out)
     base: Optional[OutputState] = None  # the output before the next commit
+    n_source: int = 0  # the source version's rows (`read_rows`)
+    source_size: Optional[tuple[int, int]] = None  # the source's live files and bytes (`log_size`; None: unknown)
 
     @property
     def out(self) -> str:
@@ -174,6 +190,24 @@ def run_backfill(spark, cfg: JobConfig, run_id: Optional[str] = None, allow_shri
 def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: bool) -> BackfillResult:
     """One attempt: the stages in order; each may end the attempt (nothing to do) or raise (nothing written)."""
     at = _survey(spark, cfg, run_id)
+    at.source_size = log_size(at.spark, at.source.location, at.source.delta_version, at.source.storage_options)
+    with session_conf(spark, _scan_conf(at)):
+        return _stages(at, allow_shrink, dry_run)
+
+
+def _scan_conf(at: _Attempt) -> dict:
+    """The attempt's cap on file-scan partitions (`spark.sql.files.maxPartitionNum`): the source's bytes in
+    Spark's splits, or the cores when that is more, so that every Spark job over a fragmented source (a
+    streaming ingestion's many small files) runs a task per core, not one per ~32 files. Empty (Spark's
+    own splits) where the source's log is not read directly (`log_size`)."""
+    if at.source_size is None:
+        return {}
+    return {"spark.sql.files.maxPartitionNum": str(max_partition_num(at.source_size[1], SPLIT_BYTES,
+                                                                     default_parallelism(at.spark)))}
+
+
+def _stages(at: _Attempt, allow_shrink: bool, dry_run: bool) -> BackfillResult:
+    """The attempt's stages after its survey, in order."""
     if dry_run:
         at.result.dry_run = True
         return at.result
@@ -183,10 +217,10 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     # few bad vectors can be most of a small change set)
     probed = bool(at.spaces(FULL)) or bool(at.quarantine)
     if probed:
-        _check_dimension(at.source, at.plan)
+        _check_dimension(at.source, at.plan, probe_rows_for(at.source_size, at.plan.kernel.dim_in))
     if not _gate(at):
         return at.done()
-    n_source = read_rows(at.source)
+    n_source = at.n_source = read_rows(at.source)
     if n_source == 0:
         raise EmptySourceError(f"version {at.plan.source_version} at '{at.source.location}' (Delta "
                                f"v{at.source.delta_version}) has no rows; nothing was written (an empty source never "
@@ -195,7 +229,7 @@ def _backfill(spark, cfg: JobConfig, run_id: str, allow_shrink: bool, dry_run: b
     if at.changes is not None and not probed:
         _check_change_dimension(at.source, at.plan, at.changes)
     if at.spaces(FULL) and not probed:  # incremental spaces turned into full rewrites
-        _check_dimension(at.source, at.plan)
+        _check_dimension(at.source, at.plan, probe_rows_for(at.source_size, at.plan.kernel.dim_in))
     _validate(at, n_source, allow_shrink)
     write_started = time.time()
     _prepare_output(at)
@@ -364,7 +398,7 @@ def _commit_full(at: _Attempt) -> None:
                              at.quarantine is not None, file_rows)
     else:
         n = write_full_spark(at.spark, at.cfg, sub, at.rows, at.out, lineage, txn, at.base,
-                             batch_rows_for(at.cfg, at.plan), file_rows)
+                             batch_rows_for(at.cfg, at.plan), file_rows, at.n_source)
     _count_commit(at, n)
     at.base = read_output_state(at.spark, at.out, at.cfg.object_store_options or None)
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 from bclib.config import JobConfig
 from bclib.errors import one_line, reraise_executor_errors
 from bclib.numerics.kernel import arrow_batch_rows, make_batch_fn
-from bclib.spark import backfill_write_conf, session_conf
+from bclib.spark import backfill_write_conf, default_parallelism, max_partition_num, session_conf
 from bclib.tables.delta import is_path
 from bclib.tables.embeddings import VersionRead
 from bclib.tables.output import OutputState, write_full
@@ -61,13 +61,22 @@ def batch_rows_for(cfg: JobConfig, plan: BackfillPlan) -> int:
 
 
 def write_full_spark(spark, cfg: JobConfig, plan: BackfillPlan, df, out_location: str, lineage: dict,
-                     txn: tuple[str, int], base: OutputState, batch_rows: int, file_rows: int) -> Optional[int]:
+                     txn: tuple[str, int], base: OutputState, batch_rows: int, file_rows: int,
+                     n_rows: int = 0) -> Optional[int]:
     """The spark engine: `df` (id, vector: the validated source rows) through `to_spaces(plan)` on the executors,
     one replaceWhere commit of `plan.spaces` (`tables.output.write_full`). Returns the rows written, None when
     Delta skipped the commit (its transaction id already recorded). Raises what `write_full` raises
-    (ConcurrentCommitError, ...) and executor errors as bclib's named errors (`reraise_executor_errors`)."""
+    (ConcurrentCommitError, ...) and executor errors as bclib's named errors (`reraise_executor_errors`).
+
+    Each input partition writes its own file per space, so the scan's partitions are capped by the output's
+    bytes (`max_partition_num`: `n_rows` source rows at `file_rows` rows per output file) whatever the source's
+    file layout; `backfill.output_partitions` (a repartition) overrides."""
     src = df.repartition(cfg.backfill.output_partitions) if cfg.backfill.output_partitions else df
-    with session_conf(spark, backfill_write_conf(batch_rows, len(plan.spaces))), reraise_executor_errors():
+    conf = backfill_write_conf(batch_rows, len(plan.spaces))
+    if n_rows and not cfg.backfill.output_partitions:
+        conf["spark.sql.files.maxPartitionNum"] = str(max_partition_num(n_rows, file_rows,
+                                                                        default_parallelism(spark)))
+    with session_conf(spark, conf), reraise_executor_errors():
         return write_full(spark, src.transform(to_spaces(plan)), out_location, plan.spaces, lineage, file_rows, txn,
                           base.delta_version if base.exists else None, retention_properties(cfg))
 
@@ -194,7 +203,8 @@ def write_full_arrow(spark, cfg: JobConfig, plan: BackfillPlan, source: VersionR
 
     opts = cfg.object_store_options or None
     src = delta_rs.open_table(source.location, source.delta_version, opts)
-    tasks = plan_tasks(delta_rs.snapshot_files(src), cfg.backfill.arrow_task_mb * 2**20, opts)
+    tasks = plan_tasks(delta_rs.snapshot_files(src), cfg.backfill.arrow_task_mb * 2**20, opts,
+                       parallelism=default_parallelism(spark))
     produced_at = int(datetime.now(timezone.utc).timestamp() * 1_000_000)
     emb = cfg.embeddings
     root = delta_rs.table_uri(out_location)

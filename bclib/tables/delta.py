@@ -170,6 +170,21 @@ def log_row_count(spark, location: str, delta_version: Optional[int] = None,
     return None if rows is None else sum(rows.values())
 
 
+def log_size(spark, location: str, delta_version: Optional[int] = None,
+             storage_options: Optional[dict] = None) -> Optional[tuple[int, int]]:
+    """(live data files, their bytes) of the table at `delta_version` (None: the latest) from its log's add
+    actions, read by delta-rs where this process reads the log directly (`_log_reader`): no Spark job. None
+    when it cannot (a catalog name, a path local to a Spark Connect server, a table delta-rs cannot open)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    reader = _log_reader(spark, location, storage_options, delta_version)
+    if reader is None:
+        return None
+    sizes = pa.table(reader.get_add_actions(flatten=True)).column("size_bytes")
+    return len(sizes), int(pc.sum(sizes).as_py() or 0)
+
+
 def log_partition_rows(spark, location: str, column: Optional[str], delta_version: Optional[int] = None,
                        storage_options: Optional[dict] = None) -> Optional[dict]:
     """{value of the partition column `column`: rows} of the table at `delta_version` from its log's per-file

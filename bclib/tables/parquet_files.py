@@ -91,12 +91,21 @@ class Task:
         return Task([(p, list(rg)) for p, rg in d["parts"]], d["rows"], d["bytes"])
 
 
+OPEN_COST_BYTES = 4 * 2**20  # what opening one file costs a task, in bytes read (Spark's spark.sql.files.openCostInBytes)
+
+
 def plan_tasks(files: Sequence[tuple[str, int]], target_bytes: int, storage_options: Optional[dict] = None,
-               threads: int = 8) -> list[Task]:
+               threads: int = 8, parallelism: int = 1, open_cost_bytes: int = OPEN_COST_BYTES) -> list[Task]:
     """Cut the snapshot's files (URI, size) into tasks of about `target_bytes` of row groups each.
 
     Footers are read on the driver (threads); big files are split at row-group boundaries, small
-    files are packed together; empty files (no rows) are left out.
+    files are packed together; empty files (no rows) are left out. Each task writes its own output files, so
+    the task count is what sizes them: by bytes (`target_bytes` of input per task). When the files are many
+    and small (opening them costs more than their bytes: a streaming source of 20,000 one-row files), each
+    file also counts `open_cost_bytes` (Spark's file-split rule) and the files are spread over up to
+    `parallelism` tasks (the cluster's cores), never more, so the output still gets few, large files.
+    Consecutive row groups stay in one task (file order is kept); the tasks' costs differ by at most one
+    file's cost from an even split.
     """
     def footer(item):
         uri, _ = item
@@ -109,24 +118,53 @@ def plan_tasks(files: Sequence[tuple[str, int]], target_bytes: int, storage_opti
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         footers = list(pool.map(footer, files))
+    groups = [(uri, i, rows, size) for uri, gs in footers for i, rows, size in gs if rows > 0]
+    tasks = _pack_by_bytes(groups, target_bytes)
+    n_files = len({uri for uri, *_ in groups})
+    total_cost = sum(size for *_, size in groups) + n_files * open_cost_bytes
+    if n_files * open_cost_bytes <= total_cost - n_files * open_cost_bytes:  # the bytes are the work
+        return tasks
+    wanted = min(max(1, int(parallelism)), -(-total_cost // max(1, target_bytes)))
+    return tasks if wanted <= len(tasks) else _spread_by_cost(groups, wanted, open_cost_bytes)
+
+
+def _add_group(task: Task, uri: str, index: int, rows: int, size: int) -> None:
+    if task.parts and task.parts[-1][0] == uri:
+        task.parts[-1][1].append(index)
+    else:
+        task.parts.append((uri, [index]))
+    task.rows += rows
+    task.bytes += size
+
+
+def _pack_by_bytes(groups: list, target_bytes: int) -> list[Task]:
+    """Greedy: row groups in file order, a new task when the next one would pass `target_bytes`."""
     tasks: list[Task] = []
     cur = Task()
-    for uri, groups in footers:
-        for i, rows, size in groups:
-            if rows == 0:
-                continue
-            if cur.bytes and cur.bytes + size > target_bytes:
-                tasks.append(cur)
-                cur = Task()
-            if cur.parts and cur.parts[-1][0] == uri:
-                cur.parts[-1][1].append(i)
-            else:
-                cur.parts.append((uri, [i]))
-            cur.rows += rows
-            cur.bytes += size
+    for uri, i, rows, size in groups:
+        if cur.bytes and cur.bytes + size > target_bytes:
+            tasks.append(cur)
+            cur = Task()
+        _add_group(cur, uri, i, rows, size)
     if cur.parts:
         tasks.append(cur)
     return tasks
+
+
+def _spread_by_cost(groups: list, n_tasks: int, open_cost_bytes: int) -> list[Task]:
+    """`n_tasks` tasks of about equal cost (bytes + `open_cost_bytes` per file opened), contiguous in file order:
+    a row group goes to the task its cost's midpoint falls in."""
+    costs, prev = [], None
+    for uri, _, _, size in groups:
+        costs.append(size + (open_cost_bytes if uri != prev else 0))
+        prev = uri
+    per_task = sum(costs) / n_tasks
+    tasks = [Task() for _ in range(n_tasks)]
+    done = 0.0
+    for (uri, i, rows, size), cost in zip(groups, costs):
+        _add_group(tasks[min(n_tasks - 1, int((done + cost / 2) / per_task))], uri, i, rows, size)
+        done += cost
+    return [t for t in tasks if t.parts]
 
 
 def _stats(table: pa.Table) -> str:
