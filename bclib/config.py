@@ -151,7 +151,7 @@ class BackfillSettings:
     incremental: Literal["auto", "require", "off"] = "auto"
     # auto: more changed rows than this fraction of the source: full rewrite (measured at 2M x 256, 4 spaces, deletion
     # vectors: a MERGE costs 0.6 of the arrow engine's full rewrite at 1 % changed and 1.3 at 10 %)
-    incremental_max_fraction: float = 0.05
+    incremental_max_fraction: Optional[float] = None  # auto: a cap on the changed share (None: the cost model decides)
     # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and
     # a deletion vector per touched file instead of rewriting those files (readers need Delta reader v3; the
     # deltalake 1.x pyarrow reader refuses such tables). Without them, auto rewrites in full when a MERGE would

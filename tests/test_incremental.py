@@ -6,6 +6,7 @@ Every incremental result is compared with what a full rewrite of the same source
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -66,12 +67,43 @@ def _change_source(spark, cfg, seed: int, re_insert: bool = True):
         again.write.format("delta").mode("append").save(loc)
 
 
-def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark, published, tmp_path):
+def test_the_cost_model_holds_its_calibration_and_breaks_even_near_6_percent():
+    """auto's cost model (pure) against the benchmark figures it was calibrated on, within 15 %: the full
+    rewrite's fitted line (benchmarks/results/incremental_slope.json), the MERGE with deletion vectors at 1 %
+    changed, the copy-on-write MERGE without them (incremental_no_dv.json); its choice: MERGE at 1-5 % changed,
+    full at 10 % and more (2M rows as at a billion), a tie (MERGE) for small tables."""
+    from pathlib import Path
+
+    from bclib.steps.backfill_plan import COST_MODEL, estimate_full, estimate_incremental, prefer_incremental
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    slope = json.loads((results / "incremental_slope.json").read_text())
+    assert COST_MODEL.full_fixed_s == pytest.approx(slope["full_fixed_seconds"], rel=0.15)
+    assert 4 * COST_MODEL.full_s_per_million_row_spaces == pytest.approx(slope["full_slope_s_per_million"], rel=0.15)
+    for rows, inc in zip(slope["sizes"], slope["incremental_seconds"]):
+        assert estimate_incremental(rows, 4, 256, rows // 100, True) == pytest.approx(inc, rel=0.15), rows
+    no_dv = [r for r in json.loads((results / "incremental_no_dv.json").read_text())["runs"]
+             if r["changed_fraction"] == 0.001][0]
+    assert estimate_incremental(no_dv["rows"], 4, 256, int(no_dv["rows"] * 0.001), False, 1.0) == pytest.approx(
+        no_dv["incremental_seconds"], rel=0.15)
+    for rows in (2_000_000, 10**9):
+        full = estimate_full(rows, 4, 256)
+        assert prefer_incremental(estimate_incremental(rows, 4, 256, rows // 100, True), full)
+        assert prefer_incremental(estimate_incremental(rows, 4, 256, rows // 20, True), full)
+        assert not prefer_incremental(estimate_incremental(rows, 4, 256, rows // 10, True), full)
+    assert prefer_incremental(estimate_incremental(1500, 2, 16, 1500, True), estimate_full(1500, 2, 16))
+
+
+def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark, published, tmp_path, caplog):
     tmp, cfg = published
     _change_source(spark, cfg, seed=1)
     before = current_delta_version(spark, cfg.output_location)
-    result = run_backfill(spark, cfg)
+    with caplog.at_level("INFO", logger="bclib.steps.backfill"):
+        result = run_backfill(spark, cfg)
     assert {a for a, _ in result.actions.values()} == {"incremental"} and result.commits == 1
+    assert re.search(r"auto: spaces \[0, 1\] incremental: estimated [\d.]+ s incremental against [\d.]+ s full "
+                     r"\(\d+ changed ids of \d+ rows, 2 space\(s\) of dimension \d+, deletion vectors\)",
+                     caplog.text), caplog.text
     assert current_delta_version(spark, cfg.output_location) == before + 1
     last = delta_table(spark, cfg.output_location).history(1).first()
     meta = json.loads(last.userMetadata)

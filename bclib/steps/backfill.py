@@ -34,7 +34,7 @@ from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUn
     ShrinkGuardError, reraise_executor_errors
 from bclib.spark import SPLIT_BYTES, backfill_write_conf, default_parallelism, max_partition_num, session_conf
 from bclib.steps.backfill_plan import FULL, INCREMENTAL, MERGE_MAX_TOUCHED_SHARE, SKIP, BackfillPlan, decide, \
-    merge_touched_share, plan_backfill, txn_id
+    estimate_full, estimate_incremental, merge_touched_share, plan_backfill, prefer_incremental, txn_id
 from bclib.steps.engines import batch_rows_for, choose_engine, to_spaces, write_full_arrow, write_full_spark
 from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run_gate
 from bclib.tables.changes import ChangeSet, ChangesUnavailable, read_changes
@@ -299,14 +299,14 @@ def _gate(at: _Attempt) -> bool:
 
 
 def _settle_changes(at: _Attempt, n_source: int) -> None:
-    """Incremental spaces: read their change set, or turn them into full rewrites (feed unavailable, too many
-    changes, or — auto — a MERGE that would rewrite most files of an output without deletion vectors)."""
+    """Incremental spaces: read their change set, or turn them into full rewrites (feed unavailable, or — auto —
+    a full rewrite estimated cheaper, `_auto_by_cost`)."""
     incremental = at.spaces(INCREMENTAL)
     if not incremental:
         return
     changes = _changes_or_fallback(at.spark, at.cfg, at.source, at.state, incremental, at.actions, n_source)
     if changes is not None and at.cfg.backfill.incremental == "auto":
-        _full_if_merge_rewrites_most_files(at.spark, at.out, at.state, changes, incremental, at.actions)
+        _auto_by_cost(at, changes, incremental, n_source)
         if not at.spaces(INCREMENTAL):
             changes = None
     at.changes = changes
@@ -457,34 +457,39 @@ def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: Outp
             actions[j] = (FULL, f"{exc.reason}: full rewrite instead")
         log.warning("backfill: %s; spaces %s are rewritten in full", exc.reason, spaces)
         return None
-    changed = changes.upserts + changes.deletes
-    if cfg.backfill.incremental == "auto" and changed > cfg.backfill.incremental_max_fraction * n_source:
-        for j in spaces:
-            actions[j] = (FULL, f"{changed} changed rows > backfill.incremental_max_fraction of {n_source}: "
-                                "a full rewrite is cheaper")
-        log.info("backfill: %d changed rows of %d: full rewrite of %s", changed, n_source, spaces)
-        return None
     return changes
 
 
-def _full_if_merge_rewrites_most_files(spark, out_location: str, state: OutputState, changes, spaces: list[int],
-                                       actions: dict) -> None:
-    """auto: turn incremental spaces into full rewrites when the output has no deletion vectors and the
-    changes would touch most of its files (a copy-on-write MERGE rewrites every touched file, and joins)."""
-    deletion_vectors, n_files = output_layout(spark, out_location)
-    if deletion_vectors:
-        return
-    per_space = n_files / max(1, len(state.spaces))
+def _auto_by_cost(at: _Attempt, changes: ChangeSet, spaces: list[int], n_source: int) -> None:
+    """auto: MERGE the changes, or turn the incremental spaces into full rewrites, by the cost model
+    (`backfill_plan.estimate_incremental` against `estimate_full`: rows, changed ids, spaces, dimension, the
+    output's deletion vectors and files), logged with both estimates. Also full: more changed rows than
+    `backfill.incremental_max_fraction` of the source (when set), and without deletion vectors a MERGE that
+    would rewrite most of the spaces' files (it rewrites what a full rewrite would, and joins)."""
+    deletion_vectors, n_files = output_layout(at.spark, at.out, at.cfg.object_store_options or None)
     changed = changes.upserts + changes.deletes
-    share = merge_touched_share(changed, per_space)
-    if share <= MERGE_MAX_TOUCHED_SHARE:
+    dim = at.plan.kernel.dim_in
+    share = 1.0 if deletion_vectors else merge_touched_share(changed, n_files / max(1, len(at.state.spaces)))
+    full_s = estimate_full(n_source, len(spaces), dim)
+    incremental_s = estimate_incremental(n_source, len(spaces), dim, changed, deletion_vectors, share)
+    facts = (f"{changed} changed ids of {n_source} rows, {len(spaces)} space(s) of dimension {dim}, "
+             + ("deletion vectors" if deletion_vectors else f"no deletion vectors: ~{share:.0%} of the files touched"))
+    estimate = f"estimated {incremental_s:.1f} s incremental against {full_s:.1f} s full ({facts})"
+    cap = at.cfg.backfill.incremental_max_fraction
+    if cap is not None and changed > cap * n_source:
+        why = f"{changed} changed rows > backfill.incremental_max_fraction ({cap:g}) of {n_source}; {estimate}"
+    elif not deletion_vectors and share > MERGE_MAX_TOUCHED_SHARE:
+        why = (f"the output has no deletion vectors, so a MERGE would rewrite ~{share:.0%} of the spaces' files: "
+               f"a full rewrite is cheaper ({estimate}; backfill.deletion_vectors: true lets a MERGE cost what "
+               "changed)")
+    elif not prefer_incremental(incremental_s, full_s):
+        why = f"a full rewrite is cheaper: {estimate}"
+    else:
+        log.info("backfill: auto: spaces %s incremental: %s", spaces, estimate)
         return
-    why = (f"the output has no deletion vectors, so a MERGE would rewrite ~{share:.0%} of the ~{per_space:.0f} "
-           f"files per space for {changed} changed ids: a full rewrite is cheaper "
-           "(backfill.deletion_vectors: true lets a MERGE cost what changed)")
     for j in spaces:
-        actions[j] = (FULL, why)
-    log.info("backfill: spaces %s: %s", spaces, why)
+        at.actions[j] = (FULL, why)
+    log.info("backfill: auto: spaces %s rewritten in full: %s", spaces, why)
 
 
 def _good(plan: BackfillPlan):

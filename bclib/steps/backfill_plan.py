@@ -3,6 +3,8 @@
     plan_backfill(spark, cfg)        registry -> verified chains -> MultiSpaceKernel
     decide(state, desired, ...)      per space: skip (up to date) | incremental (source changed) | full
     merge_touched_share(c, F)        the share of F files a MERGE of c changed ids rewrites (auto's cost rule)
+    estimate_full / estimate_incremental / prefer_incremental
+                                     auto's cost model: seconds of each path, calibrated by the benchmarks
     txn_id(...)                      the Delta transaction id of one commit (exactly-once)
 
 Pure but for `plan_backfill`, which reads the registry.
@@ -112,3 +114,50 @@ def merge_touched_share(changed_ids: int, files: float) -> float:
     """
     files = max(1.0, float(files))
     return -math.expm1(-max(0, changed_ids) / files)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of a backfill, linear in what each path touches; auto compares the two (`prefer_incremental`).
+
+    Calibrated on the benchmark machine (2 cores, d = 256, 4 spaces, the arrow engine's full rewrite, an output
+    with deletion vectors): `benchmarks/results/incremental_slope.json` (1M and 2M rows at 1 % changed: full
+    18.1 s + 9.8 s per million rows, incremental 18.7 s + 3.5 s per million rows), `incremental.json` (2M rows
+    at 0.1 %, 1 % and 10 % changed: ~120 us per changed id over 4 spaces) and `incremental_no_dv.json` (1M rows,
+    no deletion vectors: a MERGE that touches every file took 4.6x the full rewrite). A cluster scales the
+    per-row terms of both paths alike, so the choice holds there; the fixed terms are this machine's."""
+
+    full_fixed_s: float = 18.1  # listing, checks, planning, the commit
+    full_s_per_million_row_spaces: float = 2.455  # 9.82 s per million rows / 4 spaces, at d = 256 (scales with d)
+    incremental_fixed_s: float = 18.7  # state, the change feed, checks, MERGE planning, the commit
+    incremental_s_per_million_row_spaces: float = 0.577  # the MERGE's scans of the output's id column
+    incremental_s_per_changed_space: float = 30e-6  # per changed id and space, at d = 256 (scales with d)
+    copy_on_write: float = 7.1  # no deletion vectors: a touched file costs this many times its full rewrite
+
+
+COST_MODEL = CostModel()
+# estimates within this fraction of each other are a tie, and a tie goes to the incremental path (it writes only
+# what changed: less storage and a shorter history to vacuum). Small tables, where both are their fixed costs
+COST_TIE = 0.10  # (~18 s each on 2 cores), are a tie.
+
+
+def estimate_full(rows: int, spaces: int, dim: int, model: CostModel = COST_MODEL) -> float:
+    """Seconds of a full rewrite of `spaces` spaces from `rows` source rows of dimension `dim` (`CostModel`)."""
+    return model.full_fixed_s + model.full_s_per_million_row_spaces * rows / 1e6 * spaces * dim / 256
+
+
+def estimate_incremental(rows: int, spaces: int, dim: int, changed: int, deletion_vectors: bool,
+                         touched_share: float = 1.0, model: CostModel = COST_MODEL) -> float:
+    """Seconds of a MERGE of `changed` ids into `spaces` spaces of a `rows`-row output (`CostModel`). Without
+    deletion vectors the MERGE also rewrites `touched_share` of the spaces' files (`merge_touched_share`),
+    each at `copy_on_write` times what the full rewrite pays for it."""
+    seconds = (model.incremental_fixed_s + model.incremental_s_per_million_row_spaces * rows / 1e6 * spaces
+               + model.incremental_s_per_changed_space * changed * spaces * dim / 256)
+    if not deletion_vectors:
+        seconds += touched_share * model.copy_on_write * (estimate_full(rows, spaces, dim, model) - model.full_fixed_s)
+    return seconds
+
+
+def prefer_incremental(incremental_s: float, full_s: float, tie: float = COST_TIE) -> bool:
+    """auto's choice: the incremental path unless the full rewrite is estimated cheaper by more than `tie`."""
+    return incremental_s <= full_s * (1.0 + tie)
