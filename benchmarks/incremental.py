@@ -128,19 +128,16 @@ def setup(spark, root: Path, source: Path, spaces: int, dim: int) -> None:
         for k in versions[1:]])
 
 
-def auto_picks(spark, location: str, spaces: int, changed: int, rows: int) -> str:
+def auto_picks(spark, location: str, spaces: int, changed: int, rows: int, dim: int = 256) -> str:
     """What `backfill.incremental: auto` with default settings would do with this output for `changed` ids
-    of a `rows`-row source (the step's two rules: changed fraction, then files touched without DVs)."""
+    of a `rows`-row source (`bclib.steps.backfill_plan.auto_choice`: the cost model and its two rules)."""
     from bclib.config import BackfillSettings
-    from bclib.steps.backfill_plan import MERGE_MAX_TOUCHED_SHARE, merge_touched_share
+    from bclib.steps.backfill_plan import auto_choice
     from bclib.tables.output import output_layout
 
-    if changed > BackfillSettings().incremental_max_fraction * rows:
-        return "full"
     deletion_vectors, files = output_layout(spark, location)
-    if deletion_vectors or merge_touched_share(changed, files / spaces) <= MERGE_MAX_TOUCHED_SHARE:
-        return "incremental"
-    return "full"
+    return auto_choice(rows, spaces, dim, changed, deletion_vectors, files / spaces,
+                       BackfillSettings().incremental_max_fraction)[0]
 
 
 def spark_jobs(spark) -> int:
@@ -261,7 +258,8 @@ def measure_size(spark, rows: int, args) -> list[dict]:
         for _ in range(args.repeats):
             round_seed += 1
             changed.append(change_source(spark, source, rows, args.dim, fraction, round_seed))
-            picks.append(auto_picks(spark, inc_cfg.output_location, args.spaces, sum(changed[-1].values()), rows))
+            picks.append(auto_picks(spark, inc_cfg.output_location, args.spaces, sum(changed[-1].values()), rows,
+                                      args.dim))
             inc, seconds, before, total = timed_backfill(spark, inc_cfg)
             inc_s.append(seconds)
             jobs_before.append(before)

@@ -33,8 +33,8 @@ from bclib.config import JobConfig
 from bclib.errors import DimensionMismatchError, EmptySourceError, IncrementalUnavailableError, NullIdError, \
     ShrinkGuardError, reraise_executor_errors
 from bclib.spark import SPLIT_BYTES, backfill_write_conf, default_parallelism, max_partition_num, session_conf
-from bclib.steps.backfill_plan import FULL, INCREMENTAL, MERGE_MAX_TOUCHED_SHARE, SKIP, BackfillPlan, decide, \
-    estimate_full, estimate_incremental, merge_touched_share, plan_backfill, prefer_incremental, txn_id
+from bclib.steps.backfill_plan import FULL, INCREMENTAL, SKIP, BackfillPlan, auto_choice, decide, plan_backfill, \
+    txn_id
 from bclib.steps.engines import batch_rows_for, choose_engine, to_spaces, write_full_arrow, write_full_spark
 from bclib.steps.gate import GateResult, raise_if_rejected, record_verdicts, run_gate
 from bclib.tables.changes import ChangeSet, ChangesUnavailable, read_changes
@@ -461,31 +461,15 @@ def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: Outp
 
 
 def _auto_by_cost(at: _Attempt, changes: ChangeSet, spaces: list[int], n_source: int) -> None:
-    """auto: MERGE the changes, or turn the incremental spaces into full rewrites, by the cost model
-    (`backfill_plan.estimate_incremental` against `estimate_full`: rows, changed ids, spaces, dimension, the
-    output's deletion vectors and files), logged with both estimates. Also full: more changed rows than
-    `backfill.incremental_max_fraction` of the source (when set), and without deletion vectors a MERGE that
-    would rewrite most of the spaces' files (it rewrites what a full rewrite would, and joins)."""
+    """auto: MERGE the changes, or turn the incremental spaces into full rewrites (`backfill_plan.auto_choice`:
+    the cost model over rows, changed ids, spaces, dimension and the output's deletion vectors and files),
+    logged with both estimates."""
     deletion_vectors, n_files = output_layout(at.spark, at.out, at.cfg.object_store_options or None)
-    changed = changes.upserts + changes.deletes
-    dim = at.plan.kernel.dim_in
-    share = 1.0 if deletion_vectors else merge_touched_share(changed, n_files / max(1, len(at.state.spaces)))
-    full_s = estimate_full(n_source, len(spaces), dim)
-    incremental_s = estimate_incremental(n_source, len(spaces), dim, changed, deletion_vectors, share)
-    facts = (f"{changed} changed ids of {n_source} rows, {len(spaces)} space(s) of dimension {dim}, "
-             + ("deletion vectors" if deletion_vectors else f"no deletion vectors: ~{share:.0%} of the files touched"))
-    estimate = f"estimated {incremental_s:.1f} s incremental against {full_s:.1f} s full ({facts})"
-    cap = at.cfg.backfill.incremental_max_fraction
-    if cap is not None and changed > cap * n_source:
-        why = f"{changed} changed rows > backfill.incremental_max_fraction ({cap:g}) of {n_source}; {estimate}"
-    elif not deletion_vectors and share > MERGE_MAX_TOUCHED_SHARE:
-        why = (f"the output has no deletion vectors, so a MERGE would rewrite ~{share:.0%} of the spaces' files: "
-               f"a full rewrite is cheaper ({estimate}; backfill.deletion_vectors: true lets a MERGE cost what "
-               "changed)")
-    elif not prefer_incremental(incremental_s, full_s):
-        why = f"a full rewrite is cheaper: {estimate}"
-    else:
-        log.info("backfill: auto: spaces %s incremental: %s", spaces, estimate)
+    choice, why = auto_choice(n_source, len(spaces), at.plan.kernel.dim_in, changes.upserts + changes.deletes,
+                              deletion_vectors, n_files / max(1, len(at.state.spaces)),
+                              at.cfg.backfill.incremental_max_fraction)
+    if choice == INCREMENTAL:
+        log.info("backfill: auto: spaces %s incremental: %s", spaces, why)
         return
     for j in spaces:
         at.actions[j] = (FULL, why)

@@ -3,8 +3,8 @@
     plan_backfill(spark, cfg)        registry -> verified chains -> MultiSpaceKernel
     decide(state, desired, ...)      per space: skip (up to date) | incremental (source changed) | full
     merge_touched_share(c, F)        the share of F files a MERGE of c changed ids rewrites (auto's cost rule)
-    estimate_full / estimate_incremental / prefer_incremental
-                                     auto's cost model: seconds of each path, calibrated by the benchmarks
+    auto_choice(...)                 auto's incremental/full choice by the cost model (estimate_full,
+                                     estimate_incremental, prefer_incremental), calibrated by the benchmarks
     txn_id(...)                      the Delta transaction id of one commit (exactly-once)
 
 Pure but for `plan_backfill`, which reads the registry.
@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from bclib.config import JobConfig
 from bclib.numerics.kernel import MultiSpaceKernel
@@ -161,3 +162,27 @@ def estimate_incremental(rows: int, spaces: int, dim: int, changed: int, deletio
 def prefer_incremental(incremental_s: float, full_s: float, tie: float = COST_TIE) -> bool:
     """auto's choice: the incremental path unless the full rewrite is estimated cheaper by more than `tie`."""
     return incremental_s <= full_s * (1.0 + tie)
+
+
+def auto_choice(rows: int, spaces: int, dim: int, changed: int, deletion_vectors: bool, files_per_space: float,
+                max_fraction: Optional[float] = None) -> tuple[str, str]:
+    """auto's choice for `spaces` incremental spaces: (INCREMENTAL or FULL, why, with both estimates).
+
+    FULL when more than `max_fraction` (None: no cap) of the `rows` changed, when without deletion vectors the
+    `changed` ids would touch more than MERGE_MAX_TOUCHED_SHARE of the `files_per_space` files (a copy-on-write
+    MERGE rewrites them and joins), or when the full rewrite is estimated cheaper beyond the tie margin."""
+    share = 1.0 if deletion_vectors else merge_touched_share(changed, files_per_space)
+    full_s = estimate_full(rows, spaces, dim)
+    incremental_s = estimate_incremental(rows, spaces, dim, changed, deletion_vectors, share)
+    facts = (f"{changed} changed ids of {rows} rows, {spaces} space(s) of dimension {dim}, "
+             + ("deletion vectors" if deletion_vectors else f"no deletion vectors: ~{share:.0%} of the files touched"))
+    estimate = f"estimated {incremental_s:.1f} s incremental against {full_s:.1f} s full ({facts})"
+    if max_fraction is not None and changed > max_fraction * rows:
+        return FULL, f"{changed} changed rows > backfill.incremental_max_fraction ({max_fraction:g}) of {rows}; {estimate}"
+    if not deletion_vectors and share > MERGE_MAX_TOUCHED_SHARE:
+        return FULL, (f"the output has no deletion vectors, so a MERGE would rewrite ~{share:.0%} of the spaces' "
+                      f"files: a full rewrite is cheaper ({estimate}; backfill.deletion_vectors: true lets a MERGE "
+                      "cost what changed)")
+    if not prefer_incremental(incremental_s, full_s):
+        return FULL, f"a full rewrite is cheaper: {estimate}"
+    return INCREMENTAL, estimate
