@@ -69,7 +69,7 @@ def _change_source(spark, cfg, seed: int, re_insert: bool = True):
 
 def test_the_cost_model_holds_its_calibration_and_breaks_even_near_6_percent():
     """auto's cost model (pure) against the benchmark figures it was calibrated on, within 15 %: the full
-    rewrite's fitted line (benchmarks/results/incremental_slope.json), the MERGE with deletion vectors at 1 %
+    rewrite's fitted line (benchmarks/results/incremental_calibration.json), the MERGE with deletion vectors at 1 %
     changed, the copy-on-write MERGE without them (incremental_no_dv.json); its choice: MERGE at 1-5 % changed,
     full at 10 % and more (2M rows as at a billion), a tie (MERGE) for small tables."""
     from pathlib import Path
@@ -77,7 +77,7 @@ def test_the_cost_model_holds_its_calibration_and_breaks_even_near_6_percent():
     from bclib.steps.backfill_plan import COST_MODEL, estimate_full, estimate_incremental, prefer_incremental
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-    slope = json.loads((results / "incremental_slope.json").read_text())
+    slope = json.loads((results / "incremental_calibration.json").read_text())
     assert COST_MODEL.full_fixed_s == pytest.approx(slope["full_fixed_seconds"], rel=0.15)
     assert 4 * COST_MODEL.full_s_per_million_row_spaces == pytest.approx(slope["full_slope_s_per_million"], rel=0.15)
     for rows, inc in zip(slope["sizes"], slope["incremental_seconds"]):
