@@ -333,6 +333,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-9, 2E3, .5e1
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to float)."""
     origin = typing.get_origin(tp)
@@ -367,6 +370,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return {str(k): str(v) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-9 as a string: an exponent needs a dot there
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"config key '{key}': expected int, found bool {value!r}")
     if not isinstance(value, tp):

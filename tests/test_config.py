@@ -81,6 +81,21 @@ def test_cli_override_reaches_the_config():
     assert cfg.fit.sample_size == 123 and cfg.transform.kind == "orthogonal"
 
 
+def test_a_float_in_exponent_notation_is_a_float_from_yaml_and_from_set():
+    """YAML 1.1 (PyYAML) reads `1e-2` (no dot) as a string; a float key takes it as the number it reads as, from
+    the file or from --set; a word stays refused by type and an unset value stays unset."""
+    from bclib.cli import resolve_config
+
+    local = str(REPO / "conf" / "local.yaml")
+    cfg = resolve_config(local, ["backfill.incremental_max_fraction=1e-2", "backfill.retry_backoff_seconds=2E1"])
+    assert cfg.backfill.incremental_max_fraction == 0.01 and cfg.backfill.retry_backoff_seconds == 20.0
+    assert resolve_config(local, ["backfill.incremental_max_fraction=null"]).backfill.incremental_max_fraction is None
+    with pytest.raises(ConfigError, match=r"incremental_max_fraction.*expected float, found str 'abc'"):
+        resolve_config(local, ["backfill.incremental_max_fraction=abc"])
+    with pytest.raises(ConfigError, match=r"incremental_max_fraction' = 2.0 is out of range"):
+        resolve_config(local, ["backfill.incremental_max_fraction=2e0"])
+
+
 # --------------------------------------------------------------------------- table locations
 
 

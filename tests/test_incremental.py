@@ -92,6 +92,11 @@ def test_the_cost_model_holds_its_calibration_and_breaks_even_near_6_percent():
         assert prefer_incremental(estimate_incremental(rows, 4, 256, rows // 20, True), full)
         assert not prefer_incremental(estimate_incremental(rows, 4, 256, rows // 10, True), full)
     assert prefer_incremental(estimate_incremental(1500, 2, 16, 1500, True), estimate_full(1500, 2, 16))
+    from bclib.steps.backfill_plan import auto_choice
+
+    choice, why = auto_choice(1501, 2, 32, 712, True, 1)  # half a small table changed: a tie, and it says so
+    assert choice == "incremental" and "a tie (within 10%), and a tie MERGEs" in why
+    assert auto_choice(1501, 2, 32, 712, True, 1, max_fraction=0.3)[0] == "full"
 
 
 def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark, published, tmp_path, caplog):

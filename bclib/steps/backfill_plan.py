@@ -187,4 +187,7 @@ def auto_choice(rows: int, spaces: int, dim: int, changed: int, deletion_vectors
                       "cost what changed)")
     if not prefer_incremental(incremental_s, full_s):
         return FULL, f"a full rewrite is cheaper: {estimate}"
+    if incremental_s > full_s:
+        return INCREMENTAL, (f"{estimate}: a tie (within {COST_TIE:.0%}), and a tie MERGEs: it writes only what "
+                             "changed (set backfill.incremental_max_fraction to cap the changed share)")
     return INCREMENTAL, estimate
