@@ -149,8 +149,8 @@ class BackfillSettings:
     # require: MERGE whenever the feed serves the range (whatever the changed fraction or layout), else fail with
     # IncrementalUnavailableError; off: always full rewrites
     incremental: Literal["auto", "require", "off"] = "auto"
-    # auto: more changed rows than this fraction of the source: full rewrite (measured at 2M x 256, 4 spaces, deletion
-    # vectors: a MERGE costs 0.6 of the arrow engine's full rewrite at 1 % changed and 1.3 at 10 %)
+    # auto decides by estimated cost (bclib.steps.backfill_plan.auto_choice); this optional cap also rewrites in
+    # full when more than this fraction of the source's rows changed
     incremental_max_fraction: Optional[float] = None  # auto: a cap on the changed share (None: the cost model decides)
     # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and
     # a deletion vector per touched file instead of rewriting those files (readers need Delta reader v3; the

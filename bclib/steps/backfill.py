@@ -304,7 +304,7 @@ def _settle_changes(at: _Attempt, n_source: int) -> None:
     incremental = at.spaces(INCREMENTAL)
     if not incremental:
         return
-    changes = _changes_or_fallback(at.spark, at.cfg, at.source, at.state, incremental, at.actions, n_source)
+    changes = _changes_or_fallback(at.spark, at.cfg, at.source, at.state, incremental, at.actions)
     if changes is not None and at.cfg.backfill.incremental == "auto":
         _auto_by_cost(at, changes, incremental, n_source)
         if not at.spaces(INCREMENTAL):
@@ -443,8 +443,9 @@ def _lineage(run_id: str, mode: str, written: list[int], source: VersionRead, ch
 
 
 def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: OutputState, spaces: list[int],
-                         actions: dict, n_source: int):
-    """The change set for the incremental spaces, or (auto) their actions turned into full rewrites."""
+                         actions: dict):
+    """The change set for the incremental spaces, or (auto, no feed for the range) their actions turned into
+    full rewrites."""
     start = min(int(state.space(j)["source_delta_version"]) for j in spaces) + 1
     try:
         changes = read_changes(spark, cfg, source.version, source.location, start, source.delta_version)
