@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# Spark defaults for every JVM the suite starts, in process or not (interpreted evaluation: see the file).
+# Set before any Spark starts; BCEMB_TEST_SPARK_CONF_DIR="" keeps the caller's (a run with codegen on).
+SPARK_CONF_DIR = os.environ.get("BCEMB_TEST_SPARK_CONF_DIR", str(REPO / "tests" / "spark_conf"))
+if SPARK_CONF_DIR:
+    os.environ["SPARK_CONF_DIR"] = SPARK_CONF_DIR
 JIT_FOR_TESTS = os.environ.get("BCEMB_SUBPROCESS_JIT", "-XX:TieredStopAtLevel=1")  # short-lived JVMs of subprocess tests: C1 alone starts faster
 # the session JVMs: tiered C1 + C2 and the throughput collector. C1 alone looked 7 % faster on two 3-minute
 # files but made the whole suite 50 % slower (25:33 -> 38:11, 2026-12-06: in-process tests ran ~2x longer once
@@ -165,7 +170,10 @@ def subprocess_jvm_options() -> str:
     from bclib.spark import delta_version, spark_version
 
     java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
-    key = hashlib.sha256(f"{java}|{spark_version()}|{delta_version()}|{JIT_FOR_TESTS}".encode()).hexdigest()[:16]
+    defaults = Path(SPARK_CONF_DIR, "spark-defaults.conf") if SPARK_CONF_DIR else None
+    defaults = defaults.read_text() if defaults and defaults.exists() else ""  # the classes a run loads follow it
+    key = hashlib.sha256(f"{java}|{spark_version()}|{delta_version()}|{JIT_FOR_TESTS}|{defaults}".encode()) \
+        .hexdigest()[:16]
     root = Path(os.path.expanduser("~/.cache/bcemb/jvm"))
     root.mkdir(parents=True, exist_ok=True)
     archive = root / f"spark-classes-{key}.jsa"
