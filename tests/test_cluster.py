@@ -28,7 +28,7 @@ import yaml
 
 from bclib.spark import cached_delta_jars, delta_maven_coordinates
 
-from conftest import JIT_FOR_TESTS, REPO, free_port, wait_port
+from conftest import JIT_FOR_TESTS, REPO, free_port, spark_submit_test_conf, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +99,7 @@ def _submit(url: str, env: dict, job: str, conf: Path, deps: list[str], cwd: Pat
            "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
            "--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=2",
            "--conf", "spark.cores.max=2",  # one executor with both cores: a JVM fewer on a 2-core machine
+           *spark_submit_test_conf(),
            "--conf", f"spark.driver.extraJavaOptions={jvm}", "--conf", f"spark.executor.extraJavaOptions={jvm}",
            *extra,
            "--py-files", str(cwd / "dist" / "bclib.zip"), str(REPO / "jobs" / f"{job}.py"), "--config", str(conf)]

@@ -23,7 +23,7 @@ import yaml
 
 from bclib.spark import cached_delta_jars, delta_maven_coordinates
 
-from conftest import REPO, assert_same_vectors, free_port, wait_port
+from conftest import REPO, assert_same_vectors, free_port, spark_submit_test_conf, wait_port
 
 SPARK_HOME = Path(__import__("pyspark").__file__).parent
 CONNECT_SERVER = "org.apache.spark.sql.connect.service.SparkConnectServer"
@@ -123,7 +123,7 @@ def connect_server(tmp_path_factory, subprocess_jvm_options):
            "--conf", "spark.driver.memory=2g", "--conf", "spark.ui.enabled=false",
            "--conf", "spark.databricks.delta.snapshotPartitions=4",
            "--conf", "spark.sql.sources.parallelPartitionDiscovery.parallelism=8",
-           "--conf", f"spark.driver.extraJavaOptions={jvm}"]
+           "--conf", f"spark.driver.extraJavaOptions={jvm}", *spark_submit_test_conf()]
     env = {**os.environ, "SPARK_HOME": str(SPARK_HOME), "PYSPARK_PYTHON": sys.executable,
            "SPARK_LOCAL_IP": "127.0.0.1", "OPENBLAS_NUM_THREADS": "1"}
     env.pop("PYSPARK_GATEWAY_PORT", None)
