@@ -158,22 +158,44 @@ def _failures(procs, results) -> str:
     return "\n---\n".join(parts)
 
 
-def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project, subprocess_jvm_options):
+def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project, capsys, monkeypatch):
+    """The CLI's exit code and the wait, run in this process (`bclib.cli.main`, the suite's session): the
+    holder is another Lease object, which is all a second process would see. The release happens once the
+    waiting run has been refused at least once (a seam on Lease.try_acquire, not a sleep). Two real
+    processes on one output: the tests below."""
+    import threading
+
+    from bclib.cli import main
     from bclib.tables.delta import table_exists
 
     path, out, n_src = project
     holder = Lease(str(out.parent / "_bcemb_leases" / "out"), 600).acquire()  # another bcemb process, as far as it can tell
+    refused_once = threading.Event()
+    try_acquire = Lease.try_acquire
+
+    def seam(self):
+        body = try_acquire(self)
+        if body is not None and self is not holder:
+            refused_once.set()
+        return body
+
+    monkeypatch.setattr(Lease, "try_acquire", seam)
+    results: dict = {}
     try:
-        refused = _bcemb(path, jvm_options=subprocess_jvm_options)
-        stdout, stderr = refused.communicate(timeout=600)
-        assert refused.returncode == 75, stderr[-2000:]
-        assert "LeaseHeldError" in stderr and "--wait-lease" in stderr
+        assert main(["backfill", "--config", str(path)]) == 75  # the exit code `bcemb backfill` returns
+        stderr = capsys.readouterr().err
+        assert "LeaseHeldError" in stderr and "--wait-lease" in stderr, stderr[-2000:]
         assert not table_exists(spark, str(out))  # nothing written
-        waiting = _bcemb(path, "--wait-lease", "600", jvm_options=subprocess_jvm_options)
+        refused_once.clear()
+        waiting = threading.Thread(target=lambda: results.update(
+            rc=main(["backfill", "--config", str(path), "--wait-lease", "600"])))
+        waiting.start()
+        assert refused_once.wait(timeout=300), "the waiting run never asked for the lease"
+        assert waiting.is_alive()  # it waits instead of exiting 75
     finally:
-        holder.release()  # whether the waiting run has reached its wait yet or not: it gets the lease
-    stdout, stderr = waiting.communicate(timeout=600)
-    assert waiting.returncode == 0, stderr[-2000:]
+        holder.release()  # the waiting run gets the lease at its next poll
+    waiting.join(timeout=600)
+    assert results.get("rc") == 0, (results, capsys.readouterr().err[-2000:])
     counts = {r.space_version: r["count"] for r in spark.read.format("delta").load(str(out))
               .groupBy("space_version").count().collect()}
     assert counts == {0: n_src, 1: n_src}
