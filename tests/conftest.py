@@ -32,7 +32,9 @@ def spark_submit_test_conf() -> list[str]:
     return [arg for key, value in TEST_SQL_CONF.items() for arg in ("--conf", f"{key}={value}")]
 
 
-os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join([*spark_submit_test_conf(), "pyspark-shell"])
+# ahead of a caller's own PYSPARK_SUBMIT_ARGS (kept: a later --conf of the same key wins), else the default's
+os.environ["PYSPARK_SUBMIT_ARGS"] = " ".join([*spark_submit_test_conf(),
+                                              os.environ.get("PYSPARK_SUBMIT_ARGS") or "pyspark-shell"])
 JIT_FOR_TESTS = os.environ.get("BCEMB_SUBPROCESS_JIT", "-XX:TieredStopAtLevel=1")  # short-lived JVMs of subprocess tests: C1 alone starts faster
 # the session JVMs: tiered C1 + C2 and the throughput collector. C1 alone looked 7 % faster on two 3-minute
 # files but made the whole suite 50 % slower (25:33 -> 38:11, 2026-12-06: in-process tests ran ~2x longer once
