@@ -158,7 +158,7 @@ def _failures(procs, results) -> str:
     return "\n---\n".join(parts)
 
 
-def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project, capsys, monkeypatch):
+def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project, capsys, monkeypatch, tmp_path):
     """The CLI's exit code and the wait, run in this process (`bclib.cli.main`, the suite's session): the
     holder is another Lease object, which is all a second process would see. The release happens once the
     waiting run has been refused at least once (a seam on Lease.try_acquire, not a sleep). Two real
@@ -168,8 +168,13 @@ def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project
     from bclib.cli import main
     from bclib.tables.delta import table_exists
 
-    path, out, n_src = project
-    holder = Lease(str(out.parent / "_bcemb_leases" / "out"), 600).acquire()  # another bcemb process, as far as it can tell
+    project_path, _, n_src = project
+    data = yaml.safe_load(project_path.read_text())
+    out = tmp_path / "out1"  # an output of its own: the test can run again on the same module fixture
+    data["output_location"] = str(out)
+    path = tmp_path / "held.yaml"
+    path.write_text(yaml.safe_dump(data))
+    holder = Lease(str(out.parent / "_bcemb_leases" / "out1"), 600).acquire()  # another bcemb process, as far as it can tell
     refused_once = threading.Event()
     try_acquire = Lease.try_acquire
 
