@@ -137,7 +137,15 @@ def project(spark, tmp_path_factory):
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     n_src = spark.read.format("delta").load(cfg.version_location(2)).count()
-    return path, tmp / "out", n_src
+    return path, n_src
+
+
+def _with_output(path, output, dest):
+    """The project's job config with `output_location` = output, written to dest (returned)."""
+    data = yaml.safe_load(path.read_text())
+    data["output_location"] = str(output)
+    dest.write_text(yaml.safe_dump(data))
+    return dest
 
 
 def _bcemb(path, *args, jvm_options=""):
@@ -168,12 +176,9 @@ def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project
     from bclib.cli import main
     from bclib.tables.delta import table_exists
 
-    project_path, _, n_src = project
-    data = yaml.safe_load(project_path.read_text())
+    project_path, n_src = project
     out = tmp_path / "out1"  # an output of its own: the test can run again on the same module fixture
-    data["output_location"] = str(out)
-    path = tmp_path / "held.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = _with_output(project_path, out, tmp_path / "held.yaml")
     holder = Lease(str(out.parent / "_bcemb_leases" / "out1"), 600).acquire()  # another bcemb process, as far as it can tell
     refused_once = threading.Event()
     try_acquire = Lease.try_acquire
@@ -207,11 +212,8 @@ def test_a_held_lease_makes_backfill_exit_75_and_wait_lease_waits(spark, project
 
 
 def test_two_backfill_processes_on_one_output_write_once(spark, project, subprocess_jvm_options, tmp_path):
-    path, _, n_src = project
-    data = yaml.safe_load(path.read_text())
-    data["output_location"] = str(tmp_path / "out2")
-    both = tmp_path / "both.yaml"
-    both.write_text(yaml.safe_dump(data))
+    path, n_src = project
+    both = _with_output(path, tmp_path / "out2", tmp_path / "both.yaml")
     procs = [_bcemb(both, "--wait-lease", "600", jvm_options=subprocess_jvm_options) for _ in range(2)]
     results = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
@@ -251,7 +253,7 @@ def test_two_processes_on_one_output_on_an_s3_compatible_store_lose_no_commit(pr
     newest lease object), so each engine's S3 write is the one tested in one of the two cases."""
     from deltalake import DeltaTable
 
-    path, _, n_src = project
+    path, n_src = project
     data = yaml.safe_load(path.read_text())
     output = f"s3a://bcemb-lease/warehouse/out_{first}"
     data["output_location"] = output
@@ -303,7 +305,7 @@ def test_a_lease_lost_before_the_commit_stops_the_run_and_writes_nothing(spark, 
     from bclib.tables import commits
     from bclib.tables.delta import table_exists
 
-    path, _, _ = project
+    path, _ = project
     data = yaml.safe_load(path.read_text())
     data["output_location"] = str(tmp_path / "out3")
     from bclib.config import config_from_dict
