@@ -9,11 +9,13 @@ import json
 import re
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from bclib.errors import IncrementalUnavailableError, ShrinkGuardError
 from bclib.steps.backfill import run_backfill
-from bclib.tables.delta import current_delta_version, delta_table
+from bclib.tables.delta import current_delta_version, delta_table, log_partition_rows
+from bclib.tables.delta_rs import open_table
 
 from conftest import assert_same_vectors, generated_and_fitted, small_config
 
@@ -103,9 +105,10 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
     tmp, cfg = published
     _change_source(spark, cfg, seed=1)
     before = current_delta_version(spark, cfg.output_location)
-    with caplog.at_level("INFO", logger="bclib.steps.backfill"):
+    with caplog.at_level("INFO", logger="bclib"):
         result = run_backfill(spark, cfg)
     assert {a for a, _ in result.actions.values()} == {"incremental"} and result.commits == 1
+    assert re.search(r"the MERGE source \(\d+ rows <= \d+\) is broadcast", caplog.text), caplog.text
     assert re.search(r"auto: spaces \[0, 1\] incremental: estimated [\d.]+ s incremental against [\d.]+ s full "
                      r"\(\d+ changed ids of \d+ rows, 2 space\(s\) of dimension \d+, deletion vectors\)",
                      caplog.text), caplog.text
@@ -114,6 +117,12 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
     meta = json.loads(last.userMetadata)
     assert last.operation == "MERGE" and meta["mode"] == "incremental"
     assert meta["source"]["from_delta_version"] < meta["source"]["delta_version"]
+    # the log answers rows per space of an output with deletion vectors (no Spark job): each file's numRecords
+    # less the rows its deletion vector removes, as Spark counts them
+    assert pa.table(open_table(cfg.output_location).deletion_vectors()).num_rows > 0
+    counted = {r.space_version: r["count"] for r in
+               spark.read.format("delta").load(cfg.output_location).groupBy("space_version").count().collect()}
+    assert log_partition_rows(spark, cfg.output_location, "space_version") == counted
     full_cfg = small_config(tmp, output_location=str(tmp_path / "full"), evaluate={"label_location": None})
     run_backfill(spark, full_cfg)
     _same_content(spark, cfg.output_location, full_cfg.output_location)
@@ -132,9 +141,11 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
 
 
 def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_same_content(spark, published,
-                                                                                            tmp_path, caplog):
+                                                                                            tmp_path, caplog,
+                                                                                            monkeypatch):
     """A copy-on-write MERGE of ids spread over every file rewrites every file: auto does a full rewrite
-    instead (logged, with the share of files touched); `require` still MERGEs, to the same content."""
+    instead (logged, with the share of files touched); `require` still MERGEs, to the same content, here with
+    a change set beyond the broadcast bound (the MERGE's joins as Spark plans them)."""
     from bclib.steps.backfill_plan import merge_touched_share
 
     assert merge_touched_share(10, 1000) == pytest.approx(0.00995, rel=1e-3)
@@ -152,8 +163,12 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
     assert {a for a, _ in result.actions.values()} == {"full"}
     assert "no deletion vectors, so a MERGE would rewrite ~100% of the" in caplog.text
     _change_source(spark, cfg, seed=4)
-    result = run_backfill(spark, required)
+    monkeypatch.setattr("bclib.tables.output.MERGE_BROADCAST_ROWS", 0)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bclib.tables.output"):
+        result = run_backfill(spark, required)
     assert {a for a, _ in result.actions.values()} == {"incremental"}
+    assert "is broadcast" not in caplog.text
     assert delta_table(spark, required.output_location).history(1).first().operation == "MERGE"
     reference = small_config(tmp, output_location=str(tmp_path / "ref"), evaluate={"label_location": None})
     run_backfill(spark, reference)

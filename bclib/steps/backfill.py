@@ -413,7 +413,8 @@ def _commit_changes(at: _Attempt) -> None:
     change_rows = _change_rows(changes.df, sub, at.quarantine is not None)
     batch_rows = batch_rows_for(at.cfg, at.plan)
     with session_conf(at.spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
-        n = merge_changes(at.spark, change_rows, at.out, incremental, lineage, txn, at.base.delta_version)
+        n = merge_changes(at.spark, change_rows, at.out, incremental, lineage, txn, at.base.delta_version,
+                          source_rows=(changes.upserts + changes.deletes) * len(incremental))
     _count_commit(at, n)
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Optional, TypeVar
+from urllib.parse import unquote
 
 from bclib.errors import MissingColumnError, MissingTableError, error_class
 from bclib.spark import is_connect
@@ -163,9 +164,10 @@ def log_row_count(spark, location: str, delta_version: Optional[int] = None,
                   storage_options: Optional[dict] = None) -> Optional[int]:
     """The table's rows at `delta_version` (None: the latest) from its log: the sum of the live files'
     `numRecords` statistics, as Delta's own metadata-only `count()` answers it, read by delta-rs where this
-    process reads the log directly (`_log_reader`): no Spark job. None when the log cannot answer so (no direct
-    reader, a file without statistics, a table with deletion vectors, whose cardinalities delta-rs does not
-    expose): count through Spark then."""
+    process reads the log directly (`_log_reader`): no Spark job. A table with deletion vectors: each file's
+    `numRecords` less the rows its deletion vector removes (`_deleted_rows`). None when the log cannot answer so
+    (no direct reader, a file without statistics, deletion vectors delta-rs cannot read): count through Spark
+    then."""
     rows = log_partition_rows(spark, location, None, delta_version, storage_options)
     return None if rows is None else sum(rows.values())
 
@@ -190,24 +192,54 @@ def log_partition_rows(spark, location: str, column: Optional[str], delta_versio
     """{value of the partition column `column`: rows} of the table at `delta_version` from its log's per-file
     `numRecords` (`column` None: {None: all rows}); None when the log cannot answer (see `log_row_count`)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     reader = _log_reader(spark, location, storage_options, delta_version)
-    if reader is None or "deletionVectors" in (reader.protocol().reader_features or []):
+    if reader is None:
         return None
     adds = pa.table(reader.get_add_actions(flatten=True))
     if not adds.num_rows:
         return {}
     if "num_records" not in adds.column_names or adds.column("num_records").null_count:
         return None
-    if column is None:
-        return {None: int(pc.sum(adds.column("num_records")).as_py())}
-    if f"partition.{column}" not in adds.column_names:
+    if column is not None and f"partition.{column}" not in adds.column_names:
         return None
+    records = adds.column("num_records").to_pylist()
+    if "deletionVectors" in (reader.protocol().reader_features or []):
+        deleted = _deleted_rows(reader)
+        if deleted is None:
+            return None
+        base = reader.table_uri.rstrip("/") + "/"
+        records = [n - deleted.get(unquote(base + p), 0) for n, p in zip(records, adds.column("path").to_pylist())]
+    if column is None:
+        return {None: int(sum(records))}
     out: dict = {}
-    for key, n in zip(adds.column(f"partition.{column}").to_pylist(), adds.column("num_records").to_pylist()):
+    for key, n in zip(adds.column(f"partition.{column}").to_pylist(), records):
         out[key] = out.get(key, 0) + int(n)
     return out
+
+
+def _deleted_rows(reader) -> Optional[dict]:
+    """{data file URI (percent-decoded): rows its deletion vector removes} of a delta-rs table: each live file's
+    deletion vector read as delta-rs exposes it (`DeltaTable.deletion_vectors()`, a selection vector per file
+    that has one, False for a deleted row). None when delta-rs cannot read them (count through Spark then)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        dvs = pa.table(reader.deletion_vectors())
+    except Exception as exc:  # noqa: BLE001 - any failure: the caller counts through Spark instead
+        log.debug("delta-rs cannot read the deletion vectors of %s (%s): counting through Spark", reader.table_uri, exc)
+        return None
+    if not dvs.num_rows:
+        return {}
+    selection = dvs.column("selection_vector").combine_chunks()
+    kept = pa.table({"file": pc.list_parent_indices(selection),
+                     "kept": pc.cast(pc.list_flatten(selection), pa.int64())}).group_by("file").aggregate(
+        [("kept", "sum")])
+    kept_by_file = dict(zip(kept.column("file").to_pylist(), kept.column("kept_sum").to_pylist()))
+    lengths = pc.list_value_length(selection).to_pylist()
+    return {unquote(uri): int(n - kept_by_file.get(i, 0))
+            for i, (uri, n) in enumerate(zip(dvs.column("filepath").to_pylist(), lengths))}
 
 
 @dataclass(frozen=True)

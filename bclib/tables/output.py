@@ -336,19 +336,37 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
     return _committed_rows(spark, location, before, lineage)
 
 
+MERGE_BROADCAST_ROWS = 4_000_000  # a MERGE source of at most this many rows is broadcast (see merge_changes)
+
+
 def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict,
-                  txn: tuple[str, int], read_version: Optional[int] = None) -> Optional[int]:
+                  txn: tuple[str, int], read_version: Optional[int] = None,
+                  source_rows: Optional[int] = None) -> Optional[int]:
     """Apply a change set to `spaces` in one MERGE commit; returns rows inserted + updated + deleted, None
     when no commit was recorded (see _committed_rows).
 
     changes: output columns plus `_op` ('upsert' | 'delete') with one row per (id, space_version);
     matched upserts update, unmatched upserts insert, matched deletes delete. The commit rule runs first
     against `read_version` (see write_full); the MERGE's own conflict check covers its read-to-commit window.
+
+    `source_rows` (the rows of `changes`, when known) of at most MERGE_BROADCAST_ROWS: the source carries a
+    broadcast hint, which Delta keeps on its materialized source. Delta's MERGE then finds the touched files
+    and writes their deletion vectors with broadcast hash joins (each task joins its target files' `id`
+    column against the change set's keys) instead of shuffling every target row's id to a sort-merge join;
+    measured at 1M source rows x 4 spaces, 1 % changed: the MERGE 7.4 s -> 5.4 s. Its middle join (the
+    changed rows, a left outer join from the source) cannot broadcast its left side and keeps its shuffle.
+    The keys are what is broadcast (space_version, id: ~24 bytes a row in Spark's hash relation), so the bound
+    keeps the driver's share small; a larger change set is joined as Spark plans it.
     """
+    from pyspark.sql import functions as F
+
     spaces_sql = ", ".join(str(int(s)) for s in spaces)
     columns = [c for c in OUTPUT_COLUMNS]
     check_commit(spark, location, read_version, spaces, f"incremental MERGE into spaces {list(spaces)}")
     before = _version_or_none(spark, location)
+    if source_rows is not None and source_rows <= MERGE_BROADCAST_ROWS:
+        changes = F.broadcast(changes)
+        log.info("output: the MERGE source (%d rows <= %d) is broadcast", source_rows, MERGE_BROADCAST_ROWS)
     with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])):
         cols = [quoted_column(c) for c in columns]
         merge(spark, location, changes,
