@@ -495,3 +495,23 @@ def quiet_task_failure_logs(spark) -> bool:
         return True
     except Exception:  # Spark Connect, or another logging backend: leave Spark's logging as it is
         return False
+
+
+@contextmanager
+def logger_level(spark, name: str, level: str):
+    """Set the driver's log4j2 logger `name` to `level` (ERROR, FATAL, ...) inside the block, then back to its
+    previous level (`Configurator.setLevel`). Classic sessions only: on Spark Connect (no JVM handle) or another
+    logging backend the block runs with logging as it is."""
+    configurator = previous = None
+    try:
+        jvm = spark.sparkContext._jvm
+        previous = jvm.org.apache.logging.log4j.LogManager.getLogger(name).getLevel()
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, jvm.org.apache.logging.log4j.Level.toLevel(level))
+        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+    except Exception:  # noqa: BLE001 - Spark Connect, or another logging backend: logging stays as it is
+        configurator = None
+    try:
+        yield
+    finally:
+        if configurator is not None:
+            configurator.setLevel(name, previous)

@@ -136,3 +136,21 @@ def test_the_cli_quiets_the_loggers_that_print_a_failed_tasks_traceback(spark):
     assert quiet_task_failure_logs(spark)
     manager = spark.sparkContext._jvm.org.apache.logging.log4j.LogManager
     assert {str(manager.getLogger(name).getLevel()) for name in TASK_FAILURE_LOGGERS} == {"FATAL"}
+
+
+def test_logger_level_holds_inside_the_block_and_restores_the_previous_level(spark):
+    """The MERGE quiets Spark's hint warnings for its own queries only (bclib.spark.logger_level)."""
+    from bclib.spark import logger_level
+    from bclib.tables.output import HINT_LOGGER
+
+    def level():
+        return str(spark.sparkContext._jvm.org.apache.logging.log4j.LogManager.getLogger(HINT_LOGGER).getLevel())
+
+    before = level()
+    with logger_level(spark, HINT_LOGGER, "ERROR"):
+        assert level() == "ERROR"
+    assert level() == before
+    with pytest.raises(RuntimeError):
+        with logger_level(spark, HINT_LOGGER, "FATAL"):
+            raise RuntimeError("the block's own error")
+    assert level() == before

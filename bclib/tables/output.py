@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 from bclib.errors import OutputLocationError
 from bclib.numerics.records import TransformRecord, chain_id
-from bclib.spark import commit_conf, is_connect, session_conf
+from bclib.spark import commit_conf, is_connect, logger_level, session_conf
 from bclib.tables.commits import check_commit
 from bclib.tables.delta import commits, create_table, current_delta_version, detail as table_detail, \
     is_path, log_detail, log_partition_rows, merge, quoted_column, read_delta, save, table_exists
@@ -337,6 +337,7 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
 
 
 MERGE_BROADCAST_ROWS = 4_000_000  # a MERGE source of at most this many rows is broadcast (see merge_changes)
+HINT_LOGGER = "org.apache.spark.sql.catalyst.analysis.HintErrorLogger"
 
 
 def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict,
@@ -367,7 +368,9 @@ def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage:
     if source_rows is not None and source_rows <= MERGE_BROADCAST_ROWS:
         changes = F.broadcast(changes)
         log.info("output: the MERGE source (%d rows <= %d) is broadcast", source_rows, MERGE_BROADCAST_ROWS)
-    with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])):
+    # Spark warns on every MERGE query where the hint cannot apply (its left outer join): expected, not the user's
+    with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])), \
+            logger_level(spark, HINT_LOGGER, "ERROR"):
         cols = [quoted_column(c) for c in columns]
         merge(spark, location, changes,
               f"t.space_version IN ({spaces_sql}) AND t.space_version = s.space_version AND t.id = s.id",
