@@ -19,7 +19,8 @@ Each incremental run also counts its Spark jobs before the MERGE (`spark_jobs_be
 seam). With two or more --rows the medians at --slope-fraction are fitted as time = a + b * N for both paths:
 `incremental_slope_s_per_million`, `full_slope_s_per_million`, `marginal_ratio` (their ratio: what a
 billion-row table feels) and `fixed_seconds` (the incremental intercept). Writes benchmarks/results/
-incremental.json (one size), incremental_slope.json (several), incremental_no_dv.json (--no-deletion-vectors);
+incremental.json (one size), incremental_slope.json (several), incremental_no_dv.json (--no-deletion-vectors),
+or --output;
 a list `runs`, one entry per size and changed fraction, and prints a table.
 """
 
@@ -301,6 +302,8 @@ def main() -> None:
     parser.add_argument("--check-sample", type=float, default=1.0,
                         help="compare the vectors of this share of the ids (by hash); every (space, id) is always "
                              "compared by count and an exact id checksum")
+    parser.add_argument("--output", help="the results file's name under benchmarks/results (default: incremental.json "
+                                         "for one size, incremental_slope.json for several, incremental_no_dv.json)")
     parser.add_argument("--driver-memory", default="6g")
     parser.add_argument("--keep-data", action="store_true")
     args = parser.parse_args()
@@ -314,8 +317,8 @@ def main() -> None:
                                         conf={"spark.driver.memory": args.driver_memory}))
     runs = []
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = ("incremental_slope.json" if len(args.rows) > 1 else "incremental.json") if args.deletion_vectors \
-        else "incremental_no_dv.json"
+    name = args.output or (("incremental_slope.json" if len(args.rows) > 1 else "incremental.json")
+                           if args.deletion_vectors else "incremental_no_dv.json")
     for rows in args.rows:
         runs += measure_size(spark, rows, args)
         slope = slope_summary(runs, args.slope_fraction)  # written after each size: a long run keeps what it has

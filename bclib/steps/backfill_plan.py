@@ -122,26 +122,28 @@ class CostModel:
     """Seconds of a backfill, linear in what each path touches; auto compares the two (`prefer_incremental`).
 
     Calibrated on the benchmark machine (2 cores, d = 256, 4 spaces, the arrow engine's full rewrite, an output
-    with deletion vectors): `benchmarks/results/incremental_calibration.json` (`benchmarks/incremental.py` at 1M
-    and 2M rows, 1 % changed, 2026-12-06: full 18.1 s + 9.8 s per million rows, incremental 18.7 s + 3.5 s per
-    million rows), `incremental.json` (2M rows at 0.1 %, 1 % and 10 % changed: ~120 us per changed id over 4
-    spaces) and `incremental_no_dv.json` (1M rows, no deletion vectors: a MERGE that touches every file took
-    4.6x the full rewrite). The three-size slope run (`incremental_slope.json`, 1M/2M/4M) found the full
-    rewrite 20 % above the model at 4M, the MERGE 8 % above: both lean the same way. A cluster scales the
-    per-row terms of both paths alike, so the choice holds there; the fixed terms are this machine's."""
+    with deletion vectors, 2026-12-07) by least squares over every size and changed share measured with the
+    same code: `benchmarks/results/incremental_slope.json` (1M, 2M and 4M rows at 1 % changed),
+    `incremental.json` (2M rows at 0.1 %, 1 % and 10 % changed) and `incremental_small.json` (20,000 rows at
+    1 %); every point within 17 % of its model. `incremental_no_dv.json` (1M rows, no deletion vectors: a MERGE
+    that touches every file took 4.6x the full rewrite) sets `copy_on_write`, as that ratio. A cluster scales
+    the per-row terms of both paths alike, so the choice holds there; the fixed terms are this machine's."""
 
-    full_fixed_s: float = 18.1  # listing, checks, planning, the commit
-    full_s_per_million_row_spaces: float = 2.455  # 9.82 s per million rows / 4 spaces, at d = 256 (scales with d)
-    incremental_fixed_s: float = 18.7  # state, the change feed, checks, MERGE planning, the commit
-    incremental_s_per_million_row_spaces: float = 0.577  # the MERGE's scans of the output's id column
-    incremental_s_per_changed_space: float = 30e-6  # per changed id and space, at d = 256 (scales with d)
-    copy_on_write: float = 7.1  # no deletion vectors: a touched file costs this many times its full rewrite
+    full_fixed_s: float = 1.52  # listing, checks, planning, the commit
+    full_s_per_million_row_spaces: float = 2.259  # 9.04 s per million rows / 4 spaces, at d = 256 (scales with d)
+    incremental_fixed_s: float = 5.08  # state, the change feed, checks, MERGE planning, the commit
+    incremental_s_per_million_row_spaces: float = 0.408  # the MERGE's scans and join of the output's id column
+    incremental_s_per_changed_space: float = 30.6e-6  # per changed id and space, at d = 256 (scales with d)
+    copy_on_write: float = 4.6  # no deletion vectors: a touched file costs this many times its full rewrite
 
 
 COST_MODEL = CostModel()
-# estimates within this fraction of each other are a tie, and a tie goes to the incremental path (it writes only
-# what changed: less storage and a shorter history to vacuum). Small tables, where both are their fixed costs
-COST_TIE = 0.10  # (~18 s each on 2 cores), are a tie.
+# estimates within this fraction, or these seconds, of each other are a tie, and a tie goes to the incremental
+# path: it writes only what changed (less storage, a shorter history to vacuum, a change feed of the output that
+# names only the changed rows). On small tables both paths are a few seconds of fixed cost (20,000 rows: 4.4 s
+# MERGE, 1.7 s full), which a daily job does not feel; a billion-row table is decided by the relative margin.
+COST_TIE = 0.10
+COST_TIE_SECONDS = 5.0
 
 
 def estimate_full(rows: int, spaces: int, dim: int, model: CostModel = COST_MODEL) -> float:
@@ -161,9 +163,11 @@ def estimate_incremental(rows: int, spaces: int, dim: int, changed: int, deletio
     return seconds
 
 
-def prefer_incremental(incremental_s: float, full_s: float, tie: float = COST_TIE) -> bool:
-    """auto's choice: the incremental path unless the full rewrite is estimated cheaper by more than `tie`."""
-    return incremental_s <= full_s * (1.0 + tie)
+def prefer_incremental(incremental_s: float, full_s: float, tie: float = COST_TIE,
+                       tie_seconds: float = COST_TIE_SECONDS) -> bool:
+    """auto's choice: the incremental path unless the full rewrite is estimated cheaper by more than `tie` (a
+    fraction) and by more than `tie_seconds`."""
+    return incremental_s <= full_s * (1.0 + tie) or incremental_s - full_s <= tie_seconds
 
 
 def auto_choice(rows: int, spaces: int, dim: int, changed: int, deletion_vectors: bool, files_per_space: float,
@@ -188,6 +192,7 @@ def auto_choice(rows: int, spaces: int, dim: int, changed: int, deletion_vectors
     if not prefer_incremental(incremental_s, full_s):
         return FULL, f"a full rewrite is cheaper: {estimate}"
     if incremental_s > full_s:
-        return INCREMENTAL, (f"{estimate}: a tie (within {COST_TIE:.0%}), and a tie MERGEs: it writes only what "
+        return INCREMENTAL, (f"{estimate}: a tie (within {COST_TIE:.0%} or {COST_TIE_SECONDS:g} s), and a tie "
+                             "MERGEs: it writes only what "
                              "changed (set backfill.incremental_max_fraction to cap the changed share)")
     return INCREMENTAL, estimate

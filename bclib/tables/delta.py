@@ -209,7 +209,12 @@ def log_partition_rows(spark, location: str, column: Optional[str], delta_versio
         if deleted is None:
             return None
         base = reader.table_uri.rstrip("/") + "/"
-        records = [n - deleted.get(unquote(base + p), 0) for n, p in zip(records, adds.column("path").to_pylist())]
+        uris = [unquote(base + p) for p in adds.column("path").to_pylist()]
+        if not set(deleted) <= set(uris):  # a vector whose file this listing does not name: let Spark count
+            log.debug("deletion vectors of %s name files its add actions do not: counting through Spark",
+                      reader.table_uri)
+            return None
+        records = [n - deleted.get(uri, 0) for n, uri in zip(records, uris)]
     if column is None:
         return {None: int(sum(records))}
     out: dict = {}
