@@ -499,19 +499,28 @@ def quiet_task_failure_logs(spark) -> bool:
 
 @contextmanager
 def logger_level(spark, name: str, level: str):
-    """Set the driver's log4j2 logger `name` to `level` (ERROR, FATAL, ...) inside the block, then back to its
-    previous level (`Configurator.setLevel`). Classic sessions only: on Spark Connect (no JVM handle) or another
-    logging backend the block runs with logging as it is."""
-    configurator = previous = None
+    """Set the driver's log4j2 logger `name` to `level` (ERROR, FATAL, ...) inside the block, then undo it
+    (`Configurator.setLevel`): a logger configured before gets its level back, one that only inherited its
+    level loses the setting again, so it follows the root level (`sc.setLogLevel`) as before. Classic sessions
+    only: on Spark Connect (no JVM handle) or another logging backend the block runs with logging as it is."""
+    undo = None
     try:
         jvm = spark.sparkContext._jvm
-        previous = jvm.org.apache.logging.log4j.LogManager.getLogger(name).getLevel()
-        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, jvm.org.apache.logging.log4j.Level.toLevel(level))
-        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
+        log4j = jvm.org.apache.logging.log4j
+        context = log4j.core.LoggerContext.getContext(False)
+        config = context.getConfiguration()
+        if config.getLoggers().containsKey(name):
+            previous = log4j.LogManager.getLogger(name).getLevel()
+            undo = lambda: log4j.core.config.Configurator.setLevel(name, previous)  # noqa: E731
+        else:
+            def undo():
+                config.removeLogger(name)
+                context.updateLoggers()
+        log4j.core.config.Configurator.setLevel(name, log4j.Level.toLevel(level))
     except Exception:  # noqa: BLE001 - Spark Connect, or another logging backend: logging stays as it is
-        configurator = None
+        undo = None
     try:
         yield
     finally:
-        if configurator is not None:
-            configurator.setLevel(name, previous)
+        if undo is not None:
+            undo()

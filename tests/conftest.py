@@ -73,6 +73,7 @@ SLOW_TESTS = (
     "tests/test_incremental.py::test_maintain_compacts_and_vacuums",  # 28 s
     "tests/test_incremental.py::test_without_change_data_feed",  # 24 s
     "tests/test_incremental.py::test_a_retried_commit_is_skipped",  # 20 s
+    "tests/test_incremental.py::test_a_source_with_deletion_vectors",  # 27 s
     "tests/test_concurrent_writers.py::test_a_concurrent_commit_to_the_spaces_makes_the_rewrite_replan[insert_only",
     "tests/test_concurrent_writers.py::test_a_concurrent_commit_to_the_spaces_makes_the_rewrite_replan[overwrite",
     "tests/test_concurrent_writers.py::test_a_concurrent_commit_to_the_spaces_makes_the_rewrite_replan[property",

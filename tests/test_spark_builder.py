@@ -146,10 +146,22 @@ def test_logger_level_holds_inside_the_block_and_restores_the_previous_level(spa
     def level():
         return str(spark.sparkContext._jvm.org.apache.logging.log4j.LogManager.getLogger(HINT_LOGGER).getLevel())
 
-    before = level()
-    with logger_level(spark, HINT_LOGGER, "ERROR"):
-        assert level() == "ERROR"
-    assert level() == before
+    log4j = spark.sparkContext._jvm.org.apache.logging.log4j
+
+    def configured():  # a logger of its own in log4j's configuration (else it follows the root level)
+        return bool(log4j.core.LoggerContext.getContext(False).getConfiguration().getLoggers().containsKey(HINT_LOGGER))
+
+    before, own = level(), configured()
+    with logger_level(spark, HINT_LOGGER, "FATAL"):
+        assert level() == "FATAL"
+    assert level() == before and configured() == own
+    if not own:  # an inherited level stays inherited: the root level set later still applies to it
+        root = str(log4j.LogManager.getRootLogger().getLevel())
+        spark.sparkContext.setLogLevel("INFO")
+        try:
+            assert level() == "INFO"
+        finally:
+            spark.sparkContext.setLogLevel(root)
     with pytest.raises(RuntimeError):
         with logger_level(spark, HINT_LOGGER, "FATAL"):
             raise RuntimeError("the block's own error")
