@@ -235,16 +235,13 @@ def _deleted_rows(reader) -> Optional[dict]:
     except Exception as exc:  # noqa: BLE001 - any failure: the caller counts through Spark instead
         log.debug("delta-rs cannot read the deletion vectors of %s (%s): counting through Spark", reader.table_uri, exc)
         return None
-    if not dvs.num_rows:
-        return {}
-    selection = dvs.column("selection_vector").combine_chunks()
-    kept = pa.table({"file": pc.list_parent_indices(selection),
-                     "kept": pc.cast(pc.list_flatten(selection), pa.int64())}).group_by("file").aggregate(
-        [("kept", "sum")])
-    kept_by_file = dict(zip(kept.column("file").to_pylist(), kept.column("kept_sum").to_pylist()))
-    lengths = pc.list_value_length(selection).to_pylist()
-    return {unquote(uri): int(n - kept_by_file.get(i, 0))
-            for i, (uri, n) in enumerate(zip(dvs.column("filepath").to_pylist(), lengths))}
+    out: dict = {}
+    # per file: its selection vector's length less its True (kept) entries; the vectors stay bit-packed booleans
+    # (one bit a row of a file with a vector), nothing is widened per row
+    for uri, selection in zip(dvs.column("filepath").to_pylist(), dvs.column("selection_vector")):
+        kept = selection.values
+        out[unquote(uri)] = len(kept) - int(pc.sum(kept).as_py() or 0)
+    return out
 
 
 @dataclass(frozen=True)
