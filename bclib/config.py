@@ -152,6 +152,10 @@ class BackfillSettings:
     # auto decides by estimated cost (bclib.steps.backfill_plan.auto_choice); this optional cap also rewrites in
     # full when more than this fraction of the source's rows changed
     incremental_max_fraction: Optional[float] = None  # auto: a cap on the changed share (None: the cost model decides)
+    # the incremental MERGE broadcasts its change set (changed ids x spaces rows, keys ~24 bytes a row on the driver
+    # and each executor) when it has at most this many rows: two of Delta's three MERGE joins then need no shuffle
+    # of the output's ids (docs/incremental.md)
+    merge_broadcast_rows: int = 4_000_000  # a MERGE whose change set has at most this many rows x spaces broadcasts it (0: never)
     # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and
     # a deletion vector per touched file instead of rewriting those files (readers need Delta reader v3; the
     # deltalake 1.x pyarrow reader refuses such tables). Without them, auto rewrites in full when a MERGE would
@@ -617,6 +621,7 @@ _BOUNDS = {  # dotted key: (low, high) inclusive; None = unbounded on that side
     "backfill.arrow_batch_rows": (1, 1_000_000), "backfill.target_batch_mb": (1, 1024),
     "backfill.target_file_mb": (1, 4096), "backfill.output_partitions": (1, 1_000_000),
     "backfill.incremental_max_fraction": (0.0, 1.0), "backfill.max_shrink": (0.0, 1.0),
+    "backfill.merge_broadcast_rows": (0, 100_000_000),
     "backfill.max_retries": (1, 20), "backfill.retry_backoff_seconds": (0.0, 600.0), "backfill.arrow_task_mb": (1, 4096),
     "evaluate.sample_size": (1, None), "evaluate.neighbours_k": (1, 1000), "evaluate.probe_min_auc": (0.5, 1.0), "evaluate.neighbours_sample": (1, None),
     "maintenance.vacuum_retention_hours": (0.0, None), "maintenance.time_travel_hours": (0.0, None),

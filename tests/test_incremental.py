@@ -111,7 +111,8 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
     with caplog.at_level("INFO", logger="bclib"):
         result = run_backfill(spark, cfg)
     assert {a for a, _ in result.actions.values()} == {"incremental"} and result.commits == 1
-    assert re.search(r"the MERGE source \(\d+ rows <= \d+\) is broadcast", caplog.text), caplog.text
+    assert re.search(r"the MERGE source \(\d+ rows <= backfill.merge_broadcast_rows \d+\) is broadcast",
+                     caplog.text), caplog.text
     assert re.search(r"auto: spaces \[0, 1\] incremental: estimated [\d.]+ s incremental against [\d.]+ s full "
                      r"\(\d+ changed ids of \d+ rows, 2 space\(s\) of dimension \d+, deletion vectors\)",
                      caplog.text), caplog.text
@@ -144,11 +145,10 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
 
 
 def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_same_content(spark, published,
-                                                                                            tmp_path, caplog,
-                                                                                            monkeypatch):
+                                                                                            tmp_path, caplog):
     """A copy-on-write MERGE of ids spread over every file rewrites every file: auto does a full rewrite
     instead (logged, with the share of files touched); `require` still MERGEs, to the same content, here with
-    a change set beyond the broadcast bound (the MERGE's joins as Spark plans them)."""
+    backfill.merge_broadcast_rows: 0 (the MERGE's joins as Spark plans them)."""
     from bclib.steps.backfill_plan import merge_touched_share
 
     assert merge_touched_share(10, 1000) == pytest.approx(0.00995, rel=1e-3)
@@ -156,7 +156,7 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
     tmp, cfg = published
     plain = small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None})
     required = small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None},
-                            backfill={"incremental": "require"})
+                            backfill={"incremental": "require", "merge_broadcast_rows": 0})
     run_backfill(spark, plain)
     assert delta_table(spark, plain.output_location).detail().first().properties.get(
         "delta.enableDeletionVectors") is None
@@ -166,7 +166,6 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
     assert {a for a, _ in result.actions.values()} == {"full"}
     assert "no deletion vectors, so a MERGE would rewrite ~100% of the" in caplog.text
     _change_source(spark, cfg, seed=4)
-    monkeypatch.setattr("bclib.tables.output.MERGE_BROADCAST_ROWS", 0)
     caplog.clear()
     with caplog.at_level("INFO", logger="bclib.tables.output"):
         result = run_backfill(spark, required)

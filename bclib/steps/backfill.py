@@ -414,7 +414,8 @@ def _commit_changes(at: _Attempt) -> None:
     batch_rows = batch_rows_for(at.cfg, at.plan)
     with session_conf(at.spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
         n = merge_changes(at.spark, change_rows, at.out, incremental, lineage, txn, at.base.delta_version,
-                          source_rows=(changes.upserts + changes.deletes) * len(incremental))
+                          source_rows=(changes.upserts + changes.deletes) * len(incremental),
+                          broadcast_rows=at.cfg.backfill.merge_broadcast_rows)
     _count_commit(at, n)
 
 

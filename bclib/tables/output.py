@@ -336,13 +336,13 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
     return _committed_rows(spark, location, before, lineage)
 
 
-MERGE_BROADCAST_ROWS = 4_000_000  # a MERGE source of at most this many rows is broadcast (see merge_changes)
+MERGE_BROADCAST_ROWS = 4_000_000  # default of backfill.merge_broadcast_rows (see merge_changes)
 HINT_LOGGER = "org.apache.spark.sql.catalyst.analysis.HintErrorLogger"
 
 
 def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict,
                   txn: tuple[str, int], read_version: Optional[int] = None,
-                  source_rows: Optional[int] = None) -> Optional[int]:
+                  source_rows: Optional[int] = None, broadcast_rows: int = MERGE_BROADCAST_ROWS) -> Optional[int]:
     """Apply a change set to `spaces` in one MERGE commit; returns rows inserted + updated + deleted, None
     when no commit was recorded (see _committed_rows).
 
@@ -350,7 +350,8 @@ def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage:
     matched upserts update, unmatched upserts insert, matched deletes delete. The commit rule runs first
     against `read_version` (see write_full); the MERGE's own conflict check covers its read-to-commit window.
 
-    `source_rows` (the rows of `changes`, when known) of at most MERGE_BROADCAST_ROWS: the source carries a
+    `source_rows` (the rows of `changes`, when known) of at most `broadcast_rows` (`backfill.merge_broadcast_rows`,
+    default MERGE_BROADCAST_ROWS; 0: never): the source carries a
     broadcast hint, which Delta keeps on its materialized source. Delta's MERGE then finds the touched files
     and writes their deletion vectors with broadcast hash joins (each task joins its target files' `id`
     column against the change set's keys) instead of shuffling every target row's id to a sort-merge join;
@@ -365,9 +366,10 @@ def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage:
     columns = [c for c in OUTPUT_COLUMNS]
     check_commit(spark, location, read_version, spaces, f"incremental MERGE into spaces {list(spaces)}")
     before = _version_or_none(spark, location)
-    if source_rows is not None and source_rows <= MERGE_BROADCAST_ROWS:
+    if source_rows is not None and 0 < source_rows <= broadcast_rows:
         changes = F.broadcast(changes)
-        log.info("output: the MERGE source (%d rows <= %d) is broadcast", source_rows, MERGE_BROADCAST_ROWS)
+        log.info("output: the MERGE source (%d rows <= backfill.merge_broadcast_rows %d) is broadcast", source_rows,
+                 broadcast_rows)
     # Spark warns on every MERGE query where the hint cannot apply (its left outer join): expected, not the user's
     with session_conf(spark, commit_conf(json.dumps(lineage, sort_keys=True), txn[0], txn[1])), \
             logger_level(spark, HINT_LOGGER, "ERROR"):
