@@ -336,13 +336,12 @@ def write_full(spark, df, location: str, spaces: Sequence[int], lineage: dict, m
     return _committed_rows(spark, location, before, lineage)
 
 
-MERGE_BROADCAST_ROWS = 4_000_000  # default of backfill.merge_broadcast_rows (see merge_changes)
 HINT_LOGGER = "org.apache.spark.sql.catalyst.analysis.HintErrorLogger"
 
 
 def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage: dict,
                   txn: tuple[str, int], read_version: Optional[int] = None,
-                  source_rows: Optional[int] = None, broadcast_rows: int = MERGE_BROADCAST_ROWS) -> Optional[int]:
+                  source_rows: Optional[int] = None, broadcast_rows: int = 0) -> Optional[int]:
     """Apply a change set to `spaces` in one MERGE commit; returns rows inserted + updated + deleted, None
     when no commit was recorded (see _committed_rows).
 
@@ -350,10 +349,9 @@ def merge_changes(spark, changes, location: str, spaces: Sequence[int], lineage:
     matched upserts update, unmatched upserts insert, matched deletes delete. The commit rule runs first
     against `read_version` (see write_full); the MERGE's own conflict check covers its read-to-commit window.
 
-    `source_rows` (the rows of `changes`, when known) of at most `broadcast_rows` (`backfill.merge_broadcast_rows`,
-    default MERGE_BROADCAST_ROWS; 0: never): the source carries a
-    broadcast hint, which Delta keeps on its materialized source. Delta's MERGE then finds the touched files
-    and writes their deletion vectors with broadcast hash joins (each task joins its target files' `id`
+    `source_rows` (the rows of `changes`, when known) of at most `broadcast_rows` (the backfill passes
+    `backfill.merge_broadcast_rows`; 0: never): the source carries a broadcast hint, which Delta keeps on its
+    materialized source. Delta's MERGE then finds the touched files and writes their deletion vectors with broadcast hash joins (each task joins its target files' `id`
     column against the change set's keys) instead of shuffling every target row's id to a sort-merge join;
     measured at 1M source rows x 4 spaces, 1 % changed: the MERGE 7.4 s -> 5.4-5.7 s. Its middle join (the
     changed rows, a left outer join from the source) cannot broadcast its left side and keeps its shuffle.
