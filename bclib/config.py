@@ -156,6 +156,10 @@ class BackfillSettings:
     # and each executor) when it has at most this many rows: two of Delta's three MERGE joins then need no shuffle
     # of the output's ids (docs/incremental.md)
     merge_broadcast_rows: int = 4_000_000  # a MERGE whose change set has at most this many rows x spaces broadcasts it (0: never)
+    # how an incremental change set is committed: auto = Delta's INSERT REPLACE ON (the replaceOn write option, Delta
+    # >= 4.3: a broadcast semi join removes the changed rows, the new ones are appended; docs/incremental.md) where it
+    # keeps everything the MERGE keeps, else the MERGE (logged, with why); merge = always the MERGE
+    incremental_commit: Literal["auto", "merge"] = "auto"  # auto: INSERT REPLACE ON where it can, else MERGE; merge: always MERGE
     # create the output with delta.enableDeletionVectors: an incremental MERGE then writes the changed rows and
     # a deletion vector per touched file instead of rewriting those files (readers need Delta reader v3; the
     # deltalake 1.x pyarrow reader refuses such tables). Without them, auto rewrites in full when a MERGE would

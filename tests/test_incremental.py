@@ -111,15 +111,21 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
     with caplog.at_level("INFO", logger="bclib"):
         result = run_backfill(spark, cfg)
     assert {a for a, _ in result.actions.values()} == {"incremental"} and result.commits == 1
-    assert re.search(r"the MERGE source \(\d+ rows <= backfill.merge_broadcast_rows \d+\) is broadcast",
-                     caplog.text), caplog.text
+    # one INSERT REPLACE ON commit: the changed (space, id)s removed, the upserted rows written (11 ids x 2 spaces)
+    assert "11 upserts, 2 deletes -> spaces [0, 1] (one INSERT REPLACE ON commit)" in caplog.text, caplog.text
+    assert result.rows == 2 * 11
     assert re.search(r"auto: spaces \[0, 1\] incremental: estimated [\d.]+ s incremental against [\d.]+ s full "
                      r"\(\d+ changed ids of \d+ rows, 2 space\(s\) of dimension \d+, deletion vectors\)",
                      caplog.text), caplog.text
     assert current_delta_version(spark, cfg.output_location) == before + 1
     last = delta_table(spark, cfg.output_location).history(1).first()
     meta = json.loads(last.userMetadata)
-    assert last.operation == "MERGE" and meta["mode"] == "incremental"
+    assert last.operation == "WRITE" and meta["mode"] == "incremental"
+    assert "(SELECT space_version, id FROM bcemb_replace_keys_" in str(last.operationParameters), \
+        last.operationParameters
+    # removed: the 7 updated ids, the deleted-then-reinserted one and the deleted old one (the id inserted and
+    # deleted within the range never reached the output), in each of the 2 spaces
+    assert int(last.operationMetrics["numDeletedRows"]) == 2 * 9, last.operationMetrics
     assert meta["source"]["from_delta_version"] < meta["source"]["delta_version"]
     # the log answers rows per space of an output with deletion vectors (no Spark job): each file's numRecords
     # less the rows its deletion vector removes, as Spark counts them
@@ -147,8 +153,9 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
 def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_same_content(spark, published,
                                                                                             tmp_path, caplog):
     """A copy-on-write MERGE of ids spread over every file rewrites every file: auto does a full rewrite
-    instead (logged, with the share of files touched); `require` still MERGEs, to the same content, here with
-    backfill.merge_broadcast_rows: 0 (the MERGE's joins as Spark plans them)."""
+    instead (logged, with the share of files touched); `require` still commits the changes, to the same content,
+    here with backfill.incremental_commit: merge and merge_broadcast_rows: 0 (the MERGE's joins as Spark plans
+    them)."""
     from bclib.steps.backfill_plan import merge_touched_share
 
     assert merge_touched_share(10, 1000) == pytest.approx(0.00995, rel=1e-3)
@@ -156,7 +163,8 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
     tmp, cfg = published
     plain = small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None})
     required = small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None},
-                            backfill={"incremental": "require", "merge_broadcast_rows": 0})
+                            backfill={"incremental": "require", "merge_broadcast_rows": 0,
+                                      "incremental_commit": "merge"})
     run_backfill(spark, plain)
     assert delta_table(spark, plain.output_location).detail().first().properties.get(
         "delta.enableDeletionVectors") is None
@@ -196,6 +204,18 @@ def test_a_retried_commit_is_skipped_by_delta_itself(spark, published, tmp_path)
     again = write_full(spark, df, out, plan.spaces, lineage, 10_000, txn, read_version=version)  # a retry
     assert first == 2 * source.df.count() and again is None
     assert current_delta_version(spark, out) == version
+    assert spark.read.format("delta").load(out).count() == first
+    # the same for an INSERT REPLACE ON commit of a change set (here: every row of space 0 replaced by itself)
+    from bclib.tables.output import replace_changes
+
+    rows = df.where("space_version = 0")
+    keys = rows.select("space_version", "id")
+    txn = ("bcemb-test-replace", 7)
+    written = replace_changes(spark, rows, keys, out, [0], lineage, txn, read_version=version)
+    replaced = current_delta_version(spark, out)
+    assert written == source.df.count() and replaced == version + 1
+    assert replace_changes(spark, rows, keys, out, [0], lineage, txn, read_version=replaced) is None
+    assert current_delta_version(spark, out) == replaced
     assert spark.read.format("delta").load(out).count() == first
 
 
@@ -266,9 +286,10 @@ def test_vacuum_shorter_than_the_promised_time_travel_is_a_config_error():
         config_from_dict({"maintenance": {"vacuum_retention_hours": 24}})
 
 
-def test_an_incremental_merge_keeps_an_analysts_column_values(spark, published, tmp_path):
-    """The MERGE sets only bcemb's columns: values others put in a column they added stay on the rows it
-    updates and on the rows it does not touch; rows it inserts get null there."""
+def test_an_incremental_merge_keeps_an_analysts_column_values(spark, published, tmp_path, caplog):
+    """An output with a column bcemb does not own is MERGEd (INSERT REPLACE ON would drop its values on the
+    changed rows): the MERGE sets only bcemb's columns, so values others put in a column they added stay on the
+    rows it updates and on the rows it does not touch; rows it inserts get null there."""
     tmp, cfg = published
     own = small_config(tmp, output_location=str(tmp_path / "own"), evaluate={"label_location": None},
                        backfill={"deletion_vectors": True})
@@ -278,8 +299,14 @@ def test_an_incremental_merge_keeps_an_analysts_column_values(spark, published, 
     spark.sql(f"UPDATE delta.`{out}` SET note = concat('n', cast(id AS string))")
     run_backfill(spark, own)  # the UPDATE was a data change: one full rewrite, which carries the notes through
     _change_source(spark, cfg, seed=11, re_insert=False)
-    result = run_backfill(spark, own)
+    with caplog.at_level("INFO", logger="bclib"):
+        result = run_backfill(spark, own)
     assert {a for a, _ in result.actions.values()} == {"incremental"}
+    assert "(one MERGE commit; not REPLACE ON: the output has column(s) ['note'] that bcemb does not own" \
+        in caplog.text, caplog.text
+    assert re.search(r"the MERGE source \(\d+ rows <= backfill.merge_broadcast_rows \d+\) is broadcast",
+                     caplog.text), caplog.text
+    assert delta_table(spark, out).history(1).first().operation == "MERGE"
     rows = spark.read.format("delta").load(out).select("id", "note").collect()
     assert all(r.note == f"n{r.id}" for r in rows if r.note is not None)
     new_ids = {r.id for r in rows if r.note is None}
@@ -312,3 +339,58 @@ def test_a_source_with_deletion_vectors_is_counted_from_its_log_and_merged_like_
     reference = small_config(tmp_path, output_location=str(tmp_path / "ref"), evaluate={"label_location": None})
     run_backfill(spark, reference)
     _same_content(spark, cfg.output_location, reference.output_location)
+
+
+def test_the_merge_runs_where_insert_replace_on_cannot_and_every_path_equals_a_full_rewrite(spark, published,
+                                                                                             tmp_path, caplog):
+    """INSERT REPLACE ON removes rows only where its write has some, and records an update as a delete plus an
+    insert: a deletes-only change set, a Delta without the replaceOn option (its switch off here) and an output
+    with its own change data feed are MERGEd, each logged with why; a concurrent compaction between the plan
+    and the commit re-plans the replace; every result equals a full rewrite."""
+    from bclib.tables import commits
+    from bclib.tables.output import REPLACE_ON_CONFS
+
+    tmp, cfg = published
+    own = small_config(tmp, output_location=str(tmp_path / "own"), evaluate={"label_location": None},
+                       backfill={"deletion_vectors": True, "incremental": "require"})
+    run_backfill(spark, own)
+    out, loc = own.output_location, cfg.version_location(2)
+    ids = sorted(r.id for r in spark.read.format("delta").load(loc).select("id").collect())
+
+    def run(expected_commit: str) -> None:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="bclib"):
+            result = run_backfill(spark, own)
+        assert {a for a, _ in result.actions.values()} == {"incremental"} and result.commits == 1
+        assert expected_commit in caplog.text, caplog.text
+
+    delta_table(spark, loc).delete(f"id IN ({ids[-1]}, {ids[-2]})")
+    run("0 upserts, 2 deletes -> spaces [0, 1] (one MERGE commit; not REPLACE ON: the change set holds deletes "
+        "only)")
+    _change_source(spark, cfg, seed=21, re_insert=False)
+    spark.conf.set(REPLACE_ON_CONFS[1], "false")
+    try:
+        run("(one MERGE commit; not REPLACE ON: this session's Delta does not take the replaceOn write option")
+    finally:
+        spark.conf.unset(REPLACE_ON_CONFS[1])
+    spark.sql(f"ALTER TABLE delta.`{out}` SET TBLPROPERTIES (delta.enableChangeDataFeed = true)")
+    _change_source(spark, cfg, seed=22, re_insert=False)
+    run("(one MERGE commit; not REPLACE ON: the output sets delta.enableChangeDataFeed; a MERGE records updated "
+        "rows as updates)")
+    spark.sql(f"ALTER TABLE delta.`{out}` SET TBLPROPERTIES (delta.enableChangeDataFeed = false)")
+    _change_source(spark, cfg, seed=23, re_insert=False)
+    fired = []
+
+    def compact(stage, location, read_version):
+        if stage == commits.BEFORE_CHECK and location == out and not fired:
+            fired.append(read_version)
+            delta_table(spark, out).optimize().executeCompaction()
+
+    with commits.commit_seam(compact):
+        run("(one INSERT REPLACE ON commit)")
+    assert fired and "re-planning" in caplog.text, caplog.text
+    ops = [r.operation for r in delta_table(spark, out).history(2).collect()]
+    assert ops == ["WRITE", "OPTIMIZE"], ops
+    reference = small_config(tmp, output_location=str(tmp_path / "ref"), evaluate={"label_location": None})
+    run_backfill(spark, reference)
+    _same_content(spark, out, reference.output_location)

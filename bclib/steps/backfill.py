@@ -10,7 +10,7 @@ function with one job over the attempt's `_Attempt`:
                        cheaper or the feed is unavailable
     _validate          before any write: ids unique and non-null, dimension, quarantine count, shrink guard
     _commit_full       the full rewrite, on the engine `engines.choose_engine` picks (one commit)
-    _commit_changes    the changes MERGEd into the incremental spaces (one commit)
+    _commit_changes    the changes into the incremental spaces: INSERT REPLACE ON, or the MERGE (one commit)
     _write_side_tables quarantine, gate verdicts, per-space views: after the output commit(s)
 
 A space is up to date when the output's last bcemb commit (VACUUM, OPTIMIZE and property changes after
@@ -41,10 +41,10 @@ from bclib.tables.changes import ChangeSet, ChangesUnavailable, read_changes
 from bclib.tables.delta import is_path, log_size, retry_on_conflict
 from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version, read_rows
 from bclib.tables.lease import leased
-from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, others_with_values, \
-    output_layout, quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, \
+from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, others_columns, \
+    others_with_values, output_layout, replace_changes, replace_on_supported, quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, \
     space_state, validity_filter, write_quarantine
-from bclib.tables.retention import retention_properties
+from bclib.tables.retention import retention_properties, table_properties
 
 log = logging.getLogger(__name__)
 
@@ -404,19 +404,57 @@ def _commit_full(at: _Attempt) -> None:
 
 
 def _commit_changes(at: _Attempt) -> None:
-    """MERGE the change set into the incremental spaces in one commit (`tables.output.merge_changes`)."""
+    """The change set into the incremental spaces in one commit: Delta's INSERT REPLACE ON
+    (`tables.output.replace_changes`) unless `_replace_blocker` names a reason, else the MERGE
+    (`tables.output.merge_changes`)."""
     incremental, changes = at.spaces(INCREMENTAL), at.changes
     lineage, txn, sub = _commit_lineage(at, INCREMENTAL, incremental)
-    log.info("backfill: version %d Delta v%d..v%d: %d upserts, %d deletes -> spaces %s (one MERGE)",
+    blocker = _replace_blocker(at, sub)
+    log.info("backfill: version %d Delta v%d..v%d: %d upserts, %d deletes -> spaces %s (one %s commit%s)",
              at.plan.source_version, changes.from_delta_version, changes.to_delta_version, changes.upserts,
-             changes.deletes, incremental)
-    change_rows = _change_rows(changes.df, sub, at.quarantine is not None)
+             changes.deletes, incremental, "MERGE" if blocker else "INSERT REPLACE ON",
+             f"; not REPLACE ON: {blocker}" if blocker else "")
     batch_rows = batch_rows_for(at.cfg, at.plan)
     with session_conf(at.spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
-        n = merge_changes(at.spark, change_rows, at.out, incremental, lineage, txn, at.base.delta_version,
-                          source_rows=(changes.upserts + changes.deletes) * len(incremental),
-                          broadcast_rows=at.cfg.backfill.merge_broadcast_rows)
+        if blocker is None:
+            upserts, _ = _upserts_and_deletes(changes.df, sub, at.quarantine is not None)
+            keys = changes.df.where("id IS NOT NULL").select(_each_space(sub).alias("space_version"), "id")
+            n = replace_changes(at.spark, upserts, keys, at.out, incremental, lineage, txn, at.base.delta_version)
+        else:
+            n = merge_changes(at.spark, _change_rows(changes.df, sub, at.quarantine is not None), at.out, incremental,
+                              lineage, txn, at.base.delta_version,
+                              source_rows=(changes.upserts + changes.deletes) * len(incremental),
+                              broadcast_rows=at.cfg.backfill.merge_broadcast_rows)
     _count_commit(at, n)
+
+
+def _replace_blocker(at: _Attempt, plan: BackfillPlan) -> Optional[str]:
+    """Why the change set is MERGEd rather than committed with INSERT REPLACE ON, or None. REPLACE ON removes
+    the changed rows and appends the new ones: that is the MERGE's result only while no row keeps anything of
+    its old self (columns bcemb does not own keep their values through a MERGE update), nothing records the
+    difference between an update and a delete plus an insert (the output's own change data feed, row
+    tracking's row ids), and at least one row is written (Delta removes rows only where the write has some)."""
+    from pyspark.sql import functions as F
+
+    cfg = at.cfg
+    if cfg.backfill.incremental_commit == "merge":
+        return "backfill.incremental_commit is merge"
+    if not at.changes.upserts:
+        return "the change set holds deletes only"
+    if at.quarantine is not None and not at.changes.df.where(
+            (F.col("_op") == F.lit("upsert")) & _good(plan)).limit(1).count():
+        return "every upserted row is unusable (quarantined), so the change set deletes only"
+    if not replace_on_supported(at.spark):
+        return "this session's Delta does not take the replaceOn write option (Delta >= 4.3 does)"
+    others = others_columns(at.spark, at.out)
+    if others:
+        return f"the output has column(s) {others} that bcemb does not own; a MERGE update keeps their values"
+    props = table_properties(at.spark, at.out, cfg.object_store_options or None)
+    recorded = [k for k in ("delta.enableChangeDataFeed", "delta.enableRowTracking")
+                if str(props.get(k, "false")).lower() == "true"]
+    if recorded:
+        return f"the output sets {', '.join(recorded)}; a MERGE records updated rows as updates"
+    return None
 
 
 def _write_side_tables(at: _Attempt) -> None:
@@ -519,22 +557,36 @@ def _write_full_quarantine(spark, cfg: JobConfig, source: VersionRead, plan: Bac
     return n
 
 
-def _change_rows(changes, plan: BackfillPlan, quarantine: bool):
-    """The MERGE source: transformed upserts per space, and a delete per space for deleted (or now bad) ids."""
+def _upserts_and_deletes(changes, plan: BackfillPlan, quarantine: bool):
+    """The change set split: (the upserted ids' output rows in every space of `plan`, the deleted ids' change
+    rows). With a quarantine, an upserted row that became unusable is a delete (a full rewrite would not hold it)."""
     from pyspark.sql import functions as F
 
     upserts = changes.where(F.col("_op") == F.lit("upsert"))
     deletes = changes.where(F.col("_op") == F.lit("delete"))
-    if quarantine:  # a row that became unusable leaves the output (a full rewrite would not hold it either)
+    if quarantine:
         deletes = deletes.unionByName(upserts.where(~_good(plan)))
         upserts = upserts.where(_good(plan))
-    transformed = upserts.select("id", "vector").transform(to_spaces(plan)).withColumn("_op", F.lit("upsert"))
-    spaces = F.explode(F.array(*[F.lit(s) for s in plan.spaces]))
+    return upserts.select("id", "vector").transform(to_spaces(plan)), deletes
+
+
+def _each_space(plan: BackfillPlan):
+    """A column exploding each row into one per space of `plan` (the space's number)."""
+    from pyspark.sql import functions as F
+
+    return F.explode(F.array(*[F.lit(int(s)) for s in plan.spaces]))
+
+
+def _change_rows(changes, plan: BackfillPlan, quarantine: bool):
+    """The MERGE source: transformed upserts per space, and a delete per space for deleted (or now bad) ids."""
+    from pyspark.sql import functions as F
+
+    transformed, deletes = _upserts_and_deletes(changes, plan, quarantine)
     removed = deletes.select(
-        "id", F.lit(None).cast("array<float>").alias("vector"), spaces.alias("space_version"),
+        "id", F.lit(None).cast("array<float>").alias("vector"), _each_space(plan).alias("space_version"),
         F.lit(plan.source_version).cast("int").alias("source_version"), F.lit(None).cast("string").alias("chain_id"),
         F.current_timestamp().alias("produced_at"), F.lit("delete").alias("_op"))
-    return transformed.unionByName(removed)
+    return transformed.withColumn("_op", F.lit("upsert")).unionByName(removed)
 
 
 def _shrink_guard(cfg: JobConfig, spaces: list[int], current: dict[int, int], new_rows: int, allow: bool,
