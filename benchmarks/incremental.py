@@ -7,9 +7,11 @@ One Spark session. The source version table (CDF on) is backfilled into --spaces
 changed fraction f and round (median of --repeats rounds), the source gets one change commit of f x rows
 rows (80 % re-embedded ids, 10 % new ids, 10 % deleted ids, the ids drawn by a seeded hash) and two
 outputs are brought up to date from that same source version:
-  incremental: `run_backfill` with backfill.incremental = require (reads the feed, one MERGE commit);
+  incremental: `run_backfill` with backfill.incremental = require (reads the feed, one commit: INSERT
+               REPLACE ON where Delta takes it, which Delta 4.3+ does here; the operation is recorded per round);
   full:        `run_backfill` of a second output with backfill.incremental = off (a full rewrite,
-               backfill.engine auto).
+               backfill.engine auto);
+  MERGE:       a third output with backfill.incremental_commit = merge, measured beside them (--no-merge: not).
 `ratio` = incremental seconds / full seconds. Both outputs are then compared (same ids, same vectors per
 space) so a fast wrong answer cannot pass. The incremental output is created with deletion vectors
 (`backfill.deletion_vectors: true`: a MERGE writes the changed rows and a deletion vector per touched file);
@@ -18,7 +20,7 @@ space) so a fast wrong answer cannot pass. The incremental output is created wit
 Each incremental run also counts its Spark jobs before the MERGE (`spark_jobs_before_merge`, through the commit
 seam). With two or more --rows the medians at --slope-fraction are fitted as time = a + b * N for both paths:
 `incremental_slope_s_per_million`, `full_slope_s_per_million`, `marginal_ratio` (their ratio: what a
-billion-row table feels) and `fixed_seconds` (the incremental intercept). Writes benchmarks/results/
+billion-row table feels) and `fixed_seconds` (the incremental intercept); the MERGE's as `merge_*`. Writes benchmarks/results/
 incremental.json (one size), incremental_slope.json (several), incremental_no_dv.json (--no-deletion-vectors),
 or --output;
 a list `runs`, one entry per size and changed fraction, and prints a table.
@@ -104,14 +106,15 @@ def change_source(spark, path: Path, rows: int, dim: int, fraction: float, round
     return {k: int(m.get(k, 0)) for k in ("numTargetRowsUpdated", "numTargetRowsInserted", "numTargetRowsDeleted")}
 
 
-def job_config(root: Path, source: Path, spaces: int, out: str, incremental: str, deletion_vectors: bool = False):
+def job_config(root: Path, source: Path, spaces: int, out: str, incremental: str, deletion_vectors: bool = False,
+               commit: str = "auto"):
     return config_from_dict({
         "embeddings": {"location": str(root / "emb_v{version}"), "versions": list(range(spaces + 1))},
         "registry_location": str(root / "registry"),
         "output_location": str(root / out),
         "metrics_location": str(root / "metrics"),
         "backfill": {"incremental": incremental, "incremental_max_fraction": 0.5,
-                     "deletion_vectors": deletion_vectors},
+                     "deletion_vectors": deletion_vectors, "incremental_commit": commit},
         "gate": {"enabled": False},
     })
 
@@ -235,7 +238,20 @@ def slope_summary(runs: list[dict], fraction: float) -> dict | None:
             "marginal_ratio": inc_b / full_b if full_b > 0 else None,
             "fixed_seconds": inc_a, "full_fixed_seconds": full_a,
             "ratio_at_largest": at[-1]["ratio"], "largest_rows": at[-1]["rows"],
-            "spark_jobs_before_merge": [r["spark_jobs_before_merge"] for r in at]}
+            "spark_jobs_before_merge": [r["spark_jobs_before_merge"] for r in at],
+            **(_merge_slope(sizes, at, full_b) if all("merge_seconds" in r for r in at) else {})}
+
+
+def _merge_slope(sizes: list[int], at: list[dict], full_b: float) -> dict:
+    """The same fit for the MERGE measured beside it (backfill.incremental_commit: merge)."""
+    merge_a, merge_b = fit_line(sizes, [r["merge_seconds"] for r in at])
+    return {"merge_seconds": [r["merge_seconds"] for r in at], "merge_slope_s_per_million": merge_b,
+            "merge_marginal_ratio": merge_b / full_b if full_b > 0 else None, "merge_fixed_seconds": merge_a}
+
+
+def last_operation(spark, location: str) -> str:
+    """The Delta operation of the table's last commit (WRITE: INSERT REPLACE ON; MERGE)."""
+    return spark.sql(f"DESCRIBE HISTORY delta.`{location}` LIMIT 1").first().operation
 
 
 def measure_size(spark, rows: int, args) -> list[dict]:
@@ -248,14 +264,18 @@ def measure_size(spark, rows: int, args) -> list[dict]:
     setup(spark, DATA, source, args.spaces, args.dim)
     inc_cfg = job_config(DATA, source, args.spaces, "out_incremental", "require", args.deletion_vectors)
     full_cfg = job_config(DATA, source, args.spaces, "out_full", "off")
+    merge_cfg = job_config(DATA, source, args.spaces, "out_merge", "require", args.deletion_vectors, "merge") \
+        if args.merge else None
     first_inc = run_backfill(spark, inc_cfg)  # the initial publish (full)
     first_full = run_backfill(spark, full_cfg)
+    if merge_cfg:
+        run_backfill(spark, merge_cfg)
     logging.info("setup: %d rows x %d, %d spaces, initial backfills %s / %s, %.1fs", rows, args.dim, args.spaces,
                  first_inc.engine, first_full.engine, time.perf_counter() - t)
     runs = []
     round_seed = 0
     for fraction in args.fractions:
-        inc_s, full_s, changed, picks, jobs_before, jobs_all = [], [], [], [], [], []
+        inc_s, full_s, merge_s, commits, changed, picks, jobs_before, jobs_all = [], [], [], [], [], [], [], []
         for _ in range(args.repeats):
             round_seed += 1
             changed.append(change_source(spark, source, rows, args.dim, fraction, round_seed))
@@ -263,18 +283,29 @@ def measure_size(spark, rows: int, args) -> list[dict]:
                                       args.dim))
             inc, seconds, before, total = timed_backfill(spark, inc_cfg)
             inc_s.append(seconds)
+            commits.append(last_operation(spark, inc_cfg.output_location))
             jobs_before.append(before)
             jobs_all.append(total)
             t = time.perf_counter()
             full = run_backfill(spark, full_cfg)
             full_s.append(time.perf_counter() - t)
-            vacuum(spark, inc_cfg.output_location, full_cfg.output_location)  # untimed: keeps the disk bounded
+            if merge_cfg:
+                t = time.perf_counter()
+                merged = run_backfill(spark, merge_cfg)
+                merge_s.append(time.perf_counter() - t)
+                assert last_operation(spark, merge_cfg.output_location) == "MERGE", merged.actions
+            vacuum(spark, inc_cfg.output_location, full_cfg.output_location,
+                   *([merge_cfg.output_location] if merge_cfg else []))  # untimed: keeps the disk bounded
             assert {a for a, _ in inc.actions.values()} == {"incremental"}, inc.actions
             assert {a for a, _ in full.actions.values()} == {"full"}, full.actions
-            logging.info("rows %d, fraction %g: changed %s, incremental %.2fs (%d Spark jobs before the MERGE), "
-                         "full (%s) %.2fs", rows, fraction, changed[-1], inc_s[-1], before, full.engine, full_s[-1])
+            logging.info("rows %d, fraction %g: changed %s, incremental %.2fs (%s; %d Spark jobs before its commit), "
+                         "full (%s) %.2fs, MERGE %s", rows, fraction, changed[-1], inc_s[-1], commits[-1], before,
+                         full.engine, full_s[-1], f"{merge_s[-1]:.2f}s" if merge_s else "not measured")
         equal = same_content(spark, inc_cfg.output_location, full_cfg.output_location, args.check_sample)
         assert equal, "incremental and full outputs differ"
+        if merge_cfg:
+            assert same_content(spark, merge_cfg.output_location, full_cfg.output_location, args.check_sample), \
+                "MERGE and full outputs differ"
         runs.append({
             "changed_fraction": fraction, "rows": rows, "dim": args.dim, "spaces": args.spaces,
             "repeats": args.repeats, "cores": os.cpu_count(), "deletion_vectors": args.deletion_vectors,
@@ -284,6 +315,9 @@ def measure_size(spark, rows: int, args) -> list[dict]:
             "full_engine": full.engine, "outputs_equal": equal, "auto_picks": picks,
             "spark_jobs_before_merge": statistics.median(jobs_before),
             "spark_jobs_incremental": statistics.median(jobs_all),
+            "incremental_commits": commits,  # the Delta operation of each round's incremental commit
+            **({"merge_seconds_all": merge_s, "merge_seconds": statistics.median(merge_s),
+                "merge_ratio": statistics.median(m / f for m, f in zip(merge_s, full_s))} if merge_s else {}),
         })
     return runs
 
@@ -304,6 +338,8 @@ def main() -> None:
                              "compared by count and an exact id checksum")
     parser.add_argument("--output", help="the results file's name under benchmarks/results (default: incremental.json "
                                          "for one size, incremental_slope.json for several, incremental_no_dv.json)")
+    parser.add_argument("--no-merge", dest="merge", action="store_false",
+                        help="do not measure the MERGE beside it (a third output, backfill.incremental_commit: merge)")
     parser.add_argument("--driver-memory", default="6g")
     parser.add_argument("--keep-data", action="store_true")
     args = parser.parse_args()
@@ -324,18 +360,22 @@ def main() -> None:
         slope = slope_summary(runs, args.slope_fraction)  # written after each size: a long run keeps what it has
         (RESULTS / name).write_text(json.dumps({**(slope or {}), "check_sample": args.check_sample, "runs": runs},
                                                indent=2))
-    print(f"\n{'rows':>10} {'changed':>8} {'rows changed':>13} {'incremental s':>14} {'full s':>8} {'ratio':>6} "
-          f"{'jobs before MERGE':>18}")
+    print(f"\n{'rows':>10} {'changed':>8} {'rows changed':>13} {'incremental s':>14} {'MERGE s':>8} {'full s':>8} "
+          f"{'ratio':>6} {'jobs before commit':>19}")
     for r in runs:
         n = sum(sum(c.values()) for c in r["changed_rows"]) // len(r["changed_rows"])
         print(f"{r['rows']:>10,} {r['changed_fraction']:>8.3%} {n:>13,} {r['incremental_seconds']:>14.2f} "
-              f"{r['full_seconds']:>8.2f} {r['ratio']:>6.3f} {r['spark_jobs_before_merge']:>18g}")
+              f"{r.get('merge_seconds', float('nan')):>8.2f} {r['full_seconds']:>8.2f} {r['ratio']:>6.3f} "
+              f"{r['spark_jobs_before_merge']:>19g}")
     if slope:
         print(f"slope at {slope['changed_fraction']:.1%} changed: incremental {slope['incremental_slope_s_per_million']:.2f} "
               f"s per million rows, full {slope['full_slope_s_per_million']:.2f}; marginal ratio "
               f"{slope['marginal_ratio'] if slope['marginal_ratio'] is not None else float('nan'):.3f}; fixed "
               f"{slope['fixed_seconds']:.1f} s; ratio at {slope['largest_rows']:,} "
               f"rows {slope['ratio_at_largest']:.3f}")
+        if "merge_slope_s_per_million" in slope:
+            print(f"the MERGE beside it: {slope['merge_slope_s_per_million']:.2f} s per million rows (marginal ratio "
+                  f"{slope['merge_marginal_ratio']:.3f}), fixed {slope['merge_fixed_seconds']:.1f} s")
     if not args.keep_data:
         shutil.rmtree(DATA, ignore_errors=True)
 

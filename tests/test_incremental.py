@@ -180,6 +180,13 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
     assert {a for a, _ in result.actions.values()} == {"incremental"}
     assert "is broadcast" not in caplog.text
     assert delta_table(spark, required.output_location).history(1).first().operation == "MERGE"
+    # without incremental_commit: merge it is the MERGE too, said why (Delta 4.4's REPLACE ON fails there)
+    _change_source(spark, cfg, seed=5)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bclib.steps.backfill"):
+        run_backfill(spark, small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None},
+                                         backfill={"incremental": "require"}))
+    assert "not REPLACE ON: the output has no deletion vectors (backfill.deletion_vectors)" in caplog.text, caplog.text
     reference = small_config(tmp, output_location=str(tmp_path / "ref"), evaluate={"label_location": None})
     run_backfill(spark, reference)
     _same_content(spark, required.output_location, reference.output_location)

@@ -433,7 +433,8 @@ def _replace_blocker(at: _Attempt, plan: BackfillPlan) -> Optional[str]:
     the changed rows and appends the new ones: that is the MERGE's result only while no row keeps anything of
     its old self (columns bcemb does not own keep their values through a MERGE update), nothing records the
     difference between an update and a delete plus an insert (the output's own change data feed, row
-    tracking's row ids), and at least one row is written (Delta removes rows only where the write has some)."""
+    tracking's row ids), and at least one row is written (Delta removes rows only where the write has some).
+    An output without deletion vectors is MERGEd too: Delta 4.4's copy-on-write removal under REPLACE ON fails."""
     from pyspark.sql import functions as F
 
     cfg = at.cfg
@@ -450,6 +451,10 @@ def _replace_blocker(at: _Attempt, plan: BackfillPlan) -> Optional[str]:
     if others:
         return f"the output has column(s) {others} that bcemb does not own; a MERGE update keeps their values"
     props = table_properties(at.spark, at.out, cfg.object_store_options or None)
+    if str(props.get("delta.enableDeletionVectors", "false")).lower() != "true":
+        # Delta 4.4 fails REPLACE ON's copy-on-write removal (DELTA_FILE_TO_OVERWRITE_NOT_FOUND, naming the table's
+        # root); and there both commits rewrite every touched file, which costs more than the MERGE's join
+        return "the output has no deletion vectors (backfill.deletion_vectors)"
     recorded = [k for k in ("delta.enableChangeDataFeed", "delta.enableRowTracking")
                 if str(props.get(k, "false")).lower() == "true"]
     if recorded:
