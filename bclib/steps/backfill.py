@@ -452,8 +452,8 @@ def _replace_blocker(at: _Attempt, plan: BackfillPlan) -> Optional[str]:
         return f"the output has column(s) {others} that bcemb does not own; a MERGE update keeps their values"
     props = table_properties(at.spark, at.out, cfg.object_store_options or None)
     if str(props.get("delta.enableDeletionVectors", "false")).lower() != "true":
-        # Delta 4.4 fails REPLACE ON's copy-on-write removal (DELTA_FILE_TO_OVERWRITE_NOT_FOUND, naming the table's
-        # root); and there both commits rewrite every touched file, which costs more than the MERGE's join
+        # Delta 4.4 fails REPLACE ON's copy-on-write removal (DELTA_FILE_TO_OVERWRITE_NOT_FOUND naming the table's
+        # root; delta-io/delta#7577, open); and there both commits rewrite every touched file anyway
         return "the output has no deletion vectors (backfill.deletion_vectors)"
     recorded = [k for k in ("delta.enableChangeDataFeed", "delta.enableRowTracking")
                 if str(props.get(k, "false")).lower() == "true"]
