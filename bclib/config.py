@@ -152,10 +152,10 @@ class BackfillSettings:
     # auto decides by estimated cost (bclib.steps.backfill_plan.auto_choice); this optional cap also rewrites in
     # full when more than this fraction of the source's rows changed
     incremental_max_fraction: Optional[float] = None  # auto: a cap on the changed share (None: the cost model decides)
-    # the incremental MERGE broadcasts its change set (changed ids x spaces rows, keys ~24 bytes a row on the driver
-    # and each executor) when it has at most this many rows: two of Delta's three MERGE joins then need no shuffle
-    # of the output's ids (docs/incremental.md)
-    merge_broadcast_rows: int = 4_000_000  # a MERGE whose change set has at most this many rows x spaces broadcasts it (0: never)
+    # the incremental commit broadcasts its change set's keys (changed ids x spaces rows, ~24 bytes a row on the
+    # driver and each executor) when it has at most this many rows: INSERT REPLACE ON's one join and two of the
+    # MERGE's three then need no shuffle of the output's ids (docs/incremental.md)
+    merge_broadcast_rows: int = 4_000_000  # an incremental commit of at most this many changed ids x spaces broadcasts them (0: never)
     # how an incremental change set is committed: auto = Delta's INSERT REPLACE ON (the replaceOn write option, Delta
     # >= 4.3: a broadcast semi join removes the changed rows, the new ones are appended; docs/incremental.md) where it
     # keeps everything the MERGE keeps, else the MERGE (logged, with why); merge = always the MERGE

@@ -5,9 +5,10 @@ seconds, summed per phase (before the MERGE, and each MERGE phase as Delta names
 
 One Spark session with its UI on (port --ui-port, 127.0.0.1 only); the source and output are built as
 `benchmarks/incremental.py` builds them (256 floats, --spaces spaces, deletion-vector output), then per round
-one change commit of --fraction x rows rows and one `run_backfill` with backfill.incremental = require. Job
+one change commit of --fraction x rows rows and one `run_backfill` with backfill.incremental = require and
+backfill.incremental_commit = --commit (merge by default: the phases below are the MERGE's). Job
 times come from the UI's REST API (/api/v1/applications/<app>/jobs: submission and completion times).
-Writes benchmarks/results/incremental_profile.json (per round: seconds, the jobs, the phase sums) and prints
+Writes benchmarks/results/incremental_profile.json or --output (per round: seconds, the jobs, the phase sums) and prints
 the last round's jobs and the phase sums of every round.
 """
 
@@ -67,6 +68,10 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ui-port", type=int, default=4077)
+    parser.add_argument("--commit", choices=["merge", "auto"], default="merge",
+                        help="backfill.incremental_commit: merge (the default here: the phases are the MERGE's) or "
+                             "auto (INSERT REPLACE ON: its jobs are not named by phase)")
+    parser.add_argument("--output", default="incremental_profile.json", help="the results file under benchmarks/results")
     parser.add_argument("--driver-memory", default="6g")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -82,7 +87,7 @@ def main() -> None:
     source = DATA / "source"
     bench.make_source(spark, source, args.rows, args.dim)
     bench.setup(spark, DATA, source, args.spaces, args.dim)
-    cfg = bench.job_config(DATA, source, args.spaces, "out", "require", True)
+    cfg = bench.job_config(DATA, source, args.spaces, "out", "require", True, args.commit)
     run_backfill(spark, cfg)  # the initial publish (full)
     rounds = []
     for r in range(args.rounds):
@@ -108,7 +113,7 @@ def main() -> None:
         rounds.append({"seconds": seconds, "spark_jobs": len(jobs), "phase_job_seconds": phases, "jobs": jobs})
         bench.vacuum(spark, cfg.output_location)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "incremental_profile.json").write_text(json.dumps(
+    (RESULTS / args.output).write_text(json.dumps(
         {"rows": args.rows, "dim": args.dim, "spaces": args.spaces, "fraction": args.fraction, "rounds": rounds},
         indent=2))
     for job in rounds[-1]["jobs"]:

@@ -70,9 +70,10 @@ def _change_source(spark, cfg, seed: int, re_insert: bool = True):
 
 
 def test_the_cost_model_holds_its_calibration_and_breaks_even_near_6_percent():
-    """auto's cost model (pure) against every benchmark point it was calibrated on, within 20 %: both paths at
-    1M/2M/4M rows (benchmarks/results/incremental_slope.json), at 0.1/1/10 % changed (incremental.json) and at
-    20,000 rows (incremental_small.json); the copy-on-write MERGE's ratio to the full rewrite without deletion
+    """auto's cost model (pure) against every benchmark point it was calibrated on, within 20 %: the full rewrite
+    and INSERT REPLACE ON at 1M/2M/4M rows (benchmarks/results/incremental_slope.json), at 0.1/1/10 % changed
+    (incremental.json) and at 20,000 rows (incremental_small.json), the MERGE measured beside it in the last two;
+    the copy-on-write MERGE's ratio to the full rewrite without deletion
     vectors (incremental_no_dv.json); its choice: MERGE at 1-5 % changed, full at 10 % and more (2M rows as at a
     billion), a tie (MERGE) for small tables, where the paths differ by seconds."""
     from pathlib import Path
@@ -83,11 +84,18 @@ def test_the_cost_model_holds_its_calibration_and_breaks_even_near_6_percent():
     runs = [r for name in ("incremental_slope.json", "incremental.json", "incremental_small.json")
             for r in json.loads((results / name).read_text())["runs"]]
     assert len(runs) == 7 and {r["rows"] for r in runs} == {20_000, 1_000_000, 2_000_000, 4_000_000}
+    merged = 0
     for r in runs:
         changed = int(np.median([sum(c.values()) for c in r["changed_rows"]]))
         assert estimate_full(r["rows"], r["spaces"], r["dim"]) == pytest.approx(r["full_seconds"], rel=0.2), r
+        assert set(r["incremental_commits"]) == {"WRITE"}, r  # INSERT REPLACE ON
         assert estimate_incremental(r["rows"], r["spaces"], r["dim"], changed, True) == pytest.approx(
             r["incremental_seconds"], rel=0.2), r
+        if "merge_seconds" in r:  # the MERGE measured beside it
+            merged += 1
+            assert estimate_incremental(r["rows"], r["spaces"], r["dim"], changed, True, replace=False) == \
+                pytest.approx(r["merge_seconds"], rel=0.2), r
+    assert merged >= 4
     no_dv = [r for r in json.loads((results / "incremental_no_dv.json").read_text())["runs"]
              if r["changed_fraction"] == 0.001][0]
     rows = no_dv["rows"]
@@ -100,7 +108,7 @@ def test_the_cost_model_holds_its_calibration_and_breaks_even_near_6_percent():
         assert not prefer_incremental(estimate_incremental(rows, 4, 256, rows // 10, True), full)
     assert prefer_incremental(estimate_incremental(1500, 2, 16, 1500, True), estimate_full(1500, 2, 16))
     choice, why = auto_choice(1501, 2, 32, 712, True, 1)  # half a small table changed: a tie, and it says so
-    assert choice == "incremental" and "a tie (within 10% or 5 s), and a tie MERGEs" in why
+    assert choice == "incremental" and "a tie (within 10% or 5 s), and a tie goes incremental" in why
     assert auto_choice(1501, 2, 32, 712, True, 1, max_fraction=0.3)[0] == "full"
 
 
@@ -114,7 +122,9 @@ def test_incremental_equals_a_full_rewrite_including_deletes_and_reinserts(spark
     # one INSERT REPLACE ON commit: the changed (space, id)s removed, the upserted rows written (11 ids x 2 spaces)
     assert "11 upserts, 2 deletes -> spaces [0, 1] (one INSERT REPLACE ON commit)" in caplog.text, caplog.text
     assert result.rows == 2 * 11
-    assert re.search(r"auto: spaces \[0, 1\] incremental: estimated [\d.]+ s incremental against [\d.]+ s full "
+    assert "the REPLACE ON keys (26 rows <= backfill.merge_broadcast_rows 4000000) are broadcast" in caplog.text
+    assert re.search(r"auto: spaces \[0, 1\] incremental: estimated [\d.]+ s incremental \(REPLACE ON\) against "
+                     r"[\d.]+ s full "
                      r"\(\d+ changed ids of \d+ rows, 2 space\(s\) of dimension \d+, deletion vectors\)",
                      caplog.text), caplog.text
     assert current_delta_version(spark, cfg.output_location) == before + 1

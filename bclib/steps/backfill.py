@@ -42,8 +42,8 @@ from bclib.tables.delta import is_path, log_size, retry_on_conflict
 from bclib.tables.embeddings import VersionRead, check_unique_ids, read_embedding_version, read_rows
 from bclib.tables.lease import leased
 from bclib.tables.output import OutputState, check_output_schema, create_output, merge_changes, others_columns, \
-    others_with_values, output_layout, replace_changes, replace_on_supported, quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, space_rows, \
-    space_state, validity_filter, write_quarantine
+    others_with_values, output_layout, quarantine_rows, quarantine_state, read_output_state, remove_orphan_part_files, \
+    replace_changes, replace_on_supported, space_rows, space_state, validity_filter, write_quarantine
 from bclib.tables.retention import retention_properties, table_properties
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class _Attempt:
     result: BackfillResult
     started: float
     changes: Optional[ChangeSet] = None  # incremental spaces' change set (_settle_changes)
+    replace_blocker: Optional[str] = None  # why the change set is MERGEd, not REPLACEd ON (None: REPLACE ON)
     rows: object = None  # the validated source DataFrame (quarantined rows filtered out)
     base: Optional[OutputState] = None  # the output before the next commit
     n_source: int = 0  # the source version's rows (`read_rows`)
@@ -305,6 +306,8 @@ def _settle_changes(at: _Attempt, n_source: int) -> None:
     if not incremental:
         return
     changes = _changes_or_fallback(at.spark, at.cfg, at.source, at.state, incremental, at.actions)
+    if changes is not None:
+        at.replace_blocker = _replace_blocker(at, at.plan, changes)
     if changes is not None and at.cfg.backfill.incremental == "auto":
         _auto_by_cost(at, changes, incremental, n_source)
         if not at.spaces(INCREMENTAL):
@@ -409,7 +412,7 @@ def _commit_changes(at: _Attempt) -> None:
     (`tables.output.merge_changes`)."""
     incremental, changes = at.spaces(INCREMENTAL), at.changes
     lineage, txn, sub = _commit_lineage(at, INCREMENTAL, incremental)
-    blocker = _replace_blocker(at, sub)
+    blocker = at.replace_blocker
     log.info("backfill: version %d Delta v%d..v%d: %d upserts, %d deletes -> spaces %s (one %s commit%s)",
              at.plan.source_version, changes.from_delta_version, changes.to_delta_version, changes.upserts,
              changes.deletes, incremental, "MERGE" if blocker else "INSERT REPLACE ON",
@@ -419,7 +422,9 @@ def _commit_changes(at: _Attempt) -> None:
         if blocker is None:
             upserts, _ = _upserts_and_deletes(changes.df, sub, at.quarantine is not None)
             keys = changes.df.where("id IS NOT NULL").select(_each_space(sub).alias("space_version"), "id")
-            n = replace_changes(at.spark, upserts, keys, at.out, incremental, lineage, txn, at.base.delta_version)
+            n = replace_changes(at.spark, upserts, keys, at.out, incremental, lineage, txn, at.base.delta_version,
+                                keys_rows=(changes.upserts + changes.deletes) * len(incremental),
+                                broadcast_rows=at.cfg.backfill.merge_broadcast_rows)
         else:
             n = merge_changes(at.spark, _change_rows(changes.df, sub, at.quarantine is not None), at.out, incremental,
                               lineage, txn, at.base.delta_version,
@@ -428,7 +433,7 @@ def _commit_changes(at: _Attempt) -> None:
     _count_commit(at, n)
 
 
-def _replace_blocker(at: _Attempt, plan: BackfillPlan) -> Optional[str]:
+def _replace_blocker(at: _Attempt, plan: BackfillPlan, changes: ChangeSet) -> Optional[str]:
     """Why the change set is MERGEd rather than committed with INSERT REPLACE ON, or None. REPLACE ON removes
     the changed rows and appends the new ones: that is the MERGE's result only while no row keeps anything of
     its old self (columns bcemb does not own keep their values through a MERGE update), nothing records the
@@ -440,9 +445,9 @@ def _replace_blocker(at: _Attempt, plan: BackfillPlan) -> Optional[str]:
     cfg = at.cfg
     if cfg.backfill.incremental_commit == "merge":
         return "backfill.incremental_commit is merge"
-    if not at.changes.upserts:
+    if not changes.upserts:
         return "the change set holds deletes only"
-    if at.quarantine is not None and not at.changes.df.where(
+    if at.quarantine is not None and not changes.df.where(
             (F.col("_op") == F.lit("upsert")) & _good(plan)).limit(1).count():
         return "every upserted row is unusable (quarantined), so the change set deletes only"
     if not replace_on_supported(at.spark):
@@ -507,13 +512,13 @@ def _changes_or_fallback(spark, cfg: JobConfig, source: VersionRead, state: Outp
 
 
 def _auto_by_cost(at: _Attempt, changes: ChangeSet, spaces: list[int], n_source: int) -> None:
-    """auto: MERGE the changes, or turn the incremental spaces into full rewrites (`backfill_plan.auto_choice`:
+    """auto: commit the changes, or turn the incremental spaces into full rewrites (`backfill_plan.auto_choice`:
     the cost model over rows, changed ids, spaces, dimension and the output's deletion vectors and files),
     logged with both estimates."""
     deletion_vectors, n_files = output_layout(at.spark, at.out, at.cfg.object_store_options or None)
     choice, why = auto_choice(n_source, len(spaces), at.plan.kernel.dim_in, changes.upserts + changes.deletes,
                               deletion_vectors, n_files / max(1, len(at.state.spaces)),
-                              at.cfg.backfill.incremental_max_fraction)
+                              at.cfg.backfill.incremental_max_fraction, replace=at.replace_blocker is None)
     if choice == INCREMENTAL:
         log.info("backfill: auto: spaces %s incremental: %s", spaces, why)
         return

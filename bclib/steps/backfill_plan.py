@@ -121,19 +121,25 @@ def merge_touched_share(changed_ids: int, files: float) -> float:
 class CostModel:
     """Seconds of a backfill, linear in what each path touches; auto compares the two (`prefer_incremental`).
 
-    Calibrated on the benchmark machine (2 cores, d = 256, 4 spaces, the arrow engine's full rewrite, an output
-    with deletion vectors, 2026-12-07) by least squares over every size and changed share measured with the
-    same code: `benchmarks/results/incremental_slope.json` (1M, 2M and 4M rows at 1 % changed),
-    `incremental.json` (2M rows at 0.1 %, 1 % and 10 % changed) and `incremental_small.json` (20,000 rows at
-    1 %); every point within 17 % of its model. `incremental_no_dv.json` (1M rows, no deletion vectors: a MERGE
-    that touches every file took 4.6x the full rewrite) sets `copy_on_write`, as that ratio. A cluster scales
-    the per-row terms of both paths alike, so the choice holds there; the fixed terms are this machine's."""
+    The incremental path has two commits (`steps.backfill._commit_changes`): INSERT REPLACE ON (`replace_*`: a
+    broadcast semi join over the output's ids, then a plain append) and the MERGE (`merge_*`: three joins, one
+    of which shuffles the output's ids). Calibrated on the benchmark machine (2 cores, d = 256, 4 spaces, the
+    arrow engine's full rewrite, an output with deletion vectors) by least squares over every size and changed
+    share measured with the same code: `benchmarks/results/incremental_slope.json` (1M, 2M and 4M rows at 1 %
+    changed), `incremental.json` (2M rows at 0.1 %, 1 % and 10 % changed, the MERGE measured beside) and
+    `incremental_small.json` (20,000 rows at 1 %, the MERGE beside). `incremental_no_dv.json` (1M rows, no
+    deletion vectors: a MERGE that touches every file took 4.6x the full rewrite) sets `copy_on_write`, as that
+    ratio. A cluster scales the per-row terms of both paths alike, so the choice holds there; the fixed terms
+    are this machine's."""
 
     full_fixed_s: float = 1.52  # listing, checks, planning, the commit
     full_s_per_million_row_spaces: float = 2.259  # 9.04 s per million rows / 4 spaces, at d = 256 (scales with d)
-    incremental_fixed_s: float = 5.08  # state, the change feed, checks, MERGE planning, the commit
-    incremental_s_per_million_row_spaces: float = 0.408  # the MERGE's scans and join of the output's id column
-    incremental_s_per_changed_space: float = 30.6e-6  # per changed id and space, at d = 256 (scales with d)
+    replace_fixed_s: float = 5.08  # state, the change feed, checks, the commit
+    replace_s_per_million_row_spaces: float = 0.408  # the semi join's scan of the output's ids
+    replace_s_per_changed_space: float = 30.6e-6  # per changed id and space, at d = 256 (scales with d)
+    merge_fixed_s: float = 5.08  # state, the change feed, checks, MERGE planning, the commit
+    merge_s_per_million_row_spaces: float = 0.408  # the MERGE's scans and join of the output's id column
+    merge_s_per_changed_space: float = 30.6e-6  # per changed id and space, at d = 256 (scales with d)
     copy_on_write: float = 4.6  # no deletion vectors: a touched file costs this many times its full rewrite
 
 
@@ -141,7 +147,7 @@ COST_MODEL = CostModel()
 # estimates within this fraction, or these seconds, of each other are a tie, and a tie goes to the incremental
 # path: it writes only what changed (less storage, a shorter history to vacuum, a change feed of the output that
 # names only the changed rows). On small tables both paths are a few seconds of fixed cost (20,000 rows: 4.4 s
-# MERGE, 1.7 s full), which a daily job does not feel; a billion-row table is decided by the relative margin.
+# incremental, 1.7 s full), which a daily job does not feel; a billion-row table is decided by the relative margin.
 COST_TIE = 0.10
 COST_TIE_SECONDS = 5.0
 
@@ -152,12 +158,17 @@ def estimate_full(rows: int, spaces: int, dim: int, model: CostModel = COST_MODE
 
 
 def estimate_incremental(rows: int, spaces: int, dim: int, changed: int, deletion_vectors: bool,
-                         touched_share: float = 1.0, model: CostModel = COST_MODEL) -> float:
-    """Seconds of a MERGE of `changed` ids into `spaces` spaces of a `rows`-row output (`CostModel`). Without
-    deletion vectors the MERGE also rewrites `touched_share` of the spaces' files (`merge_touched_share`),
-    each at `copy_on_write` times what the full rewrite pays for it."""
-    seconds = (model.incremental_fixed_s + model.incremental_s_per_million_row_spaces * rows / 1e6 * spaces
-               + model.incremental_s_per_changed_space * changed * spaces * dim / 256)
+                         touched_share: float = 1.0, model: CostModel = COST_MODEL, replace: bool = True) -> float:
+    """Seconds of committing `changed` ids into `spaces` spaces of a `rows`-row output (`CostModel`), with
+    INSERT REPLACE ON (`replace`, which needs deletion vectors) or the MERGE. Without deletion vectors the
+    MERGE also rewrites `touched_share` of the spaces' files (`merge_touched_share`), each at `copy_on_write`
+    times what the full rewrite pays for it."""
+    replace = replace and deletion_vectors
+    fixed, per_row, per_change = ((model.replace_fixed_s, model.replace_s_per_million_row_spaces,
+                                   model.replace_s_per_changed_space) if replace else
+                                  (model.merge_fixed_s, model.merge_s_per_million_row_spaces,
+                                   model.merge_s_per_changed_space))
+    seconds = fixed + per_row * rows / 1e6 * spaces + per_change * changed * spaces * dim / 256
     if not deletion_vectors:
         seconds += touched_share * model.copy_on_write * (estimate_full(rows, spaces, dim, model) - model.full_fixed_s)
     return seconds
@@ -171,18 +182,20 @@ def prefer_incremental(incremental_s: float, full_s: float, tie: float = COST_TI
 
 
 def auto_choice(rows: int, spaces: int, dim: int, changed: int, deletion_vectors: bool, files_per_space: float,
-                max_fraction: Optional[float] = None) -> tuple[str, str]:
-    """auto's choice for `spaces` incremental spaces: (INCREMENTAL or FULL, why, with both estimates).
+                max_fraction: Optional[float] = None, replace: bool = True) -> tuple[str, str]:
+    """auto's choice for `spaces` incremental spaces: (INCREMENTAL or FULL, why, with both estimates);
+    `replace`: the change set would be committed with INSERT REPLACE ON (else the MERGE).
 
     FULL when more than `max_fraction` (None: no cap) of the `rows` changed, when without deletion vectors the
     `changed` ids would touch more than MERGE_MAX_TOUCHED_SHARE of the `files_per_space` files (a copy-on-write
     MERGE rewrites them and joins), or when the full rewrite is estimated cheaper beyond the tie margin."""
     share = 1.0 if deletion_vectors else merge_touched_share(changed, files_per_space)
     full_s = estimate_full(rows, spaces, dim)
-    incremental_s = estimate_incremental(rows, spaces, dim, changed, deletion_vectors, share)
+    incremental_s = estimate_incremental(rows, spaces, dim, changed, deletion_vectors, share, replace=replace)
     facts = (f"{changed} changed ids of {rows} rows, {spaces} space(s) of dimension {dim}, "
              + ("deletion vectors" if deletion_vectors else f"no deletion vectors: ~{share:.0%} of the files touched"))
-    estimate = f"estimated {incremental_s:.1f} s incremental against {full_s:.1f} s full ({facts})"
+    how = "REPLACE ON" if replace and deletion_vectors else "MERGE"
+    estimate = f"estimated {incremental_s:.1f} s incremental ({how}) against {full_s:.1f} s full ({facts})"
     if max_fraction is not None and changed > max_fraction * rows:
         return FULL, f"{changed} changed rows > backfill.incremental_max_fraction ({max_fraction:g}) of {rows}; {estimate}"
     if not deletion_vectors and share > MERGE_MAX_TOUCHED_SHARE:
@@ -193,6 +206,6 @@ def auto_choice(rows: int, spaces: int, dim: int, changed: int, deletion_vectors
         return FULL, f"a full rewrite is cheaper: {estimate}"
     if incremental_s > full_s:
         return INCREMENTAL, (f"{estimate}: a tie (within {COST_TIE:.0%} or {COST_TIE_SECONDS:g} s), and a tie "
-                             "MERGEs: it writes only what "
+                             "goes incremental: it writes only what "
                              "changed (set backfill.incremental_max_fraction to cap the changed share)")
     return INCREMENTAL, estimate
