@@ -125,29 +125,30 @@ class CostModel:
     broadcast semi join over the output's ids, then a plain append) and the MERGE (`merge_*`: three joins, one
     of which shuffles the output's ids). Calibrated on the benchmark machine (2 cores, d = 256, 4 spaces, the
     arrow engine's full rewrite, an output with deletion vectors) by least squares over every size and changed
-    share measured with the same code: `benchmarks/results/incremental_slope.json` (1M, 2M and 4M rows at 1 %
-    changed), `incremental.json` (2M rows at 0.1 %, 1 % and 10 % changed, the MERGE measured beside) and
-    `incremental_small.json` (20,000 rows at 1 %, the MERGE beside). `incremental_no_dv.json` (1M rows, no
+    share measured with the same code on 2026-12-07: `benchmarks/results/incremental_slope.json` (1M, 2M and 4M
+    rows at 1 % changed), `incremental.json` (2M rows at 0.1 %, 1 % and 10 % changed, the MERGE measured beside)
+    and `incremental_small.json` (20,000 rows at 1 %, the MERGE beside); every point within 18 % of its model
+    (the MERGE's terms rest on its four points: 2M rows and 20,000). `incremental_no_dv.json` (1M rows, no
     deletion vectors: a MERGE that touches every file took 4.6x the full rewrite) sets `copy_on_write`, as that
     ratio. A cluster scales the per-row terms of both paths alike, so the choice holds there; the fixed terms
     are this machine's."""
 
-    full_fixed_s: float = 1.52  # listing, checks, planning, the commit
-    full_s_per_million_row_spaces: float = 2.259  # 9.04 s per million rows / 4 spaces, at d = 256 (scales with d)
-    replace_fixed_s: float = 5.08  # state, the change feed, checks, the commit
-    replace_s_per_million_row_spaces: float = 0.408  # the semi join's scan of the output's ids
-    replace_s_per_changed_space: float = 30.6e-6  # per changed id and space, at d = 256 (scales with d)
-    merge_fixed_s: float = 5.08  # state, the change feed, checks, MERGE planning, the commit
-    merge_s_per_million_row_spaces: float = 0.408  # the MERGE's scans and join of the output's id column
-    merge_s_per_changed_space: float = 30.6e-6  # per changed id and space, at d = 256 (scales with d)
+    full_fixed_s: float = 1.50  # listing, checks, planning, the commit
+    full_s_per_million_row_spaces: float = 2.10  # 8.4 s per million rows / 4 spaces, at d = 256 (scales with d)
+    replace_fixed_s: float = 3.61  # state, the change feed, checks, the commit
+    replace_s_per_million_row_spaces: float = 0.095  # the removal's scan of the output's ids (a broadcast probe)
+    replace_s_per_changed_space: float = 12.6e-6  # per changed id and space, at d = 256 (scales with d)
+    merge_fixed_s: float = 3.58  # state, the change feed, checks, MERGE planning, the commit
+    merge_s_per_million_row_spaces: float = 0.521  # the MERGE's scans and its shuffled join of the output's ids
+    merge_s_per_changed_space: float = 20.6e-6  # per changed id and space, at d = 256 (scales with d)
     copy_on_write: float = 4.6  # no deletion vectors: a touched file costs this many times its full rewrite
 
 
 COST_MODEL = CostModel()
 # estimates within this fraction, or these seconds, of each other are a tie, and a tie goes to the incremental
 # path: it writes only what changed (less storage, a shorter history to vacuum, a change feed of the output that
-# names only the changed rows). On small tables both paths are a few seconds of fixed cost (20,000 rows: 4.4 s
-# incremental, 1.7 s full), which a daily job does not feel; a billion-row table is decided by the relative margin.
+# names only the changed rows). On small tables both paths are a few seconds of fixed cost (20,000 rows: 3.3 s
+# incremental, 1.4 s full), which a daily job does not feel; a billion-row table is decided by the relative margin.
 COST_TIE = 0.10
 COST_TIE_SECONDS = 5.0
 
