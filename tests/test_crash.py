@@ -40,7 +40,7 @@ def _config(tmp: Path, out: str = "out", jvm: str = JIT_FOR_TESTS, registry: str
         "fit": {"min_pairs": 50},
         "evaluate": {"label_location": None, "report_dir": str(tmp / "reports")},
         # several files per space for both engines (output_partitions would send auto to the spark engine)
-        # deletion vectors: the incremental kind really MERGEs (auto rewrites a plain output in full)
+        # deletion vectors: the incremental kind really commits incrementally (auto rewrites a plain output in full)
         # and changes piling up over killed rounds (2 % each) stay below incremental_max_fraction
         "backfill": {"target_file_mb": 1, "arrow_task_mb": 1, "deletion_vectors": True,
                      "incremental_max_fraction": 0.5},
@@ -90,7 +90,7 @@ def _kill_at(args: list[str], delay: float) -> bool:
 
 def _same_spaces(spark, got: str, want: str) -> None:
     """The same spaces and ids (exactly) and vectors within the promised float32 tolerance (VECTOR_RTOL):
-    an incremental MERGE batches rows differently from a full rewrite."""
+    an incremental commit batches rows differently from a full rewrite."""
     def spaces(location):
         out = {}
         df = read_delta(spark, location).select("space_version", "id", "vector")

@@ -1,8 +1,8 @@
 """kill -9 at events, not at times: the arrow engine's first part file, the output's next _delta_log entry (before
-the side tables), an incremental MERGE on a deletion-vector output at its commit, `fit --refit` at its registry
-commit, `maintain` at its OPTIMIZE commit. After each kill the tables are at the pre-run version or one
-complete commit, the run lease is free again, and a rerun converges. (Beside tests/test_crash.py so that
-the two long kill tests can run on different pytest workers.)
+the side tables), an incremental INSERT REPLACE ON commit on a deletion-vector output at its commit, `fit
+--refit` at its registry commit, `maintain` at its OPTIMIZE commit. After each kill the tables are at the
+pre-run version or one complete commit, the run lease is free again, and a rerun converges. (Beside
+tests/test_crash.py so that the two long kill tests can run on different pytest workers.)
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def event_world(spark, tmp_path_factory, subprocess_jvm_options):
 
 def test_kills_at_the_first_part_file_the_log_entry_and_before_the_side_tables(spark, event_world, capsys):
     """kill -9 when the arrow engine's first part file appears, when the output's next _delta_log entry appears
-    (before the metrics/gate side-table commits), during an incremental MERGE on a deletion-vector output,
-    `fit --refit` at its registry commit and `maintain` at its OPTIMIZE commit: after each kill the tables
+    (before the metrics/gate side-table commits), during an incremental commit (INSERT REPLACE ON) on a
+    deletion-vector output, `fit --refit` at its registry commit and `maintain` at its OPTIMIZE commit: after each kill the tables
     are at the pre-run version or one complete commit, the run lease is free again (the holder died), and a
     rerun converges."""
     tmp, conf, cfg = event_world
@@ -77,7 +77,7 @@ def test_kills_at_the_first_part_file_the_log_entry_and_before_the_side_tables(s
         tally["killed"] += _kill_when(["backfill", "--config", str(conf), "--set", "backfill.force=true",
                                        "--set", f"backfill.engine={engine}"], commit_after(out, before))
         _check_output(spark, cfg, before, counts, tally)
-    _change(spark, cfg, seed=7)  # an incremental MERGE into the deletion-vector output, killed at its commit
+    _change(spark, cfg, seed=7)  # an incremental commit into the deletion-vector output, killed at its commit
     before, counts = current_delta_version(spark, cfg.output_location), _counts(spark, cfg)
     tally["tried"] += 1
     tally["killed"] += _kill_when(["backfill", "--config", str(conf)], commit_after(out, before))

@@ -197,8 +197,8 @@ def test_without_deletion_vectors_auto_rewrites_in_full_and_require_merges_the_s
     _change_source(spark, cfg, seed=5)
     caplog.clear()
     with caplog.at_level("INFO", logger="bclib.steps.backfill"):
-        run_backfill(spark, small_config(tmp, output_location=str(tmp_path / "plain"), evaluate={"label_location": None},
-                                         backfill={"incremental": "require"}))
+        run_backfill(spark, small_config(tmp, output_location=str(tmp_path / "plain"),
+                                         evaluate={"label_location": None}, backfill={"incremental": "require"}))
     assert "not REPLACE ON: the output has no deletion vectors (backfill.deletion_vectors)" in caplog.text, caplog.text
     reference = small_config(tmp, output_location=str(tmp_path / "ref"), evaluate={"label_location": None})
     run_backfill(spark, reference)

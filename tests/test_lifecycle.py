@@ -30,7 +30,7 @@ def _write_config(tmp: Path, versions: list[int], **extra) -> Path:
         "metrics_location": str(tmp / "metrics"),
         # 1,500 entities: a quarter held out, so that the gate judges on a few hundred (5 % would be ~75)
         "fit": {"sample_size": 100_000, "min_pairs": 50, "holdout": 0.25},
-        "backfill": {"deletion_vectors": True},  # day 2's small change is MERGEd (without: a full rewrite)
+        "backfill": {"deletion_vectors": True},  # day 2's small change is committed incrementally (without: full)
         "evaluate": {"sample_size": 100_000, "label_location": str(tmp / "labels"),
                      "report_dir": str(tmp / "reports"), "neighbours_k": 5, "neighbours_sample": 200},
         "demo": {"n_entities": 1500, "dims": DIMS[: len(versions)], "block_rows": 256, "n_clusters": 6,
@@ -155,7 +155,9 @@ def test_four_days_of_scheduled_runs(spark, tmp_path, capsys):
     assert current_delta_version(spark, cfg3.output_location) == out_before + 1  # one commit
     assert "evaluate: 2 of 3 (source, space) pairs (those this run changed)" in out  # the merged spaces only
     last = DeltaTable.forPath(spark, cfg3.output_location).history(1).first()
-    assert last.operation == "MERGE" and json.loads(last.userMetadata)["mode"] == "incremental"
+    # INSERT REPLACE ON: a WRITE whose parameters hold the replaceOn condition
+    assert last.operation == "WRITE" and json.loads(last.userMetadata)["mode"] == "incremental"
+    assert "bcemb_replace_keys_" in str(last.operationParameters), last.operationParameters
     for space in (0, 1):  # the same content as a full rewrite
         ids, want = _expected_space(spark, cfg3, space, 2)
         got_ids, got = _load(spark, cfg3.output_location, f"space_version = {space}")
