@@ -145,9 +145,10 @@ class BackfillSettings:
     output_partitions: Optional[int] = None  # None: keep the input's partitioning
     quarantine_location: Optional[str] = None  # None: bad vectors fail the run
     force: bool = False  # rewrite even when the output is already up to date
-    # auto: MERGE the source's change data feed when only the source changed (else a full rewrite, logged);
-    # require: MERGE whenever the feed serves the range (whatever the changed fraction or layout), else fail with
-    # IncrementalUnavailableError; off: always full rewrites
+    # auto: commit the source's change data feed (INSERT REPLACE ON or MERGE, `incremental_commit`) when only the
+    # source changed and the cost model prefers it (else a full rewrite, logged); require: commit it whenever the
+    # feed serves the range (whatever the changed fraction or layout), else fail with IncrementalUnavailableError;
+    # off: always full rewrites
     incremental: Literal["auto", "require", "off"] = "auto"
     # auto decides by estimated cost (bclib.steps.backfill_plan.auto_choice); this optional cap also rewrites in
     # full when more than this fraction of the source's rows changed

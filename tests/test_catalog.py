@@ -3,7 +3,9 @@ with a metastore (Hive, Glue) or Unity Catalog (three-part names).
 
 Two processes, one after the other, share the metastore: the first generates the versions and runs the
 scheduled job; the second (a new session, so the names must come back from the metastore) runs it again and
-must commit nothing, reads the per-space views, runs evaluate and status. Names are one-, two- and three-part
+must commit nothing, reads the per-space views, runs evaluate and status, then brings the output up to date
+incrementally after an UPDATE and a DELETE on the source (INSERT REPLACE ON through saveAsTable, once the
+output has deletion vectors). Names are one-, two- and three-part
 (`spark_catalog.default.<table>`): each is passed through to Spark as it is.
 """
 
@@ -50,6 +52,22 @@ else:
     report["status_current"] = bclib.status(spark, cfg).current
     report["source_rows"] = spark.table(cfg.version_location(2)).count()
     report["location"] = spark.sql(f"DESCRIBE DETAIL {cfg.output_location}").first().location
+    # an incremental round into the catalog output: INSERT REPLACE ON through saveAsTable
+    import dataclasses
+    spark.sql(f"ALTER TABLE {cfg.output_location} SET TBLPROPERTIES (delta.enableDeletionVectors = true)")
+    src = cfg.version_location(2)
+    spark.sql(f"UPDATE {src} SET vector = transform(vector, x -> x * 2) WHERE id % 31 = 3")
+    spark.sql(f"DELETE FROM {src} WHERE id % 37 = 5")
+    inc = bclib.backfill(spark, dataclasses.replace(cfg, backfill=dataclasses.replace(cfg.backfill,
+                                                                                        incremental="require")))
+    last = spark.sql(f"DESCRIBE HISTORY {cfg.output_location} LIMIT 1").first()
+    report["incremental"] = {"commits": inc.commits, "actions": sorted({a for a, _ in inc.actions.values()}),
+                             "operation": last.operation,
+                             "replace_on": "bcemb_replace_keys_" in str(last.operationParameters),
+                             "source_rows": spark.table(src).count(),
+                             "output_rows": {str(r.space_version): r["count"] for r in
+                                             spark.table(cfg.output_location).groupBy("space_version").count()
+                                             .collect()}}
 print("REPORT " + json.dumps(report))
 """
 
@@ -94,3 +112,8 @@ def test_every_table_a_name_in_a_persistent_metastore(tmp_path, subprocess_jvm_o
     assert second["output_rows"] == {"0": n, "1": n}
     assert second["evaluated"] >= 2 and second["status_current"]
     assert second["location"].startswith("file:" + str(warehouse)), second["location"]  # a managed table
+    inc = second["incremental"]
+    assert inc["commits"] == 1 and inc["actions"] == ["incremental"], inc
+    assert inc["operation"] == "WRITE" and inc["replace_on"], inc
+    m = inc["source_rows"]
+    assert m < n and inc["output_rows"] == {"0": m, "1": m}, inc

@@ -452,6 +452,8 @@ def _replace_blocker(at: _Attempt, plan: BackfillPlan, changes: ChangeSet) -> Op
         return "every upserted row is unusable (quarantined), so the change set deletes only"
     if not replace_on_supported(at.spark):
         return "this session's Delta does not take the replaceOn write option (Delta >= 4.3 does)"
+    if str(at.spark.conf.get("spark.databricks.delta.delete.deletionVectors.persistent", "true")).lower() == "false":
+        return "spark.databricks.delta.delete.deletionVectors.persistent is false (a copy-on-write removal)"
     others = others_columns(at.spark, at.out)
     if others:
         return f"the output has column(s) {others} that bcemb does not own; a MERGE update keeps their values"

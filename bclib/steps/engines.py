@@ -3,7 +3,7 @@
     choose_engine(cfg, source, out, held)  spark | arrow, and why (`backfill.engine`; auto falls back to spark)
     arrow_blockers(cfg, source, out)       why the arrow engine cannot serve this backfill (empty: it can)
     to_spaces(plan)                        DataFrame(id, vector) -> output rows, mapInArrow (the spark engine, and
-                                           the incremental MERGE's source)
+                                           the incremental commit's rows)
     write_full_spark(...)                  the spark engine: one replaceWhere commit through Delta's writer
     write_full_arrow(...)                  the arrow engine: executors read row groups and write Parquet with
                                            pyarrow; one delta-rs commit after the commit rule

@@ -20,7 +20,7 @@ classification is pure (`classify`). `check_commit` raises `ConcurrentCommitErro
 conflicts `retry_on_conflict` re-plans on, and returns the version it checked: the arrow engine commits
 against exactly that version through delta-rs with no retry of its own (any commit after it fails the
 put-if-absent of the next log entry), the spark engine hands the rest of the window to Delta's
-ConflictChecker (replaceWhere and MERGE read the spaces they replace).
+ConflictChecker (replaceWhere and MERGE read the spaces they replace, INSERT REPLACE ON the whole table).
 
 Tests drive interleavings through `commit_seam`: a callback that runs at a named stage between plan
 and commit, no sleeps.

@@ -390,12 +390,14 @@ REPLACE_ON_CONFS = ("spark.databricks.delta.insertReplaceOnOrUsing.materializeSo
 
 def replace_on_supported(spark) -> bool:
     """Whether this session's Delta (classic or behind Spark Connect) applies the `replaceOn` write option:
-    both REPLACE_ON_CONFS are registered and the switch is true. Registered means Delta's SQL confs were
-    loaded, which any Delta read of the session does; an unknown key answers SQL_CONF_NOT_FOUND (False)."""
+    both REPLACE_ON_CONFS are registered SQL confs (`isModifiable`: a key someone merely set, on a Delta that
+    does not define it, is not) and the switch is true. Registered means Delta's SQL confs were loaded, which
+    any Delta read of the session does; before that, and on any error, the answer is False (the MERGE)."""
     from pyspark.errors import PySparkException
 
     try:
-        spark.conf.get(REPLACE_ON_CONFS[0])
+        if not all(spark.conf.isModifiable(key) for key in REPLACE_ON_CONFS):
+            return False
         return str(spark.conf.get(REPLACE_ON_CONFS[1])).lower() == "true"
     except PySparkException:
         return False
@@ -412,7 +414,8 @@ def replace_changes(spark, rows, keys, location: str, spaces: Sequence[int], lin
     rows: the output columns, one row per (id, space_version) of the upserted ids, at least one row (Delta
     wraps the condition in EXISTS over `rows`: with none it would remove nothing). keys: (space_version int,
     id) of every changed id (upserts and deletes) per space. The same commit rule, lineage and transaction id
-    as `merge_changes`; Delta's own conflict check covers the read-to-commit window. `keys_rows` (the rows of
+    as `merge_changes`; the rows are pinned (`localCheckpoint`) before the rule runs, so Delta's own conflict
+    check covers the window from the rule to the commit. ValueError for no `spaces`. `keys_rows` (the rows of
     `keys`, when known) of at most `broadcast_rows` (the backfill passes `backfill.merge_broadcast_rows`; 0:
     never): the keys carry a broadcast hint, which Spark keeps through the IN subquery's rewrite into a semi
     join. Without it Spark plans that join from size estimates, and a change set read from the change feed is
@@ -428,11 +431,16 @@ def replace_changes(spark, rows, keys, location: str, spaces: Sequence[int], lin
     """
     import uuid
 
-    spaces_sql = ", ".join(str(int(s)) for s in spaces)
-    check_commit(spark, location, read_version, spaces, f"incremental REPLACE ON into spaces {list(spaces)}")
-    before = _version_or_none(spark, location)
     from pyspark.sql import functions as F
 
+    if not spaces:
+        raise ValueError("replace_changes: no spaces to commit into")
+    spaces_sql = ", ".join(str(int(s)) for s in spaces)
+    # materialised before the commit rule: Delta would otherwise materialise the rows (the transform of every
+    # upsert) after the rule and before its own snapshot, and a commit landing then would be seen by neither
+    rows = rows.select(*OUTPUT_COLUMNS).localCheckpoint(eager=True)
+    check_commit(spark, location, read_version, spaces, f"incremental REPLACE ON into spaces {list(spaces)}")
+    before = _version_or_none(spark, location)
     view = f"bcemb_replace_keys_{uuid.uuid4().hex}"
     keys = keys.select(keys["space_version"].cast("int").alias("space_version"), "id")
     if keys_rows is not None and 0 < keys_rows <= broadcast_rows:
@@ -441,15 +449,16 @@ def replace_changes(spark, rows, keys, location: str, spaces: Sequence[int], lin
                  broadcast_rows)
     keys.createOrReplaceTempView(view)
     writer = (
-        rows.select(*OUTPUT_COLUMNS).alias("s").write.format("delta").mode("overwrite")
+        rows.alias("s").write.format("delta").mode("overwrite")
         .option("replaceOn", f"t.space_version IN ({spaces_sql}) AND "
                               f"(t.space_version, t.id) IN (SELECT space_version, id FROM {view})")
         .option("targetAlias", "t")
         .option("userMetadata", json.dumps(lineage, sort_keys=True))
         .option("txnAppId", txn[0]).option("txnVersion", int(txn[1]))
     )
-    try:
-        save(writer, location)
+    try:  # the rows are pinned already: Delta need not materialise them again (it would, after its snapshot)
+        with session_conf(spark, {REPLACE_ON_CONFS[0]: "none"}):
+            save(writer, location)
     finally:
         spark.catalog.dropTempView(view)
     return _committed_rows(spark, location, before, lineage)
