@@ -418,18 +418,16 @@ def _commit_changes(at: _Attempt) -> None:
              changes.deletes, incremental, "MERGE" if blocker else "INSERT REPLACE ON",
              f"; not REPLACE ON: {blocker}" if blocker else "")
     batch_rows = batch_rows_for(at.cfg, at.plan)
+    keys_rows, bound = (changes.upserts + changes.deletes) * len(incremental), at.cfg.backfill.merge_broadcast_rows
     with session_conf(at.spark, backfill_write_conf(batch_rows, len(incremental))), reraise_executor_errors():
         if blocker is None:
             upserts, _ = _upserts_and_deletes(changes.df, sub, at.quarantine is not None)
             keys = changes.df.where("id IS NOT NULL").select(_each_space(sub).alias("space_version"), "id")
             n = replace_changes(at.spark, upserts, keys, at.out, incremental, lineage, txn, at.base.delta_version,
-                                keys_rows=(changes.upserts + changes.deletes) * len(incremental),
-                                broadcast_rows=at.cfg.backfill.merge_broadcast_rows)
+                                keys_rows=keys_rows, broadcast_rows=bound)
         else:
             n = merge_changes(at.spark, _change_rows(changes.df, sub, at.quarantine is not None), at.out, incremental,
-                              lineage, txn, at.base.delta_version,
-                              source_rows=(changes.upserts + changes.deletes) * len(incremental),
-                              broadcast_rows=at.cfg.backfill.merge_broadcast_rows)
+                              lineage, txn, at.base.delta_version, source_rows=keys_rows, broadcast_rows=bound)
     _count_commit(at, n)
 
 
